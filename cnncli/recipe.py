@@ -1,0 +1,218 @@
+"""The Recipe schema: one validated object describes a run.
+
+Recipes are YAML files with the sections `model`, `data`, `augment`, `optim`, `schedule` and
+`train`. Unknown keys and wrong types are user errors that name the key's path and the closest
+valid key. `--set a.b=c` overrides are applied to the raw YAML before validation, so they are
+type-checked exactly like the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cnncli.errors import UserError, suggest
+
+BUNDLED_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+class Section(BaseModel):
+    """A recipe section: unknown keys are errors, defaults are explicit."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name: str
+    dropout: float | None = Field(None, ge=0.0, lt=1.0, description="dropout rate where the model has dropout")
+    activation: str | None = Field(None, description="activation used throughout (model default if unset)")
+    norm: str | None = Field(None, description="normalization layer: batch, lrn, lcn, none")
+    pool: str | None = Field(None, description="pooling: max, avg, l2, conv (strided conv)")
+    layers: list[Any] | None = Field(None, description="layer list for the `sequential` model")
+    args: dict[str, Any] = Field(default_factory=dict, description="further keyword arguments of the model")
+
+
+class DataConfig(Section):
+    source: str = Field("fashion_mnist", description="dataset: fashion_mnist, digits, tfds:NAME, folder:PATH, npz:PATH, idx:DIR, synthetic")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="fraction of the training set held out for validation")
+    image_size: tuple[int, int] | None = Field(None, description="resize images to [H, W] (folder sources need it)")
+    channels: Literal[1, 3] | None = Field(None, description="convert images to 1 (gray) or 3 (RGB) channels")
+    preprocess: Literal["scale", "center", "standardize"] = Field(
+        "standardize", description="scale to [0,1]; then subtract the per-channel mean, or also divide by the std")
+    classes: list[int] | None = Field(None, description="keep only these classes, relabelled 0..k-1 in this order")
+    train_per_class: int | None = Field(None, ge=1, description="keep at most this many training images per class")
+    limit: int | None = Field(None, ge=1, description="keep only the first N training images (quick runs)")
+
+
+class AugmentOp(BaseModel):
+    """One augmentation: its registered name, probability and its own parameters."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+    p: float = Field(1.0, ge=0.0, le=1.0)
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class OptimConfig(Section):
+    name: str = Field("sgd", description="sgd, momentum, nesterov, adagrad, adadelta, adam, adamw, rmsprop")
+    lr: float = Field(0.01, gt=0.0, description="base (peak) learning rate")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    b1: float = Field(0.9, ge=0.0, lt=1.0)
+    b2: float = Field(0.999, ge=0.0, lt=1.0)
+    eps: float = Field(1e-8, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0, description="decoupled weight decay (multiplied by the lr)")
+    l2: float = Field(0.0, ge=0.0, description="L2 penalty added to the loss: l2/2 * sum(w^2)")
+    l1: float = Field(0.0, ge=0.0, description="L1 penalty added to the loss: l1 * sum(|w|)")
+    decay_all: bool = Field(False, description="also decay biases and normalization scales")
+    clip_norm: float | None = Field(None, gt=0.0, description="clip gradients to this global norm")
+
+
+class ScheduleConfig(Section):
+    name: str = Field("constant", description="constant, step, cosine, onecycle")
+    warmup_epochs: float = Field(0.0, ge=0.0, description="linear warmup from 0 over this many epochs")
+    step_epochs: int = Field(30, ge=1, description="step: multiply the lr by gamma every this many epochs")
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
+    final_fraction: float = Field(0.0, ge=0.0, le=1.0, description="cosine/onecycle: final lr as a fraction of lr")
+    peak_at: float = Field(0.25, gt=0.0, lt=1.0, description="onecycle: fraction of training spent rising")
+
+
+class TrainConfig(Section):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)
+    eval_batch_size: int = Field(1000, ge=1)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    log_every: int = Field(50, ge=1, description="steps between progress updates")
+
+
+class Recipe(Section):
+    name: str
+    description: str = ""
+    seed: int = 0
+    model: ModelConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    augment: list[AugmentOp] = Field(default_factory=list)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def resolve_path(name_or_path: str | Path) -> Path:
+    """A recipe file, or the name of a bundled recipe (with or without `.yaml`)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for candidate in (BUNDLED_RECIPES / path.name, BUNDLED_RECIPES / f"{path.name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    bundled = [p.stem for p in bundled_recipes()]
+    raise UserError(f"recipe '{name_or_path}' not found{suggest(path.stem, bundled)}; "
+                    f"bundled recipes: {', '.join(bundled)}")
+
+
+def bundled_recipes() -> list[Path]:
+    return sorted(BUNDLED_RECIPES.glob("*.yaml"))
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    except OSError as e:
+        raise UserError(f"cannot read recipe {path}: {e.strerror}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path} is not a recipe: expected a YAML mapping with a 'model' section")
+    return raw
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one `a.b.c=value` override in place; the value is parsed as YAML (3 -> int, [1,2] -> list)."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set expects KEY=VALUE (e.g. optim.lr=0.05), got '{assignment}'")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    parts = key.strip().split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = node[_list_index(node, part, parts[: i + 1])]
+            continue
+        if node.get(part) is None:  # a missing or empty (null) section becomes a mapping
+            node[part] = {}
+        node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, parts)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise UserError(f"--set {key}: '{'.'.join(parts[:-1])}' is a value, not a section")
+
+
+def _list_index(node: list, part: str, path: list[str]) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise UserError(f"--set {'.'.join(path)}: expected an index below {len(node)}")
+    return int(part)
+
+
+def load(path_or_name: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Load, override and validate a recipe; every problem is a UserError naming the key."""
+    path = resolve_path(path_or_name)
+    raw = read_yaml(path)
+    raw.setdefault("name", path.stem)
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return validate(raw, source=str(path))
+
+
+def validate(raw: dict[str, Any], source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(f"{source}: {_describe(e.errors()[0])}") from None
+
+
+def _describe(err: dict[str, Any]) -> str:
+    """One readable line for a pydantic error: the dotted key path, the problem, a suggestion."""
+    loc = [str(p) for p in err["loc"]]
+    path = ".".join(loc)
+    if err["type"] == "extra_forbidden":
+        valid = _fields_at(loc[:-1])
+        return f"unknown key '{path}'{suggest(loc[-1], valid)}; valid keys here: {', '.join(valid)}"
+    if err["type"] == "missing":
+        return f"missing key '{path}'"
+    return f"key '{path}': {err['msg']} (got {err.get('input')!r})"
+
+
+def _fields_at(loc: list[str]) -> list[str]:
+    """The valid field names of the section at `loc` (list indices skipped)."""
+    model: Any = Recipe
+    for part in loc:
+        if part.isdigit():
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        inner = getattr(annotation, "__args__", None)
+        candidates = [annotation, *(inner or ())]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return []
+    return list(model.model_fields)
