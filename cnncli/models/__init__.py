@@ -16,7 +16,7 @@ from cnncli.registry import Registry
 MODELS = Registry("model")
 
 # Families register their presets on import. Keep this list in sync with the files in this folder.
-_FAMILIES = ("mlp", "lenet")
+_FAMILIES = ("mlp", "lenet", "vgg", "resnet")
 
 
 def _import_families() -> None:
@@ -46,7 +46,9 @@ def build_network(name: str, *, input_shape: tuple[int, int, int], num_classes: 
         if key not in accepted:
             raise UserError(f"model '{name}' has no option '{key}'{suggest(key, accepted)}; "
                             f"its options: {', '.join(accepted) or 'none'}")
-    return builder(input_shape=tuple(input_shape), num_classes=num_classes, rngs=nnx.Rngs(seed), **options)
+    net = builder(input_shape=tuple(input_shape), num_classes=num_classes, rngs=nnx.Rngs(seed), **options)
+    net.input_shape = tuple(input_shape)  # lets the analysis trace a built model without being told its input
+    return net
 
 
 def build_model(cfg: Any, *, input_shape: tuple[int, int, int], num_classes: int, mean=None, std=None,
