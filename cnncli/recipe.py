@@ -65,7 +65,7 @@ class OptimConfig(Section):
     b1: float = Field(0.9, ge=0.0, lt=1.0)
     b2: float = Field(0.999, ge=0.0, lt=1.0)
     eps: float = Field(1e-8, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0, description="decoupled weight decay (multiplied by the lr)")
+    weight_decay: float = Field(0.0, ge=0.0, description="decoupled weight decay (multiplied by the lr; adamw: 0.01 if 0)")
     l2: float = Field(0.0, ge=0.0, description="L2 penalty added to the loss: l2/2 * sum(w^2)")
     l1: float = Field(0.0, ge=0.0, description="L1 penalty added to the loss: l1 * sum(|w|)")
     decay_all: bool = Field(False, description="also decay biases and normalization scales")

@@ -37,7 +37,7 @@ app = typer.Typer(
 )
 
 # Each module registers its commands on `app` when imported (one module per command or group).
-_COMMAND_MODULES: tuple[str, ...] = ()
+_COMMAND_MODULES = ("train", "evaluate", "benchmark")
 
 
 def _version(value: bool) -> None:
