@@ -58,6 +58,7 @@ IDX_LABELS_NDIM = 1
 IDX_TRAIN_PREFIXES = ("train",)
 IDX_TEST_PREFIXES = ("t10k", "test")
 IDX_CLASSES_FILE = "classes.txt"
+IDX_EXPECTED = "train-images-idx3-ubyte[.gz] and train-labels-idx1-ubyte[.gz], or train-images.idx3-ubyte and so on"
 
 DIGITS_TEST_FRACTION = 0.2
 # Fixed, independent of the recipe's seed, so every run evaluates on the same 360 digits.
@@ -79,8 +80,12 @@ SYNTHETIC_GRID = 4
 # Pixel = TEMPLATE_WEIGHT * template + noise in [0, 255 - TEMPLATE_WEIGHT * 255]: learnable, not trivial.
 SYNTHETIC_TEMPLATE_WEIGHT = 0.6
 
-# ITU-R BT.601 luma weights, the same Pillow uses for convert("L").
-LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+# ITU-R BT.601 luma (0.299 R + 0.587 G + 0.114 B) in Pillow's 16-bit fixed point, so converting here
+# gives exactly the bytes Pillow's convert("L") gives for the same image (folders decode through Pillow).
+LUMA_WEIGHTS_16 = np.array([19595, 38470, 7471], dtype=np.uint32)
+LUMA_SHIFT = 16
+LUMA_ROUND = 1 << (LUMA_SHIFT - 1)
+LUMA_CHUNK = 4096
 
 
 @dataclass(frozen=True)
@@ -144,11 +149,12 @@ def to_channels(x: np.ndarray, channels: int) -> np.ndarray:
     if channels == 3 and have == 1:
         return np.repeat(x, 3, axis=-1)
     if channels == 1 and have == 3:
-        # Chunked so a large colour dataset never needs a float copy of itself.
+        # Chunked so a large colour dataset never needs a wide copy of itself.
         out = np.empty(x.shape[:-1] + (1,), np.uint8)
-        for i in range(0, len(x), 4096):
-            luma = x[i:i + 4096].astype(np.float32) @ LUMA_WEIGHTS
-            out[i:i + 4096, ..., 0] = np.clip(np.rint(luma), 0, 255).astype(np.uint8)
+        for i in range(0, len(x), LUMA_CHUNK):
+            rgb = x[i:i + LUMA_CHUNK].astype(np.uint32)
+            luma = (rgb @ LUMA_WEIGHTS_16 + LUMA_ROUND) >> LUMA_SHIFT
+            out[i:i + LUMA_CHUNK, ..., 0] = luma.astype(np.uint8)
         return out
     raise ValueError(f"cannot convert {have} channels to {channels}")
 
@@ -348,11 +354,10 @@ def read_idx_dir(directory: Path, name: str, class_names: list[str] | None = Non
     Class names come from `class_names`, else from `classes.txt` (one per line), else "0".."K-1".
     """
     if not directory.is_dir():
-        raise UserError(f"{name}: no such directory {directory}")
+        raise UserError(f"no such directory {directory}; give the directory of the IDX files ({IDX_EXPECTED})")
     train = _idx_split(directory, IDX_TRAIN_PREFIXES)
     if train is None:
-        raise UserError(f"{name}: no training files in {directory}: expected train-images-idx3-ubyte[.gz] and "
-                        f"train-labels-idx1-ubyte[.gz] (or train-images.idx3-ubyte)")
+        raise UserError(f"no IDX training files in {directory}: expected {IDX_EXPECTED}")
     test = _idx_split(directory, IDX_TEST_PREFIXES)
     labels = [train[1]] + ([test[1]] if test else [])
     k = int(max(int(y.max()) for y in labels if len(y))) + 1
