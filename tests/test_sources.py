@@ -327,6 +327,15 @@ def test_folder_flat_mixed_colour_and_extensions(tmp_path):
     assert load_dataset(f"folder:{root}", channels=1).image_shape == (6, 5, 1)
 
 
+def test_folder_16_bit_png_and_bmp(tmp_path):
+    root = make_folder(tmp_path / "d", n=1)
+    Image.fromarray(np.full((6, 5), 65535, np.uint16)).save(root / "cat" / "wide.png")
+    Image.fromarray(np.full((6, 5), 7, np.uint8)).save(root / "dog" / "small.BMP")
+    ds = load_dataset(f"folder:{root}")
+    assert ds.image_shape == (6, 5, 1) and len(ds.train_x) == 4
+    assert (ds.train_x[1] == 255).all() and (ds.train_x[3] == 7).all()  # sorted: 0.png, wide.png; 0.png, small.BMP
+
+
 def test_folder_sizes_differ_needs_image_size(tmp_path):
     root = make_folder(tmp_path / "d", n=1)
     save_png(root / "dog" / "big.png", np.zeros((9, 7), np.uint8))
@@ -386,6 +395,12 @@ def test_tfds_not_prepared_message(tmp_path):
     assert str(e.value) == (f"tfds:cifar10 is not prepared in {tmp_path / 'tfds'}; run `cnncli data prepare "
                             "tfds:cifar10` (needs `pip install 'cnncli[prepare]'`, which installs TensorFlow, "
                             "and internet)")
+    # What an interrupted `download_and_prepare` leaves behind is not a prepared dataset.
+    partial = tmp_path / "tfds" / "cifar10" / "incomplete.ABC_3.0.2"
+    partial.mkdir(parents=True)
+    (partial / "dataset_info.json").write_text("{}")
+    (partial / "cifar10-train.array_record-00000-of-00001").write_bytes(b"")
+    assert not tfds_source.is_prepared("cifar10") and tfds_source.prepared_names() == []
 
 
 @pytest.mark.skipif(tfds_source.find_spec("tensorflow") is not None, reason="TensorFlow is installed")

@@ -68,6 +68,8 @@ DIGITS_MAX_VALUE = 16
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif"})
 # Pillow modes that carry no colour; a folder of only these images loads as one channel.
 GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
+WIDE_GRAY_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "F"})
+UINT8_MAX, UINT16_MAX = 255, 65535
 MIN_CLASSES = 2
 
 SYNTHETIC_DEFAULT_SHAPE = (28, 28, 1)
@@ -568,11 +570,12 @@ def _decode(path: Path) -> np.ndarray:
         with Image.open(path) as img:
             img.load()  # decode now, so a truncated file fails here and not later
             gray = img.mode in GRAY_MODES
-            if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-                # Wide gray modes: scale to 8 bits by the file's own maximum rather than clipping.
+            if img.mode in WIDE_GRAY_MODES:
+                # 16-bit gray (e.g. PNG) maps 0..65535 onto 0..255; 32-bit modes holding 8-bit values stay as they are.
                 a = np.asarray(img, dtype=np.float64)
-                top = a.max() if a.size and a.max() > 255 else 255.0
-                return np.clip(np.rint(a * 255.0 / top), 0, 255).astype(np.uint8)[..., None]
+                wide = img.mode.startswith("I;16") or (a.size and a.max() > UINT8_MAX)
+                scale = UINT8_MAX / UINT16_MAX if wide else 1.0
+                return np.clip(np.rint(a * scale), 0, UINT8_MAX).astype(np.uint8)[..., None]
             arr = np.asarray(img.convert("L" if gray else "RGB"))
     except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as e:
         raise UserError(f"cannot read image {path}: {e}; delete or replace the file") from None

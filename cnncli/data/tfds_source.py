@@ -27,6 +27,7 @@ PREPARE_INSTALL = "pip install 'cnncli[prepare]'"
 DECODE_BATCH = 1024
 TRAIN_SPLIT, TEST_SPLIT = "train", "test"
 ARRAY_RECORD_MARK = ".array_record"
+INCOMPLETE_PREFIX = "incomplete."
 
 
 def tfds_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
@@ -43,7 +44,10 @@ def _info_files(name: str, data_dir: Path) -> list[Path]:
     root = _dataset_root(name, data_dir)
     version = name.partition(":")[2]
     pattern = f"{version}/dataset_info.json" if version else "**/dataset_info.json"
-    return sorted(root.glob(pattern)) if root.is_dir() else []
+    if not root.is_dir():
+        return []
+    # An interrupted `download_and_prepare` leaves incomplete.* folders behind; they are not a dataset.
+    return sorted(p for p in root.glob(pattern) if not any(part.startswith(INCOMPLETE_PREFIX) for part in p.parts))
 
 
 def is_prepared(name: str, data_dir: str | os.PathLike | None = None) -> bool:
@@ -57,7 +61,8 @@ def prepared_names(data_dir: str | os.PathLike | None = None) -> list[str]:
     d = tfds_data_dir(data_dir)
     if not d.is_dir():
         return []
-    return sorted({p.relative_to(d).parts[0] for p in d.glob("*/**/dataset_info.json")})
+    return sorted({p.relative_to(d).parts[0] for p in d.glob("*/**/dataset_info.json")
+                   if not any(part.startswith(INCOMPLETE_PREFIX) for part in p.relative_to(d).parts)})
 
 
 def status(data_dir: str | os.PathLike | None = None) -> tuple[bool, str]:
