@@ -40,7 +40,7 @@ def _like(template, raw):
         return jnp.asarray(r, dtype=t.dtype)
 
     if isinstance(template, nnx.State):
-        pure = template.to_pure_dict()
+        pure = nnx.to_pure_dict(template)
         merged = jax.tree.map(cast, pure, _as_tree_of(pure, raw))
         state = jax.tree.map(lambda x: x, template)  # a copy to fill in
         nnx.replace_by_pure_dict(state, merged)
@@ -79,10 +79,11 @@ def _ordered_leaves(raw) -> list:
 def save(ckpt_dir: Path, *, state, totals: dict, meta: dict[str, Any], best: bool) -> None:
     """Save a checkpoint of `state` and point 'latest' (and 'best' if `best`) at it."""
     import orbax.checkpoint as ocp
+    from flax import nnx
 
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     name = f"step_{int(meta['global_step'])}"
-    tree = {"params": _saveable(state.params.to_pure_dict()), "rest": _saveable(state.rest.to_pure_dict()),
+    tree = {"params": _saveable(nnx.to_pure_dict(state.params)), "rest": _saveable(nnx.to_pure_dict(state.rest)),
             "opt_state": _saveable(jax.tree.leaves(state.opt_state)), "step": state.step, "totals": totals}
     target = ckpt_dir / name
     if not target.exists():

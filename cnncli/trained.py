@@ -64,15 +64,17 @@ def load_trained(path: str | Path, which: str = "best") -> Trained:
 def eval_data(trained: Trained, split: str = "test", source: str | None = None):
     """Images, labels and class names of a split, from the run's data or another source with the same classes.
 
-    Another source is loaded at the run's image size and channel count, so that any folder of images
-    can be evaluated; a different class count is an error.
+    Another source is loaded whole (no validation hold-out) at the run's image size and channel count,
+    so that any folder of images can be evaluated; a different class count is an error.
     """
     from cnncli.data.pipeline import load_splits
 
     data_cfg = trained.recipe.data
     if source is not None:
         h, w, c = trained.image_shape
-        data_cfg = data_cfg.model_copy(update={"source": source, "image_size": (h, w), "channels": c})
+        # the whole of the other source's splits (no hold-out, no subsets), the run's class selection kept
+        data_cfg = data_cfg.model_copy(update={"source": source, "image_size": (h, w), "channels": c,
+                                               "val_fraction": 0.0, "limit": None, "train_per_class": None})
     splits = load_splits(data_cfg, trained.recipe.seed)
     x, y = splits.split(split)
     if splits.num_classes != len(trained.class_names):

@@ -27,8 +27,8 @@ def train(
 
     if resume:
         run = RunDir(run_dir or (DEFAULT_ROOT / recipe_lib.load(_require(recipe), overrides).name))
-        if not (run.checkpoints / "index.json").is_file():
-            raise UserError(f"nothing to resume in {run.path}: it holds no checkpoint; start the run without --resume")
+        if not run.recipe.is_file():
+            raise UserError(f"nothing to resume in {run.path}: it holds no run; start the run without --resume")
         if overrides:
             raise UserError("--set cannot change a run being resumed; start a new run (--run-dir) instead")
         resolved = recipe_lib.load(run.recipe)
@@ -52,8 +52,9 @@ def _train(recipe, run, *, resume: bool, overwrite: bool, dry_run: bool) -> None
 
     from cnncli.console import TrainDisplay, console, err_console
     from cnncli.data.pipeline import load_splits
-    from cnncli.train.loop import Interrupted, build, train
+    from cnncli.train.loop import Interrupted, build, check_recipe, train
 
+    check_recipe(recipe)
     splits = load_splits(recipe.data, recipe.seed)
     model = build(recipe, splits.image_shape, splits.num_classes, splits.mean, splits.std)
     h, w, c = splits.image_shape

@@ -118,7 +118,9 @@ def load_tfds(name: str, data_dir: str | os.PathLike | None = None):
 
     d = tfds_data_dir(data_dir)
     if not is_prepared(name, d):
-        raise _not_prepared(name, d)
+        if find_spec("tensorflow") is None:
+            raise _not_prepared(name, d)
+        prepare_tfds(name, d)  # TensorFlow is here: prepare it now, as `cnncli data prepare` would
     infos = _info_files(name, d)
     key = cache_key("tfds", name, str(d.resolve()), [(str(p), p.stat().st_mtime_ns) for p in infos])
     short = name.replace("/", "_").replace(":", "_")

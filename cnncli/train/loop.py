@@ -58,6 +58,13 @@ def build(recipe: Recipe, image_shape, num_classes: int, mean=None, std=None) ->
     return Model(*split_model(model))
 
 
+def check_recipe(recipe: Recipe) -> None:
+    """Fail early (before loading data) on unknown optimizer, schedule or augmentation names."""
+    optim_lib.OPTIMIZERS.get(recipe.optim.name)
+    optim_lib.SCHEDULES.get(recipe.schedule.name)
+    _augment(recipe)
+
+
 def steps_per_epoch(recipe: Recipe, n_train: int) -> int:
     steps = n_train // recipe.train.batch_size
     if steps == 0:
@@ -105,7 +112,10 @@ def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, 
     totals = init_totals()
 
     start_epoch, start_step, best = 0, 0, {"val_top1": -1.0, "epoch": 0}
-    if resume:
+    if resume and checkpoint.read_index(run.checkpoints) is None:  # killed before its first checkpoint
+        run.truncate_metrics(0)
+        display.message(f"{run.path} has no checkpoint yet: starting it from the beginning")
+    elif resume:
         # meta says where to continue: epoch index (= epochs completed) and steps done within it
         ckpt, meta = checkpoint.find(run.path, "latest")
         state, totals = checkpoint.restore(ckpt, state)
