@@ -57,8 +57,15 @@ def run(model: str = "lenet5", batch: int = 128, mode: str = "train", steps: int
     """Measure one model and mode; returns the peer's JSON fields."""
     from cnncli.train import optim as optim_lib
     from cnncli.train.loop import build
-    from cnncli.train.steps import (TrainState, data_mesh, init_eval_sums, init_totals, make_eval_step,
-                                    make_train_step, replicate)
+    from cnncli.train.steps import (
+        TrainState,
+        data_mesh,
+        init_eval_sums,
+        init_totals,
+        make_eval_step,
+        make_train_step,
+        replicate,
+    )
 
     if mode not in MODES:
         raise UserError(f"unknown mode '{mode}'; choose one of {', '.join(MODES)}")

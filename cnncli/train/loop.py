@@ -23,8 +23,17 @@ from cnncli.models import build_model
 from cnncli.recipe import Recipe
 from cnncli.runs import RunDir
 from cnncli.train import optim as optim_lib
-from cnncli.train.steps import (TrainState, check_batch, data_mesh, init_totals, make_eval_step, make_train_step,
-                                replicate, shuffle, split_model)
+from cnncli.train.steps import (
+    TrainState,
+    check_batch,
+    data_mesh,
+    init_totals,
+    make_eval_step,
+    make_train_step,
+    replicate,
+    shuffle,
+    split_model,
+)
 
 SHUFFLE_STREAM, AUGMENT_STREAM = 1, 2  # independent random streams derived from the recipe's seed
 
