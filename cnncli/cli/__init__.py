@@ -20,9 +20,11 @@ class _Group(TyperGroup):
         try:
             return super().invoke(ctx)
         except UserError as e:
+            from rich.markup import escape
+
             from cnncli.console import err_console
 
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             ctx.exit(EXIT_USER_ERROR)
 
 
@@ -37,7 +39,7 @@ app = typer.Typer(
 )
 
 # Each module registers its commands on `app` when imported (one module per command or group).
-_COMMAND_MODULES: tuple[str, ...] = ()
+_COMMAND_MODULES = ("train", "evaluate", "info", "benchmark")
 
 
 def _version(value: bool) -> None:
