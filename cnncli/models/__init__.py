@@ -19,6 +19,20 @@ MODELS = Registry("model")
 _FAMILIES = ("mlp", "lenet", "vgg", "resnet")
 
 
+# The input a model is shown with when `cnncli summary NAME` gets no --input: (H, W, C), classes.
+IMAGENET_INPUT = ((224, 224, 3), 1000)
+CIFAR_INPUT = ((32, 32, 3), 10)
+MNIST_INPUT = ((28, 28, 1), 10)
+DEFAULT_INPUTS: dict[str, tuple[tuple[int, int, int], int]] = {}
+
+
+def default_input(name: str) -> tuple[tuple[int, int, int], int]:
+    """The (input shape, classes) a registered model is designed for (CIFAR-sized if it has no preference)."""
+    _import_families()
+    MODELS.get(name)
+    return DEFAULT_INPUTS.get(name, CIFAR_INPUT)
+
+
 def _import_families() -> None:
     import importlib
 

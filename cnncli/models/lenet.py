@@ -5,7 +5,7 @@ The padding keeps 28x28 inputs at 28x28 after the first conv, which is what the 
 unpadded inputs amount to (61,706 parameters on 28x28x1 with 10 classes).
 """
 
-from cnncli.models import MODELS
+from cnncli.models import DEFAULT_INPUTS, MNIST_INPUT, MODELS
 from cnncli.models.layers import Conv, Dense, Pool, StackBuilder
 
 
@@ -20,3 +20,6 @@ def lenet5(*, input_shape, num_classes, rngs, activation="relu", pool="max", nor
     b.add("fc2", Dense(b.features, 84, act=activation, dropout=dropout, rngs=rngs))
     b.add("fc3", Dense(b.features, num_classes, dropout=dropout, rngs=rngs))
     return b.build()
+
+
+DEFAULT_INPUTS["lenet5"] = MNIST_INPUT

@@ -1,6 +1,6 @@
 """Fully connected baselines: `linear` (softmax regression) and `mlp` (flatten - (fc - act) * k - fc)."""
 
-from cnncli.models import MODELS
+from cnncli.models import DEFAULT_INPUTS, MNIST_INPUT, MODELS
 from cnncli.models.layers import Dense, StackBuilder
 
 DEFAULT_HIDDEN = (256, 128)
@@ -26,3 +26,7 @@ def mlp(*, input_shape, num_classes, rngs, hidden=DEFAULT_HIDDEN, activation="re
 @MODELS.register("linear", help="softmax regression: one fully connected layer on the pixels")
 def linear(*, input_shape, num_classes, rngs):
     return build_mlp(input_shape=input_shape, num_classes=num_classes, rngs=rngs, hidden=())
+
+
+DEFAULT_INPUTS["mlp"] = MNIST_INPUT
+DEFAULT_INPUTS["linear"] = MNIST_INPUT

@@ -14,7 +14,7 @@ larger ones the ImageNet stem (7x7 stride-2 conv + 3x3 stride-2 max-pool). `stem
 from flax import nnx
 
 from cnncli.errors import UserError
-from cnncli.models import MODELS
+from cnncli.models import DEFAULT_INPUTS, IMAGENET_INPUT, MODELS
 from cnncli.models.layers import Add, Conv, Dense, GlobalPool, Pool, ShortcutA, StackBuilder
 
 SMALL_INPUT = 64
@@ -162,5 +162,6 @@ def _register_cifar(depth: int) -> None:
 
 for _depth in IMAGENET:
     _register_imagenet(_depth)
+    DEFAULT_INPUTS[f"resnet{_depth}"] = IMAGENET_INPUT
 for _depth in CIFAR_DEPTHS:
     _register_cifar(_depth)

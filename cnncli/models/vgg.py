@@ -16,7 +16,7 @@ Pools are 2x2 stride 2 in ceil mode, which equals the paper's pooling on even ma
 from flax import nnx
 
 from cnncli.errors import UserError
-from cnncli.models import MODELS
+from cnncli.models import DEFAULT_INPUTS, IMAGENET_INPUT, MODELS
 from cnncli.models.layers import AdaptiveAvgPool, Conv, Dense, Pool, StackBuilder
 
 CONFIGS = {  # convolutions per block (widths 64, 128, 256, 512, 512); the paper's Table 1
@@ -75,3 +75,4 @@ def _register(name: str, config: tuple[int, ...], batch_norm: bool) -> None:
 for _name, _config in CONFIGS.items():
     _register(_name, _config, batch_norm=False)
     _register(f"{_name}_bn", _config, batch_norm=True)
+    DEFAULT_INPUTS[_name] = DEFAULT_INPUTS[f"{_name}_bn"] = IMAGENET_INPUT
