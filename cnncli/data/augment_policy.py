@@ -28,8 +28,10 @@ from cnncli.data.augment_core import (
     autocontrast,
     blend,
     posterize,
+    randints,
     solarize,
     uniform,
+    uniforms,
     warp_affine,
 )
 
@@ -67,9 +69,9 @@ def policy_round(images, key, mag, ranges, ops=POLICY_OPS):
         (N, H, W, C) float32 in [0, 1].
     """
     n, h, w, _ = images.shape
-    kc, ks = jax.random.split(key)
-    choice = jax.random.randint(kc, (n,), 0, len(ops))
-    sign = jnp.where(jax.random.bernoulli(ks, 0.5, (n,)), 1.0, -1.0)
+    u = uniforms(key, 2, n)
+    choice = randints(u[0], 0, len(ops) - 1)
+    sign = jnp.where(u[1] < 0.5, 1.0, -1.0)
     signed = sign * mag
 
     def when(name, value):
