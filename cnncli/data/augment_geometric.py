@@ -109,16 +109,15 @@ def random_crop(images, labels, key, scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3)):
     return warp_affine(images, m), labels
 
 
-@augmentation("crop_and_pad", percent=Num(-0.5, 0.5),
-              help="crop (or pad, if negative) each side by a random fraction up to `percent`, resize back")
+@augmentation("crop_and_pad", percent=Num(0.0, 0.5),
+              help="crop or pad each side by a random fraction in [-percent, percent], resize back")
 def crop_and_pad(images, labels, key, percent=0.1):
-    """Crop or pad each side independently by U[-|percent|, |percent|] of the side, then resize back (imgaug).
+    """Crop or pad each side independently by U[-percent, percent] of the side, then resize back (imgaug).
 
-    A positive amount crops that side, a negative one pads it with zeros; 0 is the identity.
+    A positive draw crops that side, a negative one pads it with zeros; percent 0 is the identity.
     """
     n, h, w, _ = images.shape
-    a = abs(percent)
-    u = (2.0 * uniforms(key, 4, n) - 1.0) * a
+    u = (2.0 * uniforms(key, 4, n) - 1.0) * percent
     top, left = u[0] * h, u[1] * w
     bottom, right = (h - 1) - u[2] * h, (w - 1) - u[3] * w
     return warp_affine(images, box_matrices(h, w, top, left, bottom, right)), labels
