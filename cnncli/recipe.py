@@ -27,7 +27,7 @@ class Section(BaseModel):
 
 class ModelConfig(Section):
     name: str
-    dropout: float | None = Field(None, ge=0.0, lt=1.0, description="dropout rate where the model has dropout")
+    dropout: float | None = Field(None, ge=0.0, lt=1.0, description="dropout rate where the model has it")
     activation: str | None = Field(None, description="activation used throughout (model default if unset)")
     norm: str | None = Field(None, description="normalization layer: batch, lrn, lcn, none")
     pool: str | None = Field(None, description="pooling: max, avg, l2, conv (strided conv)")
@@ -36,7 +36,8 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    source: str = Field("fashion_mnist", description="dataset: fashion_mnist, digits, tfds:NAME, folder:PATH, npz:PATH, idx:DIR, synthetic")
+    source: str = Field("fashion_mnist", description="dataset: fashion_mnist, digits, tfds:NAME, folder:PATH, "
+                                                     "npz:PATH, idx:DIR, synthetic")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="fraction of the training set held out for validation")
     image_size: tuple[int, int] | None = Field(None, description="resize images to [H, W] (folder sources need it)")
     channels: Literal[1, 3] | None = Field(None, description="convert images to 1 (gray) or 3 (RGB) channels")
@@ -65,7 +66,8 @@ class OptimConfig(Section):
     b1: float = Field(0.9, ge=0.0, lt=1.0)
     b2: float = Field(0.999, ge=0.0, lt=1.0)
     eps: float = Field(1e-8, gt=0.0)
-    weight_decay: float = Field(0.0, ge=0.0, description="decoupled weight decay (multiplied by the lr)")
+    weight_decay: float = Field(0.0, ge=0.0,
+                                description="decoupled weight decay (multiplied by the lr; adamw: 0.01 if 0)")
     l2: float = Field(0.0, ge=0.0, description="L2 penalty added to the loss: l2/2 * sum(w^2)")
     l1: float = Field(0.0, ge=0.0, description="L1 penalty added to the loss: l1 * sum(|w|)")
     decay_all: bool = Field(False, description="also decay biases and normalization scales")

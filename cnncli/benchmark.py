@@ -1,0 +1,110 @@
+"""Throughput of the jitted train and eval steps on synthetic data, in the PyTorch peer's JSON schema.
+
+The models are the peer's exact architectures (../shared/peers/torch_peer.py): LeNet-5 on 1x28x28,
+CIFAR ResNet-18 and VGG-16 with batch norm (one linear layer on the 512 features) on 3x32x32, 10
+classes; training is one SGD step (lr 0.1, Nesterov momentum 0.9, weight decay 5e-4).
+"""
+
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cnncli.errors import UserError
+from cnncli.recipe import validate
+
+NUM_CLASSES = 10
+BENCH_SECONDS = 10.0  # calibrated duration of the timed loop, as in the peer
+CHUNKS = 8  # the synthetic "epoch" holds this many batches; the slice index wraps around it
+PEER_MODELS: dict[str, tuple[dict[str, Any], tuple[int, int, int]]] = {
+    "lenet5": ({"name": "lenet5"}, (28, 28, 1)),
+    "resnet18": ({"name": "resnet18"}, (32, 32, 3)),
+    "vgg16": ({"name": "vgg16_bn", "args": {"classifier": "linear"}}, (32, 32, 3)),
+}
+MODES = ("train", "eval")
+
+
+def benchmark_recipe(model: str, batch: int):
+    if model not in PEER_MODELS:
+        raise UserError(f"unknown benchmark model '{model}'; choose one of {', '.join(PEER_MODELS)}")
+    model_cfg, _ = PEER_MODELS[model]
+    return validate({"name": f"bench_{model}", "model": model_cfg,
+                     "optim": {"name": "nesterov", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4},
+                     "train": {"batch_size": batch, "epochs": 1}}, source="benchmark")
+
+
+def _time(step, warmup: int, steps: int) -> tuple[float, int]:
+    """Seconds for `steps` calls of step() after `warmup`; steps <= 0 calibrates to BENCH_SECONDS."""
+    for _ in range(warmup):
+        jax.block_until_ready(step())
+    if steps <= 0:
+        t = time.perf_counter()
+        jax.block_until_ready(step())
+        steps = max(3, int(BENCH_SECONDS / max(time.perf_counter() - t, 1e-4)))
+    t = time.perf_counter()
+    out = None
+    for _ in range(steps):
+        out = step()
+    jax.block_until_ready(out)
+    return time.perf_counter() - t, steps
+
+
+def run(model: str = "lenet5", batch: int = 128, mode: str = "train", steps: int = 0, warmup: int = 3,
+        seed: int = 0) -> dict[str, Any]:
+    """Measure one model and mode; returns the peer's JSON fields."""
+    from cnncli.train import optim as optim_lib
+    from cnncli.train.loop import build
+    from cnncli.train.steps import (
+        TrainState,
+        data_mesh,
+        init_eval_sums,
+        init_totals,
+        make_eval_step,
+        make_train_step,
+        replicate,
+    )
+
+    if mode not in MODES:
+        raise UserError(f"unknown mode '{mode}'; choose one of {', '.join(MODES)}")
+    recipe = benchmark_recipe(model, batch)
+    shape = PEER_MODELS[model][1]
+    mesh = data_mesh()
+    net = build(recipe, shape, NUM_CLASSES)
+    rng = np.random.default_rng(seed)
+    xs = replicate(jnp.asarray(rng.integers(0, 256, (CHUNKS * batch, *shape), dtype=np.uint8)), mesh)
+    ys = replicate(jnp.asarray(rng.integers(0, NUM_CLASSES, (CHUNKS * batch,), dtype=np.int32)), mesh)
+
+    if mode == "train":
+        lr = optim_lib.learning_rate(recipe.optim, recipe.schedule, epochs=1, steps_per_epoch=CHUNKS)
+        tx = optim_lib.build_optimizer(recipe.optim, lr, net.params)
+        step_fn = make_train_step(net.train_def, tx, num_classes=NUM_CLASSES, batch_size=batch, mesh=mesh)
+        carry = {"state": TrainState(net.params, net.rest, tx.init(net.params), jnp.zeros((), jnp.int32)),
+                 "totals": init_totals(), "calls": 0}
+        carry["state"], carry["totals"] = replicate((carry["state"], carry["totals"]), mesh)
+        key = jax.random.key(seed)
+
+        def step():
+            calls = carry["calls"]
+            if calls % CHUNKS == 0:  # a new synthetic epoch: the batch index (step - epoch_start) wraps to 0
+                carry["epoch_start"] = jnp.int32(calls)
+            carry["state"], carry["totals"] = step_fn(carry["state"], carry["totals"], xs, ys, carry["epoch_start"],
+                                                      key)
+            carry["calls"] = calls + 1
+            return carry["totals"]["loss"]
+    else:
+        mask = replicate(jnp.ones((CHUNKS * batch,), jnp.float32), mesh)
+        step_fn = make_eval_step(net.eval_def, num_classes=NUM_CLASSES, batch_size=batch, mesh=mesh)
+        carry = {"sums": init_eval_sums(NUM_CLASSES), "calls": 0}
+        indices = [jnp.int32(i) for i in range(CHUNKS)]
+
+        def step():
+            carry["sums"] = step_fn(net.params, net.rest, carry["sums"], xs, ys, mask, indices[carry["calls"] % CHUNKS])
+            carry["calls"] += 1
+            return carry["sums"]["top1"]
+
+    seconds, n = _time(step, warmup, steps)
+    return {"impl": "cnncli", "model": model, "mode": mode, "batch": batch, "img_per_s": round(n * batch / seconds, 2),
+            "steps": n, "threads": os.cpu_count(), "device": jax.default_backend(), "dtype": "float32"}

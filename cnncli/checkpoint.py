@@ -1,0 +1,151 @@
+"""Orbax checkpoints of a training run, with 'latest' and 'best' pointers that survive a crash.
+
+Each checkpoint is its own directory `checkpoints/step_<N>` (Orbax writes it to a temporary name
+and renames it when complete). `checkpoints/index.json` names the latest and the best one and is
+replaced atomically after the checkpoint is complete, so a run killed at any moment leaves a
+consistent, restorable index; directories no pointer names are removed afterwards.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cnncli.errors import UserError
+
+INDEX = "index.json"
+
+
+def _is_key(x) -> bool:
+    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _saveable(tree):
+    """Typed PRNG keys (dropout RNG state) as raw uint32 data, which Orbax can store."""
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def _like(template, raw):
+    """Put restored raw arrays into the structure and key types of `template`."""
+    from flax import nnx
+
+    def cast(t, r):
+        if _is_key(t):
+            return jax.random.wrap_key_data(jnp.asarray(r), impl=jax.random.key_impl(t))
+        return jnp.asarray(r, dtype=t.dtype)
+
+    if isinstance(template, nnx.State):
+        pure = nnx.to_pure_dict(template)
+        merged = jax.tree.map(cast, pure, _as_tree_of(pure, raw))
+        state = jax.tree.map(lambda x: x, template)  # a copy to fill in
+        nnx.replace_by_pure_dict(state, merged)
+        return state
+    leaves, treedef = jax.tree.flatten(template)
+    raw_leaves = _ordered_leaves(raw)
+    if len(raw_leaves) != len(leaves):
+        raise UserError(f"the checkpoint holds {len(raw_leaves)} optimizer arrays, this recipe needs {len(leaves)}; "
+                        "was the optimizer changed since it was saved?")
+    return jax.tree.unflatten(treedef, [cast(t, r) for t, r in zip(leaves, raw_leaves)])
+
+
+def _as_tree_of(pure: dict, raw: dict) -> dict:
+    """`raw` restricted to the keys of `pure`, with a clear error for missing or mis-shaped entries."""
+    out = {}
+    for key, value in pure.items():
+        if key not in raw and str(key) not in raw:
+            raise UserError(f"the checkpoint has no entry '{key}': it was saved from another architecture")
+        r = raw[key] if key in raw else raw[str(key)]
+        if isinstance(value, dict):
+            out[key] = _as_tree_of(value, r)
+        else:
+            if hasattr(value, "shape") and not _is_key(value) and tuple(np.shape(r)) != tuple(value.shape):
+                raise UserError(f"checkpoint entry '{key}' has shape {tuple(np.shape(r))}, the model needs "
+                                f"{tuple(value.shape)}")
+            out[key] = r
+    return out
+
+
+def _ordered_leaves(raw) -> list:
+    if isinstance(raw, dict):  # Orbax may restore a list as a dict of '0', '1', ...
+        return [raw[k] for k in sorted(raw, key=int)]
+    return list(raw)
+
+
+def save(ckpt_dir: Path, *, state, totals: dict, meta: dict[str, Any], best: bool) -> None:
+    """Save a checkpoint of `state` and point 'latest' (and 'best' if `best`) at it."""
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    name = f"step_{int(meta['global_step'])}"
+    tree = {"params": _saveable(nnx.to_pure_dict(state.params)), "rest": _saveable(nnx.to_pure_dict(state.rest)),
+            "opt_state": _saveable(jax.tree.leaves(state.opt_state)), "step": state.step, "totals": totals}
+    target = ckpt_dir / name
+    if not target.exists():
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(target.absolute(), tree)
+        checkpointer.wait_until_finished()
+        checkpointer.close()
+    index = read_index(ckpt_dir) or {}
+    index["latest"] = {"dir": name, **meta}
+    if best or "best" not in index:
+        index["best"] = {"dir": name, **meta}
+    _write_json_atomic(ckpt_dir / INDEX, index)
+    _remove_unreferenced(ckpt_dir, {index["latest"]["dir"], index["best"]["dir"]})
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _remove_unreferenced(ckpt_dir: Path, keep: set[str]) -> None:
+    for child in ckpt_dir.iterdir():
+        if child.is_dir() and child.name not in keep:
+            shutil.rmtree(child, ignore_errors=True)
+
+
+def read_index(ckpt_dir: Path) -> dict | None:
+    path = ckpt_dir / INDEX
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def find(path: Path, which: str = "best") -> tuple[Path, dict]:
+    """The checkpoint directory and metadata for a run directory (or its checkpoints folder)."""
+    candidates = [path / "checkpoints", path]
+    for ckpt_dir in candidates:
+        index = read_index(ckpt_dir)
+        if index:
+            entry = index.get(which) or index["latest"]
+            return ckpt_dir / entry["dir"], entry
+    if path.is_dir() and (path / "_CHECKPOINT_METADATA").exists():  # a single checkpoint directory
+        return path, {}
+    raise UserError(f"no checkpoint in {path}: expected a run directory written by `cnncli train` "
+                    "(with checkpoints/index.json)")
+
+
+def restore(ckpt: Path, template_state, *, with_optimizer: bool = True):
+    """Restore a checkpoint into the structure of `template_state`; returns (state, totals)."""
+    import orbax.checkpoint as ocp
+
+    from cnncli.train.steps import TrainState
+
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        raw = checkpointer.restore(ckpt.absolute())
+    finally:
+        checkpointer.close()
+    params = _like(template_state.params, raw["params"])
+    rest = _like(template_state.rest, raw["rest"])
+    opt_state = _like(template_state.opt_state, raw["opt_state"]) if with_optimizer else template_state.opt_state
+    state = TrainState(params, rest, opt_state, jnp.asarray(raw["step"], jnp.int32))
+    totals = {k: jnp.asarray(v, jnp.float32) for k, v in raw["totals"].items()}
+    return state, totals

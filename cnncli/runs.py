@@ -1,0 +1,72 @@
+"""The run directory: what `cnncli train` writes and every other command reads.
+
+    runs/<name>/
+      recipe.yaml       the resolved recipe (after --set overrides)
+      data.json         class names, image shape and the normalization statistics of the run
+      metrics.jsonl     one JSON object per epoch
+      checkpoints/      Orbax checkpoints + index.json (latest, best)
+      summary.json      final results (best epoch, test metrics)
+      plots/            figures
+"""
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from cnncli.errors import UserError
+
+DEFAULT_ROOT = Path("runs")
+
+
+class RunDir:
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+
+    recipe = property(lambda self: self.path / "recipe.yaml")
+    data = property(lambda self: self.path / "data.json")
+    metrics = property(lambda self: self.path / "metrics.jsonl")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    summary = property(lambda self: self.path / "summary.json")
+    plots = property(lambda self: self.path / "plots")
+
+    def has_run(self) -> bool:
+        return (self.checkpoints / "index.json").is_file() or self.metrics.is_file()
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        with self.metrics.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        if not self.metrics.is_file():
+            return []
+        rows = []
+        for line in self.metrics.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a kill: ignore it
+                continue
+        return rows
+
+    def truncate_metrics(self, last_epoch: int) -> None:
+        """Drop metric rows after `last_epoch` (written after the checkpoint a resume starts from)."""
+        rows = [r for r in self.read_metrics() if r.get("epoch", 0) <= last_epoch]
+        self.metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def write_json(self, path: Path, obj: Any) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(obj, indent=1))
+        os.replace(tmp, path)
+
+    def read_json(self, path: Path) -> Any:
+        return json.loads(path.read_text())
+
+
+def resolve(path: Path | str) -> RunDir:
+    """A run directory given by the user (for eval & co.); a path that is not one is a user error."""
+    run = RunDir(path)
+    if not run.path.exists():
+        raise UserError(f"{run.path} does not exist: give a run directory written by `cnncli train`")
+    return run

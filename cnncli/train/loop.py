@@ -1,0 +1,246 @@
+"""The training loop: epochs of jitted steps, progress, validation, checkpoints, resume, stopping.
+
+Reproducibility: the epoch's shuffle comes from fold_in(seed, epoch), augmentation randomness from
+fold_in(seed, global step), and dropout RNG is part of the checkpointed model state, so a run
+resumed from any checkpoint (even mid-epoch after Ctrl-C) reproduces the uninterrupted run.
+"""
+
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from cnncli import checkpoint
+from cnncli.data.pipeline import Splits
+from cnncli.errors import UserError
+from cnncli.evaluate import eval_batch, evaluate
+from cnncli.models import build_model
+from cnncli.recipe import Recipe
+from cnncli.runs import RunDir
+from cnncli.train import optim as optim_lib
+from cnncli.train.steps import (
+    TrainState,
+    check_batch,
+    data_mesh,
+    init_totals,
+    make_eval_step,
+    make_train_step,
+    replicate,
+    shuffle,
+    split_model,
+)
+
+SHUFFLE_STREAM, AUGMENT_STREAM = 1, 2  # independent random streams derived from the recipe's seed
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite; the last finite checkpoint is kept."""
+
+
+class Interrupted(Exception):
+    """The user pressed Ctrl-C; a checkpoint of the current step was saved."""
+
+
+@dataclass
+class Model:
+    """A built model as the steps see it: two graphdefs (train/eval mode) over one state."""
+
+    train_def: Any
+    eval_def: Any
+    params: Any
+    rest: Any
+
+    @property
+    def num_params(self) -> int:
+        return int(sum(x.size for x in jax.tree.leaves(self.params)))
+
+
+def build(recipe: Recipe, image_shape, num_classes: int, mean=None, std=None) -> Model:
+    """Build the recipe's model for the data's shape and class count."""
+    model = build_model(recipe.model, input_shape=image_shape, num_classes=num_classes, mean=mean, std=std,
+                        seed=recipe.seed)
+    return Model(*split_model(model))
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """Fail early (before loading data) on unknown optimizer, schedule or augmentation names."""
+    optim_lib.OPTIMIZERS.get(recipe.optim.name)
+    optim_lib.SCHEDULES.get(recipe.schedule.name)
+    _augment(recipe)
+
+
+def steps_per_epoch(recipe: Recipe, n_train: int) -> int:
+    steps = n_train // recipe.train.batch_size
+    if steps == 0:
+        raise UserError(f"train.batch_size={recipe.train.batch_size} is larger than the {n_train} training images; "
+                        f"use a batch of at most {n_train}")
+    return steps
+
+
+class _StopFlag:
+    """First Ctrl-C asks the loop to checkpoint and stop after the current step; a second one aborts."""
+
+    def __init__(self):
+        self.set = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: leave Ctrl-C alone
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.set:
+            raise KeyboardInterrupt
+        self.set = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, display=None) -> dict[str, Any]:
+    """Train `recipe` on `splits`, writing metrics and checkpoints into `run`; returns the summary."""
+    display = display or _NullDisplay()
+    run.path.mkdir(parents=True, exist_ok=True)
+    mesh = data_mesh()
+    check_batch(recipe.train.batch_size, mesh)
+    spe = steps_per_epoch(recipe, len(splits.train_x))
+    epochs = recipe.train.epochs
+    model = build(recipe, splits.image_shape, splits.num_classes, splits.mean, splits.std)
+    lr = optim_lib.learning_rate(recipe.optim, recipe.schedule, epochs=epochs, steps_per_epoch=spe)
+    tx = optim_lib.build_optimizer(recipe.optim, lr, model.params)
+    state = TrainState(model.params, model.rest, tx.init(model.params), jnp.zeros((), jnp.int32))
+    totals = init_totals()
+
+    start_epoch, start_step, best = 0, 0, {"val_top1": -1.0, "epoch": 0}
+    if resume and checkpoint.read_index(run.checkpoints) is None:  # killed before its first checkpoint
+        run.truncate_metrics(0)
+        display.message(f"{run.path} has no checkpoint yet: starting it from the beginning")
+    elif resume:
+        # meta says where to continue: epoch index (= epochs completed) and steps done within it
+        ckpt, meta = checkpoint.find(run.path, "latest")
+        state, totals = checkpoint.restore(ckpt, state)
+        start_epoch, start_step, best = meta["epoch"], meta["step_in_epoch"], meta.get("best", best)
+        if start_step == 0:
+            totals = init_totals()
+        run.truncate_metrics(start_epoch)
+        display.message(f"resuming {run.path} at epoch {start_epoch + 1}, step {start_step}")
+
+    state, totals = replicate((state, totals), mesh)
+    penalty = (lambda p: optim_lib.penalty(p, recipe.optim)) if (recipe.optim.l1 or recipe.optim.l2) else None
+    train_step = make_train_step(model.train_def, tx, num_classes=splits.num_classes,
+                                 batch_size=recipe.train.batch_size, mesh=mesh,
+                                 augment=_augment(recipe),
+                                 label_smoothing=recipe.train.label_smoothing, penalty=penalty)
+    has_val = len(splits.val_x) > 0
+    val_batch = eval_batch(len(splits.val_x), recipe.train.eval_batch_size, mesh) if has_val else 0
+    val_step = make_eval_step(model.eval_def, num_classes=splits.num_classes, batch_size=val_batch,
+                              mesh=mesh) if has_val else None
+    xs_all, ys_all = replicate((jnp.asarray(splits.train_x), jnp.asarray(splits.train_y)), mesh)
+    key = jax.random.key(recipe.seed)
+    shuffle_key, augment_key = jax.random.fold_in(key, SHUFFLE_STREAM), jax.random.fold_in(key, AUGMENT_STREAM)
+
+    def save(epoch: int, step_in_epoch: int, is_best: bool) -> None:
+        meta = {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": epoch * spe + step_in_epoch,
+                "best": best}
+        checkpoint.save(run.checkpoints, state=state, totals=totals, meta=meta, best=is_best)
+
+    display.start(epochs=epochs, steps_per_epoch=spe, first_epoch=start_epoch, first_step=start_step)
+    with _StopFlag() as stop:
+        for epoch in range(start_epoch, epochs):
+            xs, ys = shuffle(xs_all, ys_all, jax.random.fold_in(shuffle_key, epoch))
+            epoch_start = jnp.int32(epoch * spe)
+            t0, first = time.perf_counter(), (start_step if epoch == start_epoch else 0)
+            for i in range(first, spe):
+                state, totals = train_step(state, totals, xs, ys, epoch_start, augment_key)
+                if stop.set and i + 1 < spe:
+                    save(epoch, i + 1, is_best=False)
+                    raise Interrupted(f"epoch {epoch + 1}, step {i + 1}/{spe}")
+                if (i + 1) % recipe.train.log_every == 0 or i + 1 == spe:
+                    row = _train_row(totals)
+                    _check_finite(row, epoch, i + 1, run)
+                    elapsed = time.perf_counter() - t0
+                    display.update(epoch=epoch, step=i + 1, loss=row["train_loss"], acc=row["train_acc"],
+                                   lr=float(lr(epoch * spe + i)),
+                                   img_per_s=(i + 1 - first) * recipe.train.batch_size / max(elapsed, 1e-9))
+            seconds = time.perf_counter() - t0
+            row = {"epoch": epoch + 1, "step": (epoch + 1) * spe, **_train_row(totals),
+                   "lr": float(lr((epoch + 1) * spe - 1)), "seconds": round(seconds, 3),
+                   "img_per_s": round((spe - first) * recipe.train.batch_size / seconds, 1)}
+            if has_val:
+                val = evaluate(model.eval_def, state.params, state.rest, splits.val_x, splits.val_y,
+                               splits.class_names, batch_size=val_batch, mesh=mesh, step_fn=val_step)
+                row.update(val_loss=val["loss"], val_acc=val["top1"], val_top5=val["top5"])
+            is_best = has_val and row["val_acc"] > best["val_top1"]
+            if is_best or not has_val:
+                best = {"val_top1": row.get("val_acc", -1.0), "epoch": epoch + 1}
+            run.append_metrics(row)
+            save(epoch + 1, 0, is_best=is_best or not has_val)
+            display.epoch_done(row)
+            totals = replicate(init_totals(), mesh)
+            if stop.set and epoch + 1 < epochs:
+                raise Interrupted(f"end of epoch {epoch + 1}")
+    display.finish()
+    return finish(recipe, splits, run, model, state, mesh, best)
+
+
+def finish(recipe: Recipe, splits: Splits, run: RunDir, model: Model, state, mesh, best) -> dict[str, Any]:
+    """Evaluate the best checkpoint on the test split and write summary.json."""
+    summary: dict[str, Any] = {"name": recipe.name, "best_epoch": best["epoch"],
+                               "best_val_acc": best["val_top1"] if best["val_top1"] >= 0 else None,
+                               "params": model.num_params}
+    rows = run.read_metrics()
+    summary["train_seconds"] = round(sum(r.get("seconds", 0.0) for r in rows), 1)
+    if splits.test_x is not None and len(splits.test_x):
+        ckpt, _ = checkpoint.find(run.path, "best")
+        best_state, _ = checkpoint.restore(ckpt, state, with_optimizer=False)
+        summary["test"] = evaluate(model.eval_def, best_state.params, best_state.rest, splits.test_x,
+                                   splits.test_y, splits.class_names, batch_size=recipe.train.eval_batch_size,
+                                   mesh=mesh)
+    run.write_json(run.summary, summary)
+    return summary
+
+
+def _augment(recipe: Recipe):
+    if not recipe.augment:
+        return None
+    from cnncli.data.augment import build_augment
+
+    return build_augment(recipe.augment)
+
+
+def _train_row(totals) -> dict[str, float]:
+    t = jax.device_get(totals)
+    count = max(float(t["count"]), 1.0)
+    return {"train_loss": float(t["loss"]) / count, "train_acc": float(t["correct"]) / count}
+
+
+def _check_finite(row: dict[str, float], epoch: int, step: int, run: RunDir) -> None:
+    if not math.isfinite(row["train_loss"]):
+        index = checkpoint.read_index(run.checkpoints)
+        kept = (f"the last finite checkpoint (epoch {index['latest']['epoch']}) is kept in {run.checkpoints}"
+                if index else "no checkpoint was written yet")
+        raise TrainingDiverged(f"the training loss became {row['train_loss']} in epoch {epoch + 1} at step {step}; "
+                               f"{kept}. Lower optim.lr or set optim.clip_norm.")
+
+
+class _NullDisplay:
+    def start(self, **kw): ...
+    def update(self, **kw): ...
+    def epoch_done(self, row): ...
+    def message(self, text): ...
+    def finish(self): ...
+
+
+def default_run_dir(recipe: Recipe) -> Path:
+    from cnncli.runs import DEFAULT_ROOT
+
+    return DEFAULT_ROOT / recipe.name

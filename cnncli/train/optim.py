@@ -1,0 +1,133 @@
+"""Optax optimizers, learning-rate schedules and regularization from the recipe.
+
+Every optimizer is built as  clip -> direction -> decoupled weight decay -> scale by -lr(step),
+so the learning rate and its schedule are applied in one place for all of them.
+"""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from cnncli.errors import UserError
+from cnncli.recipe import OptimConfig, ScheduleConfig
+from cnncli.registry import Registry
+
+OPTIMIZERS = Registry("optimizer")
+SCHEDULES = Registry("schedule")
+
+ADAMW_DEFAULT_DECAY = 1e-2  # when optim.name is adamw and weight_decay is 0, as in torch.optim.AdamW
+ADAGRAD_INITIAL_ACCUMULATOR = 0.1  # TensorFlow/Keras default; keeps the first steps finite
+
+
+@OPTIMIZERS.register("sgd", help="plain stochastic gradient descent")
+def _sgd(cfg: OptimConfig) -> optax.GradientTransformation:
+    return optax.identity()
+
+
+@OPTIMIZERS.register("momentum", help="SGD with heavy-ball momentum (optim.momentum)")
+def _momentum(cfg: OptimConfig) -> optax.GradientTransformation:
+    return optax.trace(decay=cfg.momentum, nesterov=False)
+
+
+@OPTIMIZERS.register("nesterov", help="SGD with Nesterov momentum (optim.momentum)")
+def _nesterov(cfg: OptimConfig) -> optax.GradientTransformation:
+    return optax.trace(decay=cfg.momentum, nesterov=True)
+
+
+@OPTIMIZERS.register("adagrad", help="per-parameter rates from the sum of squared gradients")
+def _adagrad(cfg: OptimConfig) -> optax.GradientTransformation:
+    return optax.scale_by_rss(initial_accumulator_value=ADAGRAD_INITIAL_ACCUMULATOR, eps=cfg.eps)
+
+
+@OPTIMIZERS.register("adadelta", help="Adadelta (rho = optim.b1); use lr around 1.0")
+def _adadelta(cfg: OptimConfig) -> optax.GradientTransformation:
+    return optax.scale_by_adadelta(rho=cfg.b1, eps=max(cfg.eps, 1e-6))
+
+
+@OPTIMIZERS.register("adam", help="Adam (optim.b1, optim.b2, optim.eps)")
+def _adam(cfg: OptimConfig) -> optax.GradientTransformation:
+    return optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+
+
+@OPTIMIZERS.register("adamw", help="Adam with decoupled weight decay (default 0.01)")
+def _adamw(cfg: OptimConfig) -> optax.GradientTransformation:
+    return optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+
+
+@OPTIMIZERS.register("rmsprop", help="RMSProp (decay optim.b1, default 0.9)")
+def _rmsprop(cfg: OptimConfig) -> optax.GradientTransformation:
+    return optax.scale_by_rms(decay=cfg.b1, eps=cfg.eps)
+
+
+# ----------------------------------------------------------------------------- schedules
+# Each returns a function of the optimizer step -> multiplier of optim.lr (warmup is added on top).
+
+
+@SCHEDULES.register("constant", help="the same learning rate throughout")
+def _constant(cfg: ScheduleConfig, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
+    return optax.constant_schedule(1.0)
+
+
+@SCHEDULES.register("step", help="multiply by schedule.gamma every schedule.step_epochs epochs")
+def _step(cfg: ScheduleConfig, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
+    return optax.exponential_decay(1.0, transition_steps=cfg.step_epochs * steps_per_epoch,
+                                   decay_rate=cfg.gamma, staircase=True)
+
+
+@SCHEDULES.register("cosine", help="cosine decay to schedule.final_fraction of the lr")
+def _cosine(cfg: ScheduleConfig, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
+    return optax.cosine_decay_schedule(1.0, decay_steps=max(total_steps, 1), alpha=cfg.final_fraction)
+
+
+@SCHEDULES.register("onecycle", help="linear rise to lr over schedule.peak_at of training, then linear fall")
+def _onecycle(cfg: ScheduleConfig, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
+    peak = max(int(cfg.peak_at * total_steps), 1)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, 1.0, peak),
+         optax.linear_schedule(1.0, cfg.final_fraction, max(total_steps - peak, 1))], [peak])
+
+
+def learning_rate(optim: OptimConfig, schedule: ScheduleConfig, *, epochs: int,
+                  steps_per_epoch: int) -> optax.Schedule:
+    """The learning rate at each optimizer step: optim.lr x schedule, after an optional linear warmup."""
+    total = epochs * steps_per_epoch
+    warmup = int(round(schedule.warmup_epochs * steps_per_epoch))
+    if warmup >= total > 0:
+        raise UserError(f"schedule.warmup_epochs={schedule.warmup_epochs} is not shorter than training "
+                        f"(train.epochs={epochs})")
+    shape = SCHEDULES.get(schedule.name)(schedule, total - warmup, steps_per_epoch)
+    if warmup:
+        shape = optax.join_schedules([optax.linear_schedule(0.0, 1.0, warmup), shape], [warmup])
+    return lambda step: optim.lr * shape(step)
+
+
+def decay_mask(params) -> object:
+    """True for the parameters weight decay applies to: kernels, not biases or normalization scales."""
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def build_optimizer(optim: OptimConfig, lr: Callable, params) -> optax.GradientTransformation:
+    """The recipe's optimizer as one Optax transformation (see the module docstring for the order)."""
+    direction = OPTIMIZERS.get(optim.name)(optim)
+    wd = optim.weight_decay or (ADAMW_DEFAULT_DECAY if optim.name == "adamw" else 0.0)
+    parts = []
+    if optim.clip_norm:
+        parts.append(optax.clip_by_global_norm(optim.clip_norm))
+    parts.append(direction)
+    if wd:
+        parts.append(optax.add_decayed_weights(wd, mask=None if optim.decay_all else decay_mask(params)))
+    parts.append(optax.scale_by_learning_rate(lr))
+    return optax.chain(*parts)
+
+
+def penalty(params, optim: OptimConfig) -> jax.Array:
+    """The L1/L2 penalty added to the loss (over the same parameters weight decay applies to)."""
+    if not (optim.l1 or optim.l2):
+        return jnp.zeros((), jnp.float32)
+    mask = jax.tree.map(lambda _: True, params) if optim.decay_all else decay_mask(params)
+    leaves = [p for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask)) if m]
+    l2 = sum(jnp.sum(jnp.square(p)) for p in leaves)
+    l1 = sum(jnp.sum(jnp.abs(p)) for p in leaves)
+    return 0.5 * optim.l2 * l2 + optim.l1 * l1

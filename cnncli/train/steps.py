@@ -1,0 +1,151 @@
+"""Pure, jitted training and evaluation steps over a `data` device mesh.
+
+The model is split once into (graphdef, params, rest); the steps merge it inside jit, so there is
+no Python graph walk per call (DESIGN.md). Batches are sliced from device-resident uint8 arrays
+(a per-epoch shuffled copy, sliced contiguously), converted to [0, 1] pixels and augmented inside
+the step, with randomness from fold_in(key, step). Steps never print and never touch the host.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from cnncli.errors import UserError
+
+TOP_K = 5
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class TrainState:
+    """Everything a run needs to continue exactly: parameters, model state (BN stats, RNG), optimizer."""
+
+    params: Any
+    rest: Any  # non-trainable model state: batch-norm statistics, dropout RNG, normalization constants
+    opt_state: Any
+    step: jax.Array
+
+
+def data_mesh(devices=None) -> Mesh:
+    """A 1-D mesh over all local devices (or `devices`); the batch is sharded along `data`."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), ("data",))
+
+
+def check_batch(batch_size: int, mesh: Mesh, what: str = "train.batch_size") -> None:
+    n = mesh.devices.size
+    if batch_size % n:
+        raise UserError(f"{what}={batch_size} does not divide over {n} devices; use a multiple of {n}")
+
+
+def split_model(model: nnx.Module):
+    """(train graphdef, eval graphdef, params, rest): one state, two modes (dropout/BN behave differently)."""
+    model.train()
+    train_def, params, rest = nnx.split(model, nnx.Param, ...)
+    model.eval()
+    eval_def, _, _ = nnx.split(model, nnx.Param, ...)
+    return train_def, eval_def, params, rest
+
+
+def replicate(tree, mesh: Mesh):
+    return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def init_totals() -> dict[str, jax.Array]:
+    """Running sums of the training metrics, kept on device between progress updates."""
+    return {"loss": jnp.zeros((), jnp.float32), "correct": jnp.zeros((), jnp.float32),
+            "count": jnp.zeros((), jnp.float32)}
+
+
+def forward(graphdef, params, rest, x):
+    """Logits and the updated non-trainable state of the model (graphdef fixes train or eval mode)."""
+    model = nnx.merge(graphdef, params, rest)
+    logits = model(x)
+    _, _, new_rest = nnx.split(model, nnx.Param, ...)
+    return logits, new_rest
+
+
+def to_pixels(batch_uint8: jax.Array) -> jax.Array:
+    return batch_uint8.astype(jnp.float32) * (1.0 / 255.0)
+
+
+def make_train_step(train_def, tx: optax.GradientTransformation, *, num_classes: int, batch_size: int,
+                    mesh: Mesh, augment: Callable | None = None, label_smoothing: float = 0.0,
+                    penalty: Callable | None = None) -> Callable:
+    """A jitted step(state, totals, xs, ys, epoch_start, key) -> (state, totals).
+
+    xs/ys are the epoch's shuffled uint8 images and labels on device; the batch is the slice that
+    starts at (state.step - epoch_start) * batch_size. state and totals are donated.
+    """
+    batch_sharding = NamedSharding(mesh, P("data"))
+
+    def step(state: TrainState, totals, xs, ys, epoch_start, key):
+        start = (state.step - epoch_start) * batch_size
+        x = to_pixels(jax.lax.dynamic_slice_in_dim(xs, start, batch_size))
+        labels = jax.nn.one_hot(jax.lax.dynamic_slice_in_dim(ys, start, batch_size), num_classes)
+        if augment is not None:
+            x, labels = augment(x, labels, jax.random.fold_in(key, state.step))
+        x = jax.lax.with_sharding_constraint(x, batch_sharding)
+        targets = optax.smooth_labels(labels, label_smoothing) if label_smoothing else labels
+
+        def loss_fn(params):
+            logits, rest = forward(train_def, params, state.rest, x)
+            loss = optax.softmax_cross_entropy(logits, targets).mean()
+            reg = penalty(params) if penalty is not None else 0.0
+            return loss + reg, (loss, logits, rest)
+
+        grads, (loss, logits, rest) = jax.grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        correct = jnp.sum(jnp.argmax(logits, -1) == jnp.argmax(labels, -1))
+        totals = {"loss": totals["loss"] + loss * batch_size, "correct": totals["correct"] + correct,
+                  "count": totals["count"] + batch_size}
+        return TrainState(params, rest, opt_state, state.step + 1), totals
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+@jax.jit
+def shuffle(xs: jax.Array, ys: jax.Array, key: jax.Array):
+    """The epoch's shuffled copy of the training set, made once per epoch on device."""
+    order = jax.random.permutation(key, xs.shape[0])
+    return xs[order], ys[order]
+
+
+def make_eval_step(eval_def, *, num_classes: int, batch_size: int, mesh: Mesh) -> Callable:
+    """A jitted step(params, rest, sums, xs, ys, mask, i) -> sums over batch i of padded eval arrays.
+
+    sums holds the summed loss, top-1 and top-k hits and the confusion matrix (rows: true class).
+    """
+    k = min(TOP_K, num_classes)
+    batch_sharding = NamedSharding(mesh, P("data"))
+
+    def step(params, rest, sums, xs, ys, mask, i):
+        start = i * batch_size
+        x = to_pixels(jax.lax.dynamic_slice_in_dim(xs, start, batch_size))
+        x = jax.lax.with_sharding_constraint(x, batch_sharding)
+        y = jax.lax.dynamic_slice_in_dim(ys, start, batch_size)
+        m = jax.lax.dynamic_slice_in_dim(mask, start, batch_size)
+        logits, _ = forward(eval_def, params, rest, x)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        pred = jnp.argmax(logits, -1)
+        in_top_k = jnp.any(jax.lax.top_k(logits, k)[1] == y[:, None], axis=-1)
+        # one-hot matmul instead of a scatter: much faster on CPU, same counts
+        confusion = (jax.nn.one_hot(y, num_classes) * m[:, None]).T @ jax.nn.one_hot(pred, num_classes)
+        return {"loss": sums["loss"] + jnp.sum(loss * m), "top1": sums["top1"] + jnp.sum((pred == y) * m),
+                "topk": sums["topk"] + jnp.sum(in_top_k * m), "confusion": sums["confusion"] + confusion}
+
+    return jax.jit(step, donate_argnums=(2,))
+
+
+def init_eval_sums(num_classes: int) -> dict[str, jax.Array]:
+    return {"loss": jnp.zeros((), jnp.float32), "top1": jnp.zeros((), jnp.float32),
+            "topk": jnp.zeros((), jnp.float32), "confusion": jnp.zeros((num_classes, num_classes), jnp.float32)}

@@ -1,0 +1,82 @@
+"""Recipes: validation errors name the key and the closest valid one; --set overrides are type-checked."""
+
+import pytest
+
+from cnncli import recipe as recipe_lib
+from cnncli.errors import UserError
+from tests.conftest import cli
+
+MINIMAL = "name: t\nmodel: {name: lenet5}\n"
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+def error_of(tmp_path, text: str, *overrides: str) -> str:
+    with pytest.raises(UserError) as e:
+        recipe_lib.load(write(tmp_path, text), list(overrides))
+    return str(e.value)
+
+
+def test_defaults_and_overrides(tmp_path):
+    r = recipe_lib.load(write(tmp_path, MINIMAL), ["optim.lr=0.05", "train.epochs=3", "data.image_size=[32, 32]",
+                                                     "model.args.hidden=[64]"])
+    assert r.optim.lr == 0.05 and r.train.epochs == 3 and r.data.image_size == (32, 32)
+    assert r.model.args == {"hidden": [64]}
+    assert r.data.source == "fashion_mnist" and r.optim.name == "sgd"
+
+
+def test_unknown_key_names_path_and_suggestion(tmp_path):
+    msg = error_of(tmp_path, MINIMAL + "optim: {learning_rate: 0.1}\n")
+    assert "unknown key 'optim.learning_rate'" in msg
+    msg = error_of(tmp_path, MINIMAL + "train: {epoch: 3}\n")
+    assert "'train.epoch'" in msg and "did you mean: epochs" in msg
+
+
+def test_unknown_top_level_section(tmp_path):
+    assert "did you mean: augment" in error_of(tmp_path, MINIMAL + "augmnt: []\n")
+
+
+def test_wrong_type_and_negative_lr(tmp_path):
+    assert "key 'train.epochs'" in error_of(tmp_path, MINIMAL + "train: {epochs: many}\n")
+    msg = error_of(tmp_path, MINIMAL, "optim.lr=-0.1")
+    assert "key 'optim.lr'" in msg and "greater than 0" in msg
+
+
+def test_not_yaml_and_not_a_mapping(tmp_path):
+    assert "is not valid YAML" in error_of(tmp_path, "name: [unclosed\n")
+    assert "is not a recipe" in error_of(tmp_path, "- just\n- a list\n")
+
+
+def test_bad_override_syntax(tmp_path):
+    assert "--set expects KEY=VALUE" in error_of(tmp_path, MINIMAL, "optim.lr")
+
+
+def test_missing_recipe_suggests_bundled(tmp_path):
+    with pytest.raises(UserError, match="did you mean: lenet5_fashion_mnist"):
+        recipe_lib.load("lenet5_fashion_mnst")
+
+
+def test_every_bundled_recipe_validates():
+    paths = recipe_lib.bundled_recipes()
+    assert paths
+    for path in paths:
+        assert recipe_lib.load(path).name == path.stem
+        assert path.read_text().startswith("# cnncli train"), f"{path.name} lacks its header command"
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("model.name=lenet6", "unknown model 'lenet6' (did you mean: lenet5?)"),
+    ("optim.name=adamm", "unknown optimizer 'adamm' (did you mean: adam"),
+    ("data.source=fashion_mnst", "unknown dataset 'fashion_mnst' (did you mean: fashion_mnist?)"),
+    ("schedule.name=cosin", "unknown schedule 'cosin' (did you mean: cosine?)"),
+    ("model.args.widht=3", "model 'lenet5' has no option 'widht'"),
+])
+def test_unknown_names_through_the_cli(tmp_path, override, expected):
+    result = cli("train", write(tmp_path, MINIMAL + "data: {source: synthetic}\n"), "--set", override, "--dry-run")
+    assert result.exit_code == 2
+    assert expected in " ".join(result.stderr.split())
+    assert "Traceback" not in result.output
