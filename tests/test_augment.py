@@ -1,6 +1,11 @@
 """Tests of the augmentation catalogue: every op's contract, geometric references, mixing labels, errors."""
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -241,7 +246,10 @@ def test_probability_is_per_image():
     fn = jax.jit(build_augment([{"name": "invert", "p": 0.5}]))
     fractions = []
     for seed in range(3):
-        out, _ = fn(x, y, jax.random.key(seed))
+        key = jax.random.key(seed)
+        # Inside the training step nothing may cross between host and device.
+        with jax.transfer_guard("disallow"):
+            out, _ = fn(x, y, key)
         changed = np.abs(np.asarray(out) - np.asarray(x)).max(axis=(1, 2, 3)) > 1e-6
         fractions.append(changed.mean())
     assert all(0.4 < f < 0.6 for f in fractions), fractions
@@ -266,3 +274,29 @@ def test_preview_grid_layout():
     np.testing.assert_array_equal(grid[H + 2:, :W], x[1])
     np.testing.assert_array_equal(grid[:H, W + 2:2 * W + 2], 255 - x[0])
     assert (grid[H:H + 2] == 255).all() and (grid[:, W:W + 2] == 255).all()
+
+
+SHARDED_CHECK = textwrap.dedent("""
+    import jax, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from cnncli.data.augment import build_augment
+    assert jax.device_count() == 4
+    sharding = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), P("data"))
+    x = np.random.default_rng(0).random((8, 8, 8, 3), dtype=np.float32)
+    y = np.eye(4, dtype=np.float32)[np.arange(8) % 4]
+    fn = jax.jit(build_augment([{"name": "crop", "pad": 2, "p": 0.5}, {"name": "cutmix"}]))
+    a = fn(x, y, jax.random.key(1))
+    b = fn(jax.device_put(x, sharding), jax.device_put(y, sharding), jax.random.key(1))
+    assert b[0].sharding.spec == P("data"), b[0].sharding
+    for u, v in zip(a, b):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), atol=1e-6)
+    print("ok")
+""")
+
+
+def test_sharded_batch_gives_the_same_result():
+    """On a 4-device data mesh the ops (mixing across shards included) give the one-device result."""
+    repo = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(repo), "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    result = subprocess.run([sys.executable, "-c", SHARDED_CHECK], env=env, capture_output=True, text=True)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
