@@ -67,7 +67,9 @@ def init_totals() -> dict[str, jax.Array]:
 
 def forward(graphdef, params, rest, x):
     """Logits and the updated non-trainable state of the model (graphdef fixes train or eval mode)."""
-    model = nnx.merge(graphdef, params, rest)
+    # copy=True: fresh Variables at the current trace level, so batch norm may update its
+    # statistics inside jax.grad (the caller's Variables belong to the outer jit trace)
+    model = nnx.merge(graphdef, params, rest, copy=True)
     logits = model(x)
     _, _, new_rest = nnx.split(model, nnx.Param, ...)
     return logits, new_rest
