@@ -17,13 +17,19 @@ BLOCKS = (  # (kernel, width of the spatial conv, widths of the two 1x1 convs)
 
 
 @MODELS.register("nin", help="Network in Network: mlpconv blocks (1x1 convs) and global average pooling")
-def nin(*, input_shape, num_classes, rngs, activation="relu", norm=None, pool="max", dropout=0.5):
+def nin(*, input_shape, num_classes, rngs, activation="relu", norm=None, pool="max", dropout=0.5, width=1.0):
+    """`width` scales every hidden layer (the class maps keep `num_classes` channels)."""
+
+    def w(c):
+        return max(1, round(c * width))
+
     b = StackBuilder(input_shape)
     pools = (pool, "avg" if pool == "max" else pool)  # the release pools max, then average
-    for i, (kernel, width, (c1, c2)) in enumerate(BLOCKS, start=1):
-        b.add(f"conv{i}", Conv(b.channels, width, kernel, padding=kernel // 2, norm=norm, act=activation, rngs=rngs))
-        b.add(f"cccp{2 * i - 1}", Conv(b.channels, c1, 1, padding=0, norm=norm, act=activation, rngs=rngs))
-        b.add(f"cccp{2 * i}", Conv(b.channels, c2 or num_classes, 1, padding=0,
+    for i, (kernel, spatial, (c1, c2)) in enumerate(BLOCKS, start=1):
+        b.add(f"conv{i}", Conv(b.channels, w(spatial), kernel, padding=kernel // 2, norm=norm, act=activation,
+                               rngs=rngs))
+        b.add(f"cccp{2 * i - 1}", Conv(b.channels, w(c1), 1, padding=0, norm=norm, act=activation, rngs=rngs))
+        b.add(f"cccp{2 * i}", Conv(b.channels, w(c2) if c2 else num_classes, 1, padding=0,
                                    norm=norm if c2 else None, act=activation, rngs=rngs))
         if i < len(BLOCKS):
             b.add(f"pool{i}", Pool(pools[i - 1], 3, 2, ceil=True, channels=b.channels, rngs=rngs))
