@@ -63,7 +63,7 @@ def adversarial(
     Pixels are in [0, 1]; eps is the Linf (or L2) radius of the perturbation. Example:
     cnncli adversarial runs/lenet5_fashion_mnist --attack pgd --eps 0,0.05,0.1 --steps 20 --step-size 0.01
     """
-    from cnncli.attacks import ATTACKS, AttackConfig, check_eps, step_size_warning
+    from cnncli.attacks import ATTACKS, AttackConfig, check_config, check_eps, step_size_warning
     from cnncli.console import console, err_console, progress_bar
     from cnncli.robustness import robustness
     from cnncli.train.steps import data_mesh
@@ -75,6 +75,7 @@ def adversarial(
     names = trained.class_names
     cfg = AttackConfig(name=attack, norm=norm or spec.norms[0], steps=steps, step_size=step_size, restarts=restarts,
                        target=parse_target(targeted, names))
+    check_config(cfg, names)  # before the data is loaded: a mistake costs no time
     warning = step_size_warning(cfg, eps_values)
     if warning:
         err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
