@@ -89,6 +89,9 @@ def _print_summary(summary: dict, console) -> None:
 
     table = Table(title=f"{summary['name']}: results", show_header=False)
     table.add_row("best epoch", str(summary["best_epoch"]))
+    if summary.get("stopped"):
+        how = "early stopping" if summary["stopped"] == "early" else "Ctrl-C"
+        table.add_row("stopped", f"by {how} after {summary['epochs_run']} epochs")
     if summary.get("best_val_acc") is not None:
         table.add_row("validation accuracy", f"{summary['best_val_acc']:.2%}")
     if "test" in summary:
@@ -96,5 +99,7 @@ def _print_summary(summary: dict, console) -> None:
         table.add_row("test top-1", f"{test['top1']:.2%}")
         table.add_row(f"test top-{test['top_k']}", f"{test['top5']:.2%}")
         table.add_row("test loss", f"{test['loss']:.4f}")
+    if "test_ema" in summary:
+        table.add_row("test top-1 (EMA weights)", f"{summary['test_ema']['top1']:.2%}")
     table.add_row("training time", f"{summary['train_seconds']:.1f} s")
     console.print(table)

@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cnncli.errors import UserError
+from cnncli.train.toolbox import ema_update, flip_tta_logits, weighted_cross_entropy
 
 TOP_K = 5
 
@@ -26,12 +27,13 @@ TOP_K = 5
 @jax.tree_util.register_dataclass
 @dataclass
 class TrainState:
-    """Everything a run needs to continue exactly: parameters, model state (BN stats, RNG), optimizer."""
+    """Everything a run needs to continue exactly: parameters, model state (BN stats, RNG), optimizer, EMA."""
 
     params: Any
     rest: Any  # non-trainable model state: batch-norm statistics, dropout RNG, normalization constants
     opt_state: Any
     step: jax.Array
+    ema: Any = None  # {'params', 'rest'}: moving average of the weights when train.ema is set
 
 
 def data_mesh(devices=None) -> Mesh:
@@ -66,11 +68,14 @@ def init_totals() -> dict[str, jax.Array]:
 
 
 def forward(graphdef, params, rest, x):
-    """Logits and the updated non-trainable state of the model (graphdef fixes train or eval mode)."""
+    """Float32 logits and the updated non-trainable state (graphdef fixes train or eval mode).
+
+    Logits are cast to float32 so that losses and softmaxes are float32 under bfloat16 compute too.
+    """
     model = nnx.merge(graphdef, params, rest)
     logits = model(x)
     _, _, new_rest = nnx.split(model, nnx.Param, ...)
-    return logits, new_rest
+    return logits.astype(jnp.float32), new_rest
 
 
 def to_pixels(batch_uint8: jax.Array) -> jax.Array:
@@ -79,11 +84,13 @@ def to_pixels(batch_uint8: jax.Array) -> jax.Array:
 
 def make_train_step(train_def, tx: optax.GradientTransformation, *, num_classes: int, batch_size: int,
                     mesh: Mesh, augment: Callable | None = None, label_smoothing: float = 0.0,
-                    penalty: Callable | None = None) -> Callable:
+                    penalty: Callable | None = None, class_weights: jax.Array | None = None,
+                    ema_decay: float | None = None) -> Callable:
     """A jitted step(state, totals, xs, ys, epoch_start, key) -> (state, totals).
 
     xs/ys are the epoch's shuffled uint8 images and labels on device; the batch is the slice that
-    starts at (state.step - epoch_start) * batch_size. state and totals are donated.
+    starts at (state.step - epoch_start) * batch_size. state and totals are donated. `class_weights`
+    (k,) weight the loss per class; `ema_decay` updates state.ema after every step.
     """
     batch_sharding = NamedSharding(mesh, P("data"))
 
@@ -98,7 +105,7 @@ def make_train_step(train_def, tx: optax.GradientTransformation, *, num_classes:
 
         def loss_fn(params):
             logits, rest = forward(train_def, params, state.rest, x)
-            loss = optax.softmax_cross_entropy(logits, targets).mean()
+            loss = weighted_cross_entropy(logits, targets, class_weights)
             reg = penalty(params) if penalty is not None else 0.0
             return loss + reg, (loss, logits, rest)
 
@@ -108,7 +115,8 @@ def make_train_step(train_def, tx: optax.GradientTransformation, *, num_classes:
         correct = jnp.sum(jnp.argmax(logits, -1) == jnp.argmax(labels, -1))
         totals = {"loss": totals["loss"] + loss * batch_size, "correct": totals["correct"] + correct,
                   "count": totals["count"] + batch_size}
-        return TrainState(params, rest, opt_state, state.step + 1), totals
+        ema = state.ema if ema_decay is None else ema_update(state.ema, params, rest, ema_decay, state.step)
+        return TrainState(params, rest, opt_state, state.step + 1, ema), totals
 
     return jax.jit(step, donate_argnums=(0, 1))
 
@@ -120,10 +128,11 @@ def shuffle(xs: jax.Array, ys: jax.Array, key: jax.Array):
     return xs[order], ys[order]
 
 
-def make_eval_step(eval_def, *, num_classes: int, batch_size: int, mesh: Mesh) -> Callable:
+def make_eval_step(eval_def, *, num_classes: int, batch_size: int, mesh: Mesh, tta: bool = False) -> Callable:
     """A jitted step(params, rest, sums, xs, ys, mask, i) -> sums over batch i of padded eval arrays.
 
     sums holds the summed loss, top-1 and top-k hits and the confusion matrix (rows: true class).
+    With `tta`, predictions average the softmax of each image and its horizontal flip.
     """
     k = min(TOP_K, num_classes)
     batch_sharding = NamedSharding(mesh, P("data"))
@@ -134,7 +143,10 @@ def make_eval_step(eval_def, *, num_classes: int, batch_size: int, mesh: Mesh) -
         x = jax.lax.with_sharding_constraint(x, batch_sharding)
         y = jax.lax.dynamic_slice_in_dim(ys, start, batch_size)
         m = jax.lax.dynamic_slice_in_dim(mask, start, batch_size)
-        logits, _ = forward(eval_def, params, rest, x)
+        def logits_fn(images):
+            return forward(eval_def, params, rest, images)[0]
+
+        logits = flip_tta_logits(logits_fn, x) if tta else logits_fn(x)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
         pred = jnp.argmax(logits, -1)
         in_top_k = jnp.any(jax.lax.top_k(logits, k)[1] == y[:, None], axis=-1)
