@@ -52,7 +52,7 @@ def _train(recipe, run, *, resume: bool, overwrite: bool, dry_run: bool) -> None
 
     from cnncli.console import TrainDisplay, console, err_console
     from cnncli.data.pipeline import load_splits
-    from cnncli.train.loop import Interrupted, build, check_recipe, train
+    from cnncli.train.loop import Interrupted, build, check_recipe, start_run, train
 
     check_recipe(recipe)
     splits = load_splits(recipe.data, recipe.seed)
@@ -69,10 +69,7 @@ def _train(recipe, run, *, resume: bool, overwrite: bool, dry_run: bool) -> None
         shutil.rmtree(run.path)
     run.path.mkdir(parents=True, exist_ok=True)
     if not resume:
-        run.recipe.write_text(recipe.to_yaml())
-        run.write_json(run.data, {"source": recipe.data.source, "class_names": splits.class_names,
-                                  "image_shape": list(splits.image_shape), "mean": splits.mean, "std": splits.std,
-                                  "n_train": len(splits.train_x), "n_val": len(splits.val_x)})
+        start_run(recipe, splits, run)
     err_console.print(model_line, highlight=False)
     err_console.print(f"run directory: {run.path}", highlight=False)
     try:

@@ -119,6 +119,15 @@ class _StopFlag:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def start_run(recipe: Recipe, splits: Splits, run: RunDir) -> None:
+    """Write what a new run directory holds before training: the resolved recipe and the data description."""
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.recipe.write_text(recipe.to_yaml())
+    run.write_json(run.data, {"source": recipe.data.source, "class_names": splits.class_names,
+                              "image_shape": list(splits.image_shape), "mean": splits.mean, "std": splits.std,
+                              "n_train": len(splits.train_x), "n_val": len(splits.val_x)})
+
+
 def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, display=None) -> dict[str, Any]:
     """Train `recipe` on `splits`, writing metrics and checkpoints into `run`; returns the summary."""
     display = display or _NullDisplay()

@@ -24,6 +24,11 @@ SCHEDULES = Registry("schedule")
 
 ADAMW_DEFAULT_DECAY = 1e-2  # when optim.name is adamw and weight_decay is 0, as in torch.optim.AdamW
 ADAGRAD_INITIAL_ACCUMULATOR = 0.1  # TensorFlow/Keras default; keeps the first steps finite
+# Learning rates `cnncli sweep` gives each optimizer when a grid varies the optimizer but not optim.lr:
+# one lr for all would favour some of them (adadelta needs ~1.0, adaptive methods ~1e-3). These are
+# the usual defaults of the papers and Keras, with SGD raised for a few-epoch comparison.
+SUGGESTED_LR = {"sgd": 0.05, "momentum": 0.01, "nesterov": 0.01, "adagrad": 0.01, "adadelta": 1.0,
+                "adam": 1e-3, "adamw": 1e-3, "rmsprop": 1e-3}
 PLATEAU_THRESHOLD = 1e-4  # a validation loss counts as better only below best * (1 - this), as in PyTorch
 
 
