@@ -275,16 +275,27 @@ def test_class_weights_and_balanced_sampling_train(tmp_path, fashion):
 def test_bfloat16_computes_in_bf16_and_trains(tmp_path, fashion):
     from cnncli import recipe as recipe_lib
     from cnncli.train.loop import build
-    from cnncli.train.steps import forward
+    from cnncli.train.steps import TrainState, data_mesh, forward, init_totals, make_train_step
 
-    recipe = recipe_lib.load("lenet5_fashion_mnist", ["train.precision=bfloat16"])
-    model = build(recipe, (28, 28, 1), 10)
-    jaxpr = jax.make_jaxpr(lambda p, x: forward(model.train_def, p, model.rest, x)[0])(
-        model.params, jnp.zeros((2, 28, 28, 1)))
-    convs = [e for e in jaxpr.jaxpr.eqns if e.primitive.name in ("conv_general_dilated", "dot_general")]
-    assert convs and all(e.invars[1].aval.dtype == jnp.bfloat16 for e in convs)
-    assert jaxpr.out_avals[0].dtype == jnp.float32  # the loss sees float32 logits
-    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(model.params))  # float32 master weights
+    # ResNet-20: the zoo's own conv layers (raw lax ops) and Flax batch norm, on tiny 8x8 images; its
+    # train step has 19 forward convolutions and their backward ones (all but the input gradient)
+    recipe = recipe_lib.load("lenet5_fashion_mnist", ["model.name=resnet20", "train.precision=bfloat16"])
+    model = build(recipe, (8, 8, 1), 10)
+    tx = optax.sgd(0.1)
+    step = make_train_step(model.train_def, tx, num_classes=10, batch_size=4, mesh=data_mesh(), precision="bfloat16")
+    params, rest = jax.tree.map(jnp.copy, (model.params, model.rest))  # the step donates its state
+    state = TrainState(params, rest, tx.init(params), jnp.zeros((), jnp.int32))
+    args = (jnp.full((4, 8, 8, 1), 128, jnp.uint8), jnp.arange(4, dtype=jnp.int32), jnp.int32(0), jax.random.key(0))
+    jaxpr = jax.make_jaxpr(step)(state, init_totals(), *args)
+    convs = [e for e in jaxpr.jaxpr.eqns[0].params["jaxpr"].eqns if e.primitive.name == "conv_general_dilated"]
+    assert len(convs) > 2 * 19 and all(v.aval.dtype == jnp.bfloat16 for e in convs for v in e.invars)
+    new_state, _ = step(state, init_totals(), *args)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves((new_state.params, new_state.rest)))
+    assert not all(jnp.array_equal(a, b) for a, b in zip(jax.tree.leaves(new_state.rest), jax.tree.leaves(model.rest)))
+    eval_jaxpr = jax.make_jaxpr(lambda p, r, x: forward(model.eval_def, p, r, x)[0])(
+        new_state.params, new_state.rest, jnp.zeros((2, 8, 8, 1)))
+    assert all(v.aval.dtype == jnp.float32 for e in eval_jaxpr.jaxpr.eqns for v in e.invars
+               if e.primitive.name == "conv_general_dilated")  # evaluation: the float32 weights in float32
 
     run_dir = tmp_path / "bf16"
     result = cli("train", "lenet5_fashion_mnist", "--run-dir", run_dir, *TINY, "--set", "train.epochs=2",

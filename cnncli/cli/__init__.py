@@ -39,7 +39,7 @@ app = typer.Typer(
 )
 
 # Each module registers its commands on `app` when imported (one module per command or group).
-_COMMAND_MODULES = ("train", "evaluate", "info", "benchmark", "sweep", "augment")
+_COMMAND_MODULES = ("train", "evaluate", "info", "benchmark", "summary", "sweep", "augment")
 
 
 def _version(value: bool) -> None:

@@ -16,7 +16,21 @@ from cnncli.registry import Registry
 MODELS = Registry("model")
 
 # Families register their presets on import. Keep this list in sync with the files in this folder.
-_FAMILIES = ("mlp", "lenet")
+_FAMILIES = ("mlp", "lenet", "vgg", "resnet")
+
+
+# The input a model is shown with when `cnncli summary NAME` gets no --input: (H, W, C), classes.
+IMAGENET_INPUT = ((224, 224, 3), 1000)
+CIFAR_INPUT = ((32, 32, 3), 10)
+MNIST_INPUT = ((28, 28, 1), 10)
+DEFAULT_INPUTS: dict[str, tuple[tuple[int, int, int], int]] = {}
+
+
+def default_input(name: str) -> tuple[tuple[int, int, int], int]:
+    """The (input shape, classes) a registered model is designed for (CIFAR-sized if it has no preference)."""
+    _import_families()
+    MODELS.get(name)
+    return DEFAULT_INPUTS.get(name, CIFAR_INPUT)
 
 
 def _import_families() -> None:
@@ -46,7 +60,9 @@ def build_network(name: str, *, input_shape: tuple[int, int, int], num_classes: 
         if key not in accepted:
             raise UserError(f"model '{name}' has no option '{key}'{suggest(key, accepted)}; "
                             f"its options: {', '.join(accepted) or 'none'}")
-    return builder(input_shape=tuple(input_shape), num_classes=num_classes, rngs=nnx.Rngs(seed), **options)
+    net = builder(input_shape=tuple(input_shape), num_classes=num_classes, rngs=nnx.Rngs(seed), **options)
+    net.input_shape = tuple(input_shape)  # lets the analysis trace a built model without being told its input
+    return net
 
 
 def build_model(cfg: Any, *, input_shape: tuple[int, int, int], num_classes: int, mean=None, std=None,

@@ -1,29 +1,32 @@
-"""Multi-layer perceptron baseline: flatten - (fc - act - dropout) * k - fc(classes)."""
+"""Fully connected baselines: `linear` (softmax regression) and `mlp` (flatten - (fc - act) * k - fc)."""
 
-import jax
-from flax import nnx
+from cnncli.models import DEFAULT_INPUTS, MNIST_INPUT, MODELS
+from cnncli.models.layers import Dense, StackBuilder
 
-from cnncli.models import MODELS
-from cnncli.models.layers import activation
-
-
-class MLP(nnx.Module):
-    def __init__(self, *, input_shape, num_classes, rngs: nnx.Rngs, hidden=(256, 128), activation_name="relu",
-                 dropout=0.0):
-        sizes = [int(input_shape[0] * input_shape[1] * input_shape[2]), *hidden]
-        self.hidden = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
-        self.out = nnx.Linear(sizes[-1], num_classes, rngs=rngs)
-        self.dropout = nnx.Dropout(dropout, rngs=rngs)
-        self.act = activation(activation_name)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = x.reshape(x.shape[0], -1)
-        for layer in self.hidden:
-            x = self.dropout(self.act(layer(x)))
-        return self.out(x)
+DEFAULT_HIDDEN = (256, 128)
 
 
-@MODELS.register("mlp", help="multi-layer perceptron; option hidden: list of layer widths")
-def mlp(*, input_shape, num_classes, rngs, hidden=(256, 128), activation="relu", dropout=0.0):
-    return MLP(input_shape=input_shape, num_classes=num_classes, rngs=rngs, hidden=tuple(hidden),
-               activation_name=activation, dropout=dropout)
+def build_mlp(*, input_shape, num_classes, rngs, hidden=DEFAULT_HIDDEN, activation="relu", norm=None, dropout=0.0):
+    """fc1 .. fcK with the activation (dropout on the input of every layer after the first), then the
+    output layer; an image input is flattened by the first layer."""
+    b = StackBuilder(input_shape)
+    for i, width in enumerate(hidden, start=1):
+        b.add(f"fc{i}", Dense(b.features, int(width), act=activation, norm=norm, dropout=dropout if i > 1 else 0.0,
+                              rngs=rngs))
+    b.add(f"fc{len(hidden) + 1}", Dense(b.features, num_classes, dropout=dropout if hidden else 0.0, rngs=rngs))
+    return b.build()
+
+
+@MODELS.register("mlp", help="multi-layer perceptron; option hidden: list of layer widths (default 256, 128)")
+def mlp(*, input_shape, num_classes, rngs, hidden=DEFAULT_HIDDEN, activation="relu", norm=None, dropout=0.0):
+    return build_mlp(input_shape=input_shape, num_classes=num_classes, rngs=rngs, hidden=tuple(hidden),
+                     activation=activation, norm=norm, dropout=dropout)
+
+
+@MODELS.register("linear", help="softmax regression: one fully connected layer on the pixels")
+def linear(*, input_shape, num_classes, rngs):
+    return build_mlp(input_shape=input_shape, num_classes=num_classes, rngs=rngs, hidden=())
+
+
+DEFAULT_INPUTS["mlp"] = MNIST_INPUT
+DEFAULT_INPUTS["linear"] = MNIST_INPUT

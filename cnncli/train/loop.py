@@ -68,9 +68,7 @@ def build(recipe: Recipe, image_shape, num_classes: int, mean=None, std=None) ->
     """Build the recipe's model for the data's shape and class count."""
     model = build_model(recipe.model, input_shape=image_shape, num_classes=num_classes, mean=mean, std=std,
                         seed=recipe.seed)
-    if recipe.train.precision != "float32":
-        toolbox.set_compute_dtype(model, recipe.train.precision)
-    return Model(*split_model(model))
+    return Model(*split_model(model, recipe.train.precision))
 
 
 def check_recipe(recipe: Recipe) -> None:
@@ -166,7 +164,7 @@ def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, 
                                  augment=_augment(recipe),
                                  label_smoothing=recipe.train.label_smoothing, penalty=penalty,
                                  class_weights=None if weights is None else replicate(jnp.asarray(weights), mesh),
-                                 ema_decay=recipe.train.ema)
+                                 ema_decay=recipe.train.ema, precision=recipe.train.precision)
     draw = (partial(toolbox.balanced_shuffle, num_classes=splits.num_classes) if recipe.data.balanced_sampling
             else shuffle)
     has_val = len(splits.val_x) > 0

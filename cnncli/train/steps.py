@@ -19,7 +19,15 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cnncli.errors import UserError
-from cnncli.train.toolbox import ema_update, flip_tta_logits, weighted_cross_entropy
+from cnncli.train.toolbox import (
+    COMPUTE_DTYPES,
+    ema_update,
+    flip_tta_logits,
+    layer_dtype,
+    like_dtypes,
+    to_compute_dtype,
+    weighted_cross_entropy,
+)
 
 TOP_K = 5
 
@@ -48,10 +56,15 @@ def check_batch(batch_size: int, mesh: Mesh, what: str = "train.batch_size") -> 
         raise UserError(f"{what}={batch_size} does not divide over {n} devices; use a multiple of {n}")
 
 
-def split_model(model: nnx.Module):
-    """(train graphdef, eval graphdef, params, rest): one state, two modes (dropout/BN behave differently)."""
+def split_model(model: nnx.Module, precision: str = "float32"):
+    """(train graphdef, eval graphdef, params, rest): one state, two modes (dropout/BN behave differently).
+
+    With a `precision` other than float32 the train graphdef's Flax layers compute in it (see
+    toolbox.layer_dtype); evaluation always runs the float32 weights in float32.
+    """
     model.train()
-    train_def, params, rest = nnx.split(model, nnx.Param, ...)
+    with layer_dtype(model, precision):
+        train_def, params, rest = nnx.split(model, nnx.Param, ...)
     model.eval()
     eval_def, _, _ = nnx.split(model, nnx.Param, ...)
     return train_def, eval_def, params, rest
@@ -72,7 +85,9 @@ def forward(graphdef, params, rest, x):
 
     Logits are cast to float32 so that losses and softmaxes are float32 under bfloat16 compute too.
     """
-    model = nnx.merge(graphdef, params, rest)
+    # copy=True: fresh Variables at the current trace level, so batch norm may update its
+    # statistics inside jax.grad (the caller's Variables belong to the outer jit trace)
+    model = nnx.merge(graphdef, params, rest, copy=True)
     logits = model(x)
     _, _, new_rest = nnx.split(model, nnx.Param, ...)
     return logits.astype(jnp.float32), new_rest
@@ -85,12 +100,14 @@ def to_pixels(batch_uint8: jax.Array) -> jax.Array:
 def make_train_step(train_def, tx: optax.GradientTransformation, *, num_classes: int, batch_size: int,
                     mesh: Mesh, augment: Callable | None = None, label_smoothing: float = 0.0,
                     penalty: Callable | None = None, class_weights: jax.Array | None = None,
-                    ema_decay: float | None = None) -> Callable:
+                    ema_decay: float | None = None, precision: str = "float32") -> Callable:
     """A jitted step(state, totals, xs, ys, epoch_start, key) -> (state, totals).
 
     xs/ys are the epoch's shuffled uint8 images and labels on device; the batch is the slice that
     starts at (state.step - epoch_start) * batch_size. state and totals are donated. `class_weights`
-    (k,) weight the loss per class; `ema_decay` updates state.ema after every step.
+    (k,) weight the loss per class; `ema_decay` updates state.ema after every step; `precision`
+    bfloat16 computes the forward and backward pass in bfloat16 (with a train graphdef from
+    `split_model(model, 'bfloat16')`), the weights staying float32.
     """
     batch_sharding = NamedSharding(mesh, P("data"))
 
@@ -104,7 +121,12 @@ def make_train_step(train_def, tx: optax.GradientTransformation, *, num_classes:
         targets = optax.smooth_labels(labels, label_smoothing) if label_smoothing else labels
 
         def loss_fn(params):
-            logits, rest = forward(train_def, params, state.rest, x)
+            if precision == "float32":
+                logits, rest = forward(train_def, params, state.rest, x)
+            else:
+                logits, rest = forward(train_def, to_compute_dtype(params, precision),
+                                       to_compute_dtype(state.rest, precision), x.astype(COMPUTE_DTYPES[precision]))
+                rest = like_dtypes(rest, state.rest)
             loss = weighted_cross_entropy(logits, targets, class_weights)
             reg = penalty(params) if penalty is not None else 0.0
             return loss + reg, (loss, logits, rest)

@@ -6,7 +6,8 @@ vector, early stopping) are functions of the run's history, so a resumed run dec
 uninterrupted one did.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import partial
 
 import jax
@@ -55,20 +56,47 @@ def ema_update(ema: dict, params, rest, decay: float, step: jax.Array) -> dict:
 
 
 # ----------------------------------------------------------------------------- mixed precision
+# bfloat16 training keeps float32 master weights: the train step casts the weights, the normalization
+# constants and the images to bfloat16 inside the loss (gradients flow back to the float32 weights
+# through the cast) and the logits back to float32 for the loss. Batch-norm running statistics stay
+# float32, because an EMA with momentum 0.9 updated from a bfloat16-rounded value drifts by up to
+# 10x bfloat16's rounding error; `layer_dtype` makes Flax's batch norm compute in bfloat16 anyway
+# (else its float32 statistics would promote every later activation back to float32).
 
 
-def set_compute_dtype(model: nnx.Module, precision: str) -> None:
-    """Make every Flax layer of `model` compute in `precision`; its parameters keep their float32 storage.
+@contextmanager
+def layer_dtype(model: nnx.Module, precision: str) -> Iterator[None]:
+    """Within the block, Flax layers of `model` that have a computation `dtype` compute in `precision`.
 
-    Flax layers cast their (float32 master) parameters and inputs to their `dtype` at use, and
-    normalization layers keep float32 running statistics, which is mixed precision as Flax intends it.
-    Casting only the parameters would not do: float32 batch-norm statistics would promote every
-    activation after the first batch-norm back to float32.
+    Split the model inside the block to get a graphdef with that setting; the model is restored after.
     """
+    modules = [m for _, m in nnx.iter_modules(model) if hasattr(m, "dtype")]
+    before = [m.dtype for m in modules]
+    for m in modules:
+        m.dtype = COMPUTE_DTYPES[precision]
+    try:
+        yield
+    finally:
+        for m, dtype in zip(modules, before):
+            m.dtype = dtype
+
+
+def to_compute_dtype(tree, precision: str):
+    """A copy of an nnx.State with its floating arrays in `precision`, batch-norm statistics excepted."""
     dtype = COMPUTE_DTYPES[precision]
-    for _, module in nnx.iter_modules(model):
-        if hasattr(module, "dtype"):
-            module.dtype = dtype
+
+    def cast(v):
+        if isinstance(v, nnx.BatchStat) or not jnp.issubdtype(v.get_value().dtype, jnp.floating):
+            return v
+        return v.replace(v.get_value().astype(dtype))
+
+    return jax.tree.map(cast, tree, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+
+def like_dtypes(tree, reference):
+    """`tree` with every floating leaf cast back to the dtype of the same leaf in `reference`."""
+    return jax.tree.map(lambda x, ref: x.astype(ref.dtype) if jnp.issubdtype(ref.dtype, jnp.floating) else x,
+                        tree, reference)
 
 
 # ----------------------------------------------------------------------------- imbalanced data

@@ -1,0 +1,125 @@
+"""`cnncli summary` and the analysis engine reproduce the lectures' tables, derived from the layers."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+from conftest import cli
+from model_utils import abstract
+
+from cnncli.analysis import activations, layer_names, summarize
+from cnncli.models import build_network
+
+VGG16_BLOCKS = [(64, 2, 224), (128, 2, 112), (256, 3, 56), (512, 3, 28), (512, 3, 14)]  # width, convs, map size
+
+
+@pytest.fixture(scope="module")
+def vgg16():
+    return summarize(abstract("vgg16", (224, 224, 3), 1000))
+
+
+def test_vgg16_total_parameters_and_macs(vgg16):
+    assert vgg16.total_params == 138_357_544
+    assert sum(r.params for r in vgg16.layers) == vgg16.total_params
+    # Every 3x3 conv costs (map area) * 9 * C_in * C_out; the FCs in * out.
+    convs, cin = 0, 3
+    for width, n, size in VGG16_BLOCKS:
+        for _ in range(n):
+            convs += size * size * 9 * cin * width
+            cin = width
+    assert vgg16.total_macs == convs + 7 * 7 * 512 * 4096 + 4096 * 4096 + 4096 * 1000
+    assert vgg16.total_flops == 2 * vgg16.total_macs
+
+
+def test_vgg16_per_layer_table_matches_the_lecture(vgg16):
+    # The lecture's table: weights per conv layer 3*3*C_in*C_out, activations H*W*C.
+    cin, expected = 3, []
+    for block, (width, n, size) in enumerate(VGG16_BLOCKS, start=1):
+        for i in range(1, n + 1):
+            expected.append((f"conv{block}_{i}", 9 * cin * width, size * size * width))
+            cin = width
+        expected.append((f"pool{block}", 0, (size // 2) ** 2 * width))
+    expected += [("fc6", 7 * 7 * 512 * 4096, 4096), ("fc7", 4096 * 4096, 4096), ("fc8", 4096 * 1000, 1000)]
+    rows = {r.name: r for r in vgg16.layers}
+    for name, weights, elements in expected:
+        row = rows[name]
+        biases = row.output_shape[-1] if weights else 0
+        assert row.params == weights + biases, name
+        assert row.activation_elements == elements, name
+    assert rows["conv1_1"].params == 1_728 + 64 and rows["conv1_2"].params == 36_864 + 64
+    assert rows["conv2_1"].params == 73_728 + 128 and rows["fc6"].params == 102_760_448 + 4096
+    assert rows["conv1_1"].activation_elements == 224 * 224 * 64 == 3_211_264
+    assert rows["pool5"].activation_elements == 7 * 7 * 512 == 25_088
+
+
+def test_vgg16_activation_total_is_the_sum_of_the_rows_not_the_slides_24m(vgg16):
+    table = 224 * 224 * 3 + sum(r.activation_elements for r in vgg16.layers[1:])
+    assert vgg16.activation_elements == table == 15_237_608  # about 15.2M (the slide's total says 24M)
+    assert vgg16.activation_bytes == 4 * table
+
+
+def test_receptive_fields(vgg16):
+    assert vgg16.row("conv1_1").receptive_field == (3, 3)
+    assert vgg16.row("conv1_2").receptive_field == (5, 5)
+    assert vgg16.row("pool5").receptive_field == (212, 212)
+    assert vgg16.row("pool5").jump == (32, 32)
+    resnet = summarize(abstract("resnet18", (224, 224, 3), 1000))
+    assert resnet.row("conv1").receptive_field == (7, 7) and resnet.row("maxpool").receptive_field == (11, 11)
+    # The residual addition sees as far as its longest branch (the two 3x3 convs), not the shortcut.
+    assert resnet.row("layer2.0.add").receptive_field == resnet.row("layer2.0.conv2").receptive_field
+
+
+def test_resnet_macs_match_torchvision_gflops():
+    assert round(summarize(abstract("resnet18", (224, 224, 3), 1000)).total_macs / 1e9, 2) == 1.81
+    assert round(summarize(abstract("resnet50", (224, 224, 3), 1000)).total_macs / 1e9, 2) == 4.09
+
+
+def test_layer_names_and_activations_of_a_built_model():
+    net = build_network("lenet5", input_shape=(28, 28, 1), num_classes=10)
+    names = layer_names(net)
+    assert names == ["input", "conv1", "pool1", "conv2", "pool2", "fc1", "fc2", "fc3"]
+    x = jax.random.uniform(jax.random.key(0), (2, 28, 28, 1))
+    out = activations(net, x, ["conv1", "pool2", "fc3", "input"])
+    assert out["conv1"].shape == (2, 28, 28, 6) and out["pool2"].shape == (2, 5, 5, 16)
+    assert jnp.allclose(out["fc3"], net(x), atol=1e-5)
+    assert jnp.array_equal(out["input"], x)
+
+
+def test_activations_unknown_name_is_a_user_error():
+    from cnncli.errors import UserError
+
+    net = build_network("lenet5", input_shape=(28, 28, 1), num_classes=10)
+    with pytest.raises(UserError, match="no layer named 'conv3'.*did you mean"):
+        activations(net, jnp.zeros((1, 28, 28, 1)), ["conv3"])
+
+
+def test_summary_cli_json_for_a_model_name():
+    result = cli("summary", "vgg16", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["total_params"] == 138_357_544 and data["input_shape"] == [224, 224, 3]
+    assert data["total_macs"] == sum(r["macs"] for r in data["layers"])
+    assert data["activation_elements"] == 15_237_608
+    assert [r["name"] for r in data["layers"]][:3] == ["input", "conv1_1", "conv1_2"]
+
+
+def test_summary_cli_table_for_a_recipe_with_input_and_batch():
+    result = cli("summary", "lenet5_fashion_mnist", "--batch", "10")
+    assert result.exit_code == 0, result.output
+    assert "61,706" in result.stdout and "conv2" in result.stdout and "batch of 10" in result.stdout
+    result = cli("summary", "lenet5", "--input", "32x32x3", "--classes", "5", "--json")
+    data = json.loads(result.stdout)
+    assert data["input_shape"] == [32, 32, 3] and data["layers"][-1]["output_shape"] == [5]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["vg16"], "neither a recipe nor a registered model (did you mean: vgg16"),
+    (["vgg16", "--input", "22x"], "--input expects HxWxC"),
+    (["vgg16", "--set", "classifer=linear"], "no option 'classifer'"),
+    (["lenet5", "--input", "4x4x1"], "layer conv2"),
+])
+def test_summary_cli_user_errors(args, message):
+    result = cli("summary", *args)
+    assert result.exit_code == 2
+    assert message in result.stderr
