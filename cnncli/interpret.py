@@ -253,6 +253,17 @@ def crop(image: np.ndarray, box: tuple[int, int, int, int], fill: int = 0) -> np
     return out
 
 
+def unit_patch(image: np.ndarray, row: LayerRow, position: tuple[int, int]) -> np.ndarray:
+    """What the unit at `position` of layer `row` sees in an HWC image: its receptive-field crop.
+
+    Once the receptive field is at least the image's size (the deep layers of small images) the
+    crop would be mostly padding, so the whole image is returned instead.
+    """
+    if all(rf >= size for rf, size in zip(row.receptive_field, image.shape[:2])):
+        return image
+    return crop(image, patch_box(row, position))
+
+
 # ----------------------------------------------------------------------------- gradients
 
 

@@ -136,7 +136,8 @@ def test_top_patch_crop_is_the_receptive_field_of_summary(lenet, tmp_path):
     noise = np.random.default_rng(0).integers(0, 256, x.shape[1:], np.uint8)
     for i, position in zip(top.index[unit], top.position[unit]):
         top_, left, h, w = box = interpret.patch_box(rows["conv2"], position)
-        patch = interpret.crop(x[i], box)
+        patch = interpret.unit_patch(x[i], rows["conv2"], position)
+        np.testing.assert_array_equal(patch, interpret.crop(x[i], box))
         assert patch.shape[:2] == rf["conv2"]
         inside = (slice(max(top_, 0), top_ + h), slice(max(left, 0), left + w))  # the box within the image
         np.testing.assert_array_equal(patch[max(-top_, 0):, max(-left, 0):][: 28 - inside[0].start,
@@ -148,6 +149,14 @@ def test_top_patch_crop_is_the_receptive_field_of_summary(lenet, tmp_path):
         pair = interpret.to_pixels(np.stack([x[i], noisy]))
         a = np.asarray(activations(model, pair, ["conv2"])["conv2"])[:, position[0], position[1], unit]
         assert a[1] == pytest.approx(a[0], rel=1e-5, abs=1e-6)
+
+
+def test_a_receptive_field_larger_than_the_image_shows_the_whole_image(lenet):
+    model, x, _ = lenet
+    rows = interpret.rows_by_name(model)
+    assert rows["fc2"].receptive_field == (32, 32)  # > 28: the crop would be mostly padding
+    np.testing.assert_array_equal(interpret.unit_patch(x[0], rows["fc2"], (0, 0)), x[0])
+    assert interpret.unit_patch(x[0], rows["conv2"], (3, 4)).shape == (14, 14, 1)
 
 
 def test_crop_pads_outside_the_image():

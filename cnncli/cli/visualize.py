@@ -157,7 +157,7 @@ def _top_patches(job: _Job):
 
     from cnncli import viz
     from cnncli.console import progress_bar
-    from cnncli.interpret import TOP, check_layer, crop, last_spatial_layer, patch_box, top_units
+    from cnncli.interpret import TOP, check_layer, last_spatial_layer, top_units, unit_patch
 
     layer = job.layer or last_spatial_layer(job.rows)
     row = check_layer(layer, job.rows)
@@ -165,11 +165,12 @@ def _top_patches(job: _Job):
     with progress_bar(f"top patches of {layer}") as advance:
         top = top_units(job.model, x, layer, batch_size=job.batch_size, progress=advance)
     units = top.strongest(job.count("top-patches", len(top.value)))
-    patches = [np.stack([crop(x[i], patch_box(row, pos)) for i, pos in zip(top.index[u], top.position[u])])
+    patches = [np.stack([unit_patch(x[i], row, pos) for i, pos in zip(top.index[u], top.position[u])])
                for u in units]
-    rh, rw = row.receptive_field
+    (rh, rw), (h, w) = row.receptive_field, x.shape[1:3]
+    seen = f"receptive field {rh}x{rw}" + (f" covers the {h}x{w} image" if rh >= h and rw >= w else "")
     title = (f"{layer}: the {TOP} {job.split} patches ({len(x):,} images) that excite each of its "
-             f"{len(units)} strongest units most; receptive field {rh}x{rw}")
+             f"{len(units)} strongest units most; {seen}")
     return viz.top_patches(patches, units, top.value[units, 0], title), f"top_patches_{layer}"
 
 
