@@ -67,7 +67,7 @@ def rows_by_name(model: nnx.Module) -> dict[str, LayerRow]:
     return {r.name: r for r in summarize(model).layers}
 
 
-def check_layer(name: str, rows: dict[str, LayerRow], *, spatial: bool = False, what: str = "layer") -> LayerRow:
+def check_layer(name: str, rows: dict[str, LayerRow], *, spatial: bool = False) -> LayerRow:
     """The row of layer `name`; an unknown name (or a flat one where a feature map is needed) lists the valid ones.
 
     Raises:
@@ -76,7 +76,7 @@ def check_layer(name: str, rows: dict[str, LayerRow], *, spatial: bool = False, 
     valid = [n for n, r in rows.items() if not spatial or len(r.output_shape) == 3]
     if name not in valid:
         reason = "has no feature map" if name in rows else "is not a layer of this model"
-        raise UserError(f"{what} '{name}' {reason}{suggest(name, valid)}; choose one of: {', '.join(valid)}")
+        raise UserError(f"layer '{name}' {reason}{suggest(name, valid)}; choose one of: {', '.join(valid)}")
     return rows[name]
 
 

@@ -66,13 +66,13 @@ class _Job:
     batch_size: int
 
     def split_data(self, default_limit: int | None = None):
-        """(uint8 images, labels, class names) of a seeded sample of `limit` examples of the split."""
+        """(uint8 images, labels, class names, indices in the split) of a seeded sample of `limit` examples."""
         from cnncli.interpret import sample
         from cnncli.trained import eval_data
 
         x, y, names = eval_data(self.trained, self.split)
         keep = sample(len(x), self.limit or default_limit)
-        return x[keep], y[keep], names
+        return x[keep], y[keep], names, keep
 
     def count(self, what: str, available: int) -> int:
         return min(self.n or DEFAULT_N[what], available)
@@ -83,9 +83,9 @@ class _Job:
 
         if self.image is not None:
             return read_images([self.image], self.trained.image_shape), None, [self.image.name]
-        x, y, _ = self.split_data()
+        x, y, _, keep = self.split_data()
         k = self.count(what, len(x))
-        return x[:k], y[:k], [f"{self.split} image {i}" for i in range(k)]
+        return x[:k], y[:k], [f"{self.split} image {i}" for i in keep[:k]]
 
 
 @app.command()
@@ -161,7 +161,7 @@ def _top_patches(job: _Job):
 
     layer = job.layer or last_spatial_layer(job.rows)
     row = check_layer(layer, job.rows)
-    x, _, _ = job.split_data()
+    x, _, _, _ = job.split_data()
     with progress_bar(f"top patches of {layer}") as advance:
         top = top_units(job.model, x, layer, batch_size=job.batch_size, progress=advance)
     units = top.strongest(job.count("top-patches", len(top.value)))
@@ -180,7 +180,7 @@ def _tsne(job: _Job):
     from cnncli.interpret import features, penultimate_layer, tsne
 
     layer = penultimate_layer(job.model)
-    x, y, names = job.split_data(TSNE_LIMIT)
+    x, y, names, _ = job.split_data(TSNE_LIMIT)
     with progress_bar(f"features of {layer}") as advance:
         feats = features(job.model, x, layer, batch_size=job.batch_size, progress=advance)
     with progress_bar(f"t-SNE of {len(x):,} points"):
@@ -231,7 +231,7 @@ def _split_probabilities(job: _Job):
     from cnncli.console import progress_bar
     from cnncli.interpret import probabilities
 
-    x, y, names = job.split_data()
+    x, y, names, _ = job.split_data()
     with progress_bar(f"predict {job.split}") as advance:
         probs = probabilities(job.model, x, batch_size=job.batch_size, progress=advance)
     return x, y, names, probs
