@@ -1,9 +1,12 @@
-"""Figures as PNGs: learning curves, filters, feature maps, top-9 patches, t-SNE, saliency, confusion.
+"""Figures as PNG files: training curves of runs, image grids, and what a trained network learned.
 
-Every function takes NumPy arrays (see `cnncli.interpret` for how they are computed) and returns a
-matplotlib `Figure` built without pyplot (no global state, no display needed); `save` writes it.
-Sizes are fixed in inches and saved at `DPI` without tight cropping, so a figure's pixel size is
-known in advance: grids of tiles are `cols * tile` by `rows * tile + HEADER` inches.
+Two kinds of figures live here. `save_image` and `plot_curves` write their PNG directly (matplotlib
+through pyplot with the Agg backend, imported inside the function). The figures of `cnncli
+visualize` (filters, feature maps, top-9 patches, t-SNE, saliency, confusion, errors) take NumPy
+arrays (see `cnncli.interpret` for how they are computed) and return a matplotlib `Figure` built
+without pyplot (no global state, no display needed); `save` writes it. Their sizes are fixed in
+inches and saved at `DPI` without tight cropping, so a figure's pixel size is known in advance:
+grids of tiles are `cols * tile` by `rows * tile + HEADER` inches.
 """
 
 from __future__ import annotations
@@ -12,10 +15,12 @@ import math
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
 
+CURVE_DPI = 120
 DPI = 100
 TILE = 1.2  # inches per grid cell (120 pixels)
 HEADER = 0.6  # inches above a grid for its title: up to three lines of TITLE_FONT
@@ -23,12 +28,64 @@ TITLE_FONT = 8
 CHARS_PER_INCH = 15  # of TITLE_FONT-point text, to wrap titles inside narrow grids
 CAPTION = 0.22  # inches under a tile's top edge for one caption line
 MARGIN = 0.04  # inches between tiles
-CURVES_SIZE = (10.0, 4.0)
 TSNE_SIZE = (8.0, 7.0)
 GAP = 1  # pixels between the tiles of a mosaic
 MAX_INPUT_CHANNELS = 16  # deeper filters show at most this many of their input channels
 OVERLAY_ALPHA = 0.5
 CONFUSION_MIN, CONFUSION_PER_CLASS, CONFUSION_BASE = 5.0, 0.6, 1.5  # inches
+
+
+def save_image(image: np.ndarray, path: Path, zoom: int = 1) -> tuple[int, int]:
+    """Write an (H, W, C) uint8 image (C = 1 or 3) as a PNG, each pixel a zoom x zoom block.
+
+    Returns:
+        The written (width, height) in pixels.
+    """
+    from PIL import Image
+
+    if zoom > 1:  # nearest-neighbour: small images (28x28) stay sharp instead of blurred
+        image = np.repeat(np.repeat(image, zoom, axis=0), zoom, axis=1)
+    pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pil.save(path)
+    return pil.size
+
+
+def plot_curves(runs: Sequence[tuple[str, list[dict[str, Any]]]], path: Path, title: str = "") -> None:
+    """Accuracy and loss per epoch of several runs: validation solid, training dashed, one colour per run.
+
+    Args:
+        runs: (label, metrics.jsonl rows) per run.
+        path: the PNG to write.
+        title: figure title.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (label, rows) in enumerate(runs):
+        color = colors[i % len(colors)]
+        epochs = [r["epoch"] for r in rows]
+        for ax, metric in ((acc_ax, "acc"), (loss_ax, "loss")):
+            ax.plot(epochs, [r[f"train_{metric}"] for r in rows], "--", marker=".", color=color, alpha=0.7)
+            if all(f"val_{metric}" in r for r in rows):
+                ax.plot(epochs, [r[f"val_{metric}"] for r in rows], "-", marker="o", ms=3, color=color, label=label)
+    acc_ax.set(xlabel="epoch", ylabel="accuracy", title="accuracy (solid: validation, dashed: training)")
+    loss_ax.set(xlabel="epoch", ylabel="loss", title="loss (solid: validation, dashed: training)")
+    for ax in (acc_ax, loss_ax):
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    acc_ax.legend(fontsize="small")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=CURVE_DPI)
+    plt.close(fig)
 
 
 def save(fig: Figure, path: Path) -> Path:
@@ -98,32 +155,6 @@ def signed_to_unit(k: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- figures
-
-
-def curves(rows: Sequence[dict], title: str, epochs_planned: int | None = None) -> Figure:
-    """Loss and accuracy per epoch, train against validation (metrics.jsonl rows).
-
-    With `epochs_planned` the epoch axis spans the whole run, so a run in progress shows how far it is.
-    """
-    from matplotlib.ticker import MaxNLocator
-
-    fig = Figure(figsize=CURVES_SIZE)
-    fig.suptitle(title, fontsize=10)
-    epochs = [r["epoch"] for r in rows]
-    for i, (metric, label) in enumerate((("loss", "loss"), ("acc", "accuracy"))):
-        ax = fig.add_subplot(1, 2, i + 1)
-        ax.plot(epochs, [r[f"train_{metric}"] for r in rows], "o-", label="train")
-        if any(f"val_{metric}" in r for r in rows):
-            ax.plot(epochs, [r.get(f"val_{metric}", np.nan) for r in rows], "s-", label="validation")
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if epochs_planned:
-            ax.set_xlim(0.5, epochs_planned + 0.5)
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.85, wspace=0.22)
-    return fig
 
 
 def filters(kernels: np.ndarray, title: str, cols: int | None = None) -> Figure:

@@ -78,7 +78,7 @@ def test_activations_and_gradcam_of_an_image_file(lenet_run, lenet, tmp_path):
 def test_plot_writes_curves_and_a_diagnosis(lenet_run, tmp_path):
     result = cli("plot", lenet_run, "--out", tmp_path)
     assert result.exit_code == 0, result.output
-    assert png_size(tmp_path / "curves.png") == tuple(round(s * viz.DPI) for s in viz.CURVES_SIZE)
+    assert png_size(tmp_path / "curves.png") == (12 * viz.CURVE_DPI, round(4.5 * viz.CURVE_DPI))  # plot_curves
     assert result.stdout.startswith("epoch 2: train ")
 
 

@@ -15,6 +15,7 @@ def predict(
                                                   "model's input."),
     top: int = typer.Option(5, "--top", min=1, help="How many classes to show per image."),
     which: str = typer.Option("best", "--checkpoint", help="best or latest checkpoint of the run."),
+    ema: bool = typer.Option(False, "--ema", help="Use the EMA weights (runs trained with train.ema)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list: {image, top: [{class, index, "
                                                        "probability}]} per image."),
 ) -> None:
@@ -22,7 +23,7 @@ def predict(
     from cnncli.interpret import load_model, probabilities, read_images, top_k
     from cnncli.trained import load_trained
 
-    trained = load_trained(run, which)
+    trained = load_trained(run, which, ema=ema)
     x = read_images(images, trained.image_shape)
     indices, probs = top_k(probabilities(load_model(trained), x), top)
     names = trained.class_names

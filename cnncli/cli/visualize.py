@@ -37,8 +37,8 @@ def plot(
     diagnosis = diagnose(rows)
     epochs = _planned_epochs(run_dir)
     progress = f" (epoch {rows[-1]['epoch']} of {epochs}, in progress)" if epochs and rows[-1]["epoch"] < epochs else ""
-    fig = viz.curves(rows, f"{run_dir.path.name}{progress}\n{diagnosis}", epochs)
-    path = viz.save(fig, (out or run_dir.plots) / "curves.png")
+    path = (out or run_dir.plots) / "curves.png"
+    viz.plot_curves([(run_dir.path.name, rows)], path, title=f"{run_dir.path.name}{progress}\n{diagnosis}")
     console.print(diagnosis, highlight=False, soft_wrap=True)
     console.print(f"wrote {path}", highlight=False, soft_wrap=True)
 
@@ -104,6 +104,7 @@ def visualize(
                                                            f"[default: all; tsne: {TSNE_LIMIT}]."),
     out: Path = typer.Option(None, "--out", help="Folder for the PNG [default: RUN/plots]."),
     which: str = typer.Option("best", "--checkpoint", help="best or latest checkpoint of the run."),
+    ema: bool = typer.Option(False, "--ema", help="Use the EMA weights (runs trained with train.ema)."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per batch in passes over the split."),
 ) -> None:
     """Filters, feature maps, top-9 patches, t-SNE, saliency, Grad-CAM, confusion or errors of a trained run."""
@@ -116,7 +117,7 @@ def visualize(
         raise UserError(f"--what '{what}' is unknown{suggest(what, WHATS)}; choose one of: {', '.join(WHATS)}")
     if image is not None and what not in ("activations", "saliency", "gradcam"):
         raise UserError(f"--image applies to activations, saliency and gradcam, not to {what}")
-    trained = load_trained(run, which)
+    trained = load_trained(run, which, ema=ema)
     model = load_model(trained)
     job = _Job(trained, model, rows_by_name(model), layer, image, n, split, limit, batch_size)
     fig, name = _FIGURES[what](job)
