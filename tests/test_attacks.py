@@ -44,8 +44,8 @@ def _nonlinear() -> Model:
 def _softmax_regression():
     """A linear softmax model and its weights in NumPy: logits = W^T (x - mean) / std + b."""
     model = _model("mlp", hidden=[])
-    w = np.asarray(model.params["net"]["out"]["kernel"][...], np.float64)
-    b = np.asarray(model.params["net"]["out"]["bias"][...], np.float64)
+    (layer,) = nnx.to_pure_dict(model.params)["net"].values()  # the one fully connected layer
+    w, b = (np.asarray(layer[k], np.float64) for k in ("kernel", "bias"))
     return model, w, b
 
 
