@@ -36,6 +36,7 @@ from cnncli.models.layers import (
 )
 
 AUX_WEIGHT = 0.3
+MIN_INPUT = 48  # 48-24-12-6-3-1 through the five stride-2 stages
 AUX_KEY = "aux_logits"
 AUX_MAP, AUX_STRIDE = 4, 3  # the auxiliary heads average-pool to 4x4 (5x5 stride 3 on 14x14 maps at 224 px)
 
@@ -177,6 +178,9 @@ def logits_and_aux(model: nnx.Module, x: jax.Array) -> tuple[jax.Array, list[jax
 @MODELS.register("googlenet", help="GoogLeNet / Inception v1; options variant (paper/torchvision), aux (heads)")
 def googlenet(*, input_shape, num_classes, rngs, variant="paper", aux=False, dropout=0.4, activation="relu",
               norm=None):
+    if min(input_shape[:2]) < MIN_INPUT:
+        raise UserError(f"googlenet needs inputs of at least {MIN_INPUT}x{MIN_INPUT} (five stride-2 stages), got "
+                        f"{input_shape[0]}x{input_shape[1]}; resize with data.image_size")
     return GoogLeNet(input_shape=input_shape, num_classes=num_classes, rngs=rngs, variant=variant, aux=aux,
                      dropout=dropout, activation=activation, norm=norm)
 
