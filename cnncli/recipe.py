@@ -102,12 +102,23 @@ class EarlyStoppingConfig(Section):
                                                  "(also when stopped with Ctrl-C)")
 
 
+class AdversarialConfig(Section):
+    """Adversarial training: each step also trains on Linf attacks of its batch, made inside the step."""
+
+    attack: Literal["fgsm", "pgd"] = Field("pgd", description="fgsm (Goodfellow et al.) or pgd (Madry et al.)")
+    eps: float = Field(0.1, gt=0.0, le=1.0, description="Linf radius in pixels [0, 1]")
+    steps: int = Field(7, ge=1, description="pgd iterations")
+    step_size: float = Field(0.02, gt=0.0, description="pgd step")
+    mix: float = Field(0.5, gt=0.0, le=1.0, description="weight of the adversarial loss; 1 - mix on the clean loss")
+
+
 class TrainConfig(Section):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(128, ge=1)
     eval_batch_size: int = Field(1000, ge=1)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     log_every: int = Field(50, ge=1, description="steps between progress updates")
+    adversarial: AdversarialConfig | None = Field(None, description="train on adversarial examples too")
     ema: float | None = Field(None, ge=0.0, lt=1.0, description="decay of an exponential moving average of the "
                                                                "weights, validated and checkpointed beside them")
     precision: Literal["float32", "bfloat16"] = Field(

@@ -250,6 +250,11 @@ def stop_recording(token: contextvars.Token) -> None:
     _RECORDER.reset(token)
 
 
+def is_recording() -> bool:
+    """True while the analysis traces the network (optional branches then show in its table)."""
+    return _RECORDER.get() is not None
+
+
 class Layer(nnx.Module):
     """A block that is one row of the per-layer analysis.
 
@@ -610,8 +615,9 @@ class GlobalPool(Layer):
 
 
 class AdaptiveAvgPool(Layer):
-    """Average pooling to a fixed output size (torchvision's AdaptiveAvgPool2d) when the input is a
-    multiple of it; the identity when the sizes already match (the usual 224-pixel case)."""
+    """Average pooling to a fixed output size (torchvision's AdaptiveAvgPool2d) for inputs that are a
+    multiple of it, or that it is a multiple of (small maps are then repeated, as torchvision does);
+    the identity when the sizes already match (the usual 224-pixel case)."""
 
     kind = "pool"
 
@@ -620,16 +626,20 @@ class AdaptiveAvgPool(Layer):
 
     def output_shape(self, shape):
         n, h, w, c = _spatial(shape, "adaptive pooling")
-        if (h, w) != (self.size, self.size) and (h % self.size or w % self.size):
-            raise UserError(f"adaptive pooling to {self.size}x{self.size} needs a multiple of {self.size}, got {h}x{w}")
+        if h != w or (h % self.size and self.size % h):
+            raise UserError(f"adaptive pooling to {self.size}x{self.size} needs a square map that divides or is "
+                            f"divided by {self.size}, got {h}x{w}")
         return (n, self.size, self.size, c)
 
     def forward(self, x):
         h = x.shape[1]
-        return x if h == self.size else avg_pool(x, h // self.size)
+        if h >= self.size:
+            return x if h == self.size else avg_pool(x, h // self.size)
+        r = self.size // h
+        return jnp.repeat(jnp.repeat(x, r, axis=1), r, axis=2)
 
     def windows(self, in_shape):
-        k = in_shape[1] // self.size
+        k = max(in_shape[1] // self.size, 1)
         return Window(k, k, 0), Window(k, k, 0)
 
     def describe(self):
@@ -824,13 +834,15 @@ class StackBuilder:
     def spatial(self) -> tuple[int, int] | None:
         return tuple(self.shape[1:3]) if len(self.shape) == 4 else None
 
-    def add(self, name: str, layer: nnx.Module) -> nnx.Module:
+    def add(self, name: str, layer: nnx.Module, *, label: str | None = None) -> nnx.Module:
+        """Append `layer` as `name`; errors call it `label` (default: '<context> <name>')."""
+        label = label or f"{self.context} {name}"
         try:
             out = layer.output_shape(self.shape)
         except UserError as e:
-            raise UserError(f"{self.context} {name} (input {_fmt_shape(self.shape)}): {e}") from None
+            raise UserError(f"{label} (input {_fmt_shape(self.shape)}): {e}") from None
         if len(out) == 4 and (out[1] < 1 or out[2] < 1):
-            raise UserError(f"{self.context} {name}: the input {_fmt_shape(self.shape)} shrinks to "
+            raise UserError(f"{label}: the input {_fmt_shape(self.shape)} shrinks to "
                             f"{_fmt_shape(out)}; use a larger input or fewer downsampling layers")
         self.shape = out
         self.items.append((name, layer))

@@ -39,7 +39,7 @@ from cnncli.train.steps import (
     split_model,
 )
 
-SHUFFLE_STREAM, AUGMENT_STREAM = 1, 2  # independent random streams derived from the recipe's seed
+SHUFFLE_STREAM, AUGMENT_STREAM, ROBUST_STREAM = 1, 2, 3  # independent random streams from the recipe's seed
 
 
 class TrainingDiverged(UserError):
@@ -158,11 +158,22 @@ def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, 
 
     state, totals = replicate((state, totals), mesh)
     penalty = (lambda p: optim_lib.penalty(p, recipe.optim)) if (recipe.optim.l1 or recipe.optim.l2) else None
+    adversarial = recipe.train.adversarial
+    perturb, attack_cfg = None, None
+    if adversarial is not None:
+        from cnncli.robustness import make_perturb
+
+        attack_cfg = training_attack(adversarial)
+        perturb = make_perturb(model.train_def, attack_cfg, adversarial.eps)
+        if adversarial.attack == "pgd" and adversarial.step_size > adversarial.eps:
+            display.message(f"warning: train.adversarial.step_size={adversarial.step_size:g} is larger than "
+                            f"eps={adversarial.eps:g}: every step overshoots the ball and is projected back")
     weights = toolbox.class_weight_vector(recipe.train.class_weights, splits.train_y, splits.num_classes)
     train_step = make_train_step(model.train_def, tx, num_classes=splits.num_classes,
                                  batch_size=recipe.train.batch_size, mesh=mesh,
                                  augment=_augment(recipe),
                                  label_smoothing=recipe.train.label_smoothing, penalty=penalty,
+                                 perturb=perturb, mix=adversarial.mix if adversarial else 1.0,
                                  class_weights=None if weights is None else replicate(jnp.asarray(weights), mesh),
                                  ema_decay=recipe.train.ema, precision=recipe.train.precision)
     draw = (partial(toolbox.balanced_shuffle, num_classes=splits.num_classes) if recipe.data.balanced_sampling
@@ -171,6 +182,12 @@ def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, 
     val_batch = eval_batch(len(splits.val_x), recipe.train.eval_batch_size, mesh) if has_val else 0
     val_step = make_eval_step(model.eval_def, num_classes=splits.num_classes, batch_size=val_batch,
                               mesh=mesh) if has_val else None
+    val_robust = None
+    if has_val and adversarial is not None:
+        from cnncli.robustness import make_robust_accuracy
+
+        val_robust = make_robust_accuracy(model.eval_def, attack_cfg, num_classes=splits.num_classes,
+                                          batch_size=val_batch, mesh=mesh)
     xs_all, ys_all = replicate((jnp.asarray(splits.train_x), jnp.asarray(splits.train_y)), mesh)
     key = jax.random.key(recipe.seed)
     shuffle_key, augment_key = jax.random.fold_in(key, SHUFFLE_STREAM), jax.random.fold_in(key, AUGMENT_STREAM)
@@ -222,6 +239,10 @@ def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, 
                 val = evaluate(model.eval_def, state.params, state.rest, splits.val_x, splits.val_y,
                                splits.class_names, batch_size=val_batch, mesh=mesh, step_fn=val_step)
                 row.update(val_loss=val["loss"], val_acc=val["top1"], val_top5=val["top5"])
+                if val_robust is not None:
+                    # the same starts every epoch, so epochs are compared on the same attack
+                    row["val_robust_acc"] = val_robust(state.params, state.rest, splits.val_x, splits.val_y,
+                                                       adversarial.eps, jax.random.fold_in(key, ROBUST_STREAM))
                 if state.ema is not None:
                     val = evaluate(model.eval_def, state.ema["params"], state.ema["rest"], splits.val_x, splits.val_y,
                                    splits.class_names, batch_size=val_batch, mesh=mesh, step_fn=val_step)
@@ -285,6 +306,14 @@ def finish(recipe: Recipe, splits: Splits, run: RunDir, model: Model, state, mes
             summary["test_ema"] = test(params=reported.ema["params"], rest=reported.ema["rest"])
     run.write_json(run.summary, summary)
     return summary
+
+
+def training_attack(adversarial):
+    """The AttackConfig of a recipe's train.adversarial section (Linf, untargeted)."""
+    from cnncli.attacks import AttackConfig
+
+    return AttackConfig(name=adversarial.attack, norm="linf", steps=adversarial.steps,
+                        step_size=adversarial.step_size)
 
 
 def _augment(recipe: Recipe):

@@ -30,6 +30,7 @@ from cnncli.train.toolbox import (
 )
 
 TOP_K = 5
+PERTURB_STREAM = 1  # adversarial examples draw from fold_in(step key, 1); augmentation uses the step key
 
 
 @jax.tree_util.register_dataclass
@@ -99,15 +100,21 @@ def to_pixels(batch_uint8: jax.Array) -> jax.Array:
 
 def make_train_step(train_def, tx: optax.GradientTransformation, *, num_classes: int, batch_size: int,
                     mesh: Mesh, augment: Callable | None = None, label_smoothing: float = 0.0,
-                    penalty: Callable | None = None, class_weights: jax.Array | None = None,
-                    ema_decay: float | None = None, precision: str = "float32") -> Callable:
+                    penalty: Callable | None = None, perturb: Callable | None = None, mix: float = 1.0,
+                    class_weights: jax.Array | None = None, ema_decay: float | None = None,
+                    precision: str = "float32") -> Callable:
     """A jitted step(state, totals, xs, ys, epoch_start, key) -> (state, totals).
 
     xs/ys are the epoch's shuffled uint8 images and labels on device; the batch is the slice that
-    starts at (state.step - epoch_start) * batch_size. state and totals are donated. `class_weights`
-    (k,) weight the loss per class; `ema_decay` updates state.ema after every step; `precision`
-    bfloat16 computes the forward and backward pass in bfloat16 (with a train graphdef from
-    `split_model(model, 'bfloat16')`), the weights staying float32.
+    starts at (state.step - epoch_start) * batch_size. state and totals are donated.
+
+    Adversarial training: `perturb(params, rest, x, labels, key) -> x_adv` makes adversarial examples
+    of the (augmented) batch, and the loss is (1 - mix) * loss(clean) + mix * loss(adversarial)
+    (Goodfellow et al.'s alpha = 1 - mix; Madry et al.'s PGD training is mix = 1). The training
+    accuracy is then measured on the clean half, or on the adversarial batch when mix = 1.
+    `class_weights` (k,) weight the loss per class; `ema_decay` updates state.ema after every step;
+    `precision` bfloat16 computes the forward and backward pass in bfloat16 (with a train graphdef
+    from `split_model(model, 'bfloat16')`), the weights staying float32.
     """
     batch_sharding = NamedSharding(mesh, P("data"))
 
@@ -115,21 +122,29 @@ def make_train_step(train_def, tx: optax.GradientTransformation, *, num_classes:
         start = (state.step - epoch_start) * batch_size
         x = to_pixels(jax.lax.dynamic_slice_in_dim(xs, start, batch_size))
         labels = jax.nn.one_hot(jax.lax.dynamic_slice_in_dim(ys, start, batch_size), num_classes)
+        step_key = jax.random.fold_in(key, state.step)
         if augment is not None:
-            x, labels = augment(x, labels, jax.random.fold_in(key, state.step))
+            x, labels = augment(x, labels, step_key)
         x = jax.lax.with_sharding_constraint(x, batch_sharding)
         targets = optax.smooth_labels(labels, label_smoothing) if label_smoothing else labels
+        inputs, weights = x, None
+        if perturb is not None:
+            x_adv = perturb(state.params, state.rest, x, labels, jax.random.fold_in(step_key, PERTURB_STREAM))
+            inputs, targets, weights = _mix_adversarial(x, jax.lax.stop_gradient(x_adv), targets, mix)
+            inputs = jax.lax.with_sharding_constraint(inputs, batch_sharding)
 
         def loss_fn(params):
+            # one forward over clean + adversarial examples: one batch-norm update per step
             if precision == "float32":
-                logits, rest = forward(train_def, params, state.rest, x)
+                logits, rest = forward(train_def, params, state.rest, inputs)
             else:
                 logits, rest = forward(train_def, to_compute_dtype(params, precision),
-                                       to_compute_dtype(state.rest, precision), x.astype(COMPUTE_DTYPES[precision]))
+                                       to_compute_dtype(state.rest, precision),
+                                       inputs.astype(COMPUTE_DTYPES[precision]))
                 rest = like_dtypes(rest, state.rest)
-            loss = weighted_cross_entropy(logits, targets, class_weights)
+            loss = weighted_cross_entropy(logits, targets, class_weights, weights)
             reg = penalty(params) if penalty is not None else 0.0
-            return loss + reg, (loss, logits, rest)
+            return loss + reg, (loss, logits[:batch_size], rest)
 
         grads, (loss, logits, rest) = jax.grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -141,6 +156,15 @@ def make_train_step(train_def, tx: optax.GradientTransformation, *, num_classes:
         return TrainState(params, rest, opt_state, state.step + 1, ema), totals
 
     return jax.jit(step, donate_argnums=(0, 1))
+
+
+def _mix_adversarial(x, x_adv, targets, mix: float):
+    """Inputs, targets and per-example loss weights for (1 - mix) * clean + mix * adversarial."""
+    if mix == 1.0:
+        return x_adv, targets, None
+    n = x.shape[0]
+    weights = jnp.concatenate([jnp.full((n,), 1.0 - mix), jnp.full((n,), mix)])
+    return jnp.concatenate([x, x_adv]), jnp.concatenate([targets, targets]), weights
 
 
 @jax.jit

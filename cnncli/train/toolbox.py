@@ -129,19 +129,23 @@ def class_weight_vector(spec: str | Sequence[float] | None, labels: np.ndarray, 
     return np.asarray(spec, np.float32)
 
 
-def weighted_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array | None) -> jax.Array:
-    """Mean softmax cross-entropy; with class weights, the weighted mean sum(w_i ce_i) / sum(w_i).
+def weighted_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array | None,
+                           example_weights: jax.Array | None = None) -> jax.Array:
+    """Mean softmax cross-entropy; with weights, the weighted mean sum(w_i ce_i) / sum(w_i).
 
-    Each example's weight is its target distribution dotted with the class weights (mixup and label
-    smoothing give soft targets). Normalizing by the summed weights (PyTorch's convention) keeps the
-    loss scale independent of the weights' overall scale.
+    With class weights, each example's weight is its target distribution dotted with them (mixup and
+    label smoothing give soft targets); `example_weights` (e.g. the clean/adversarial mix) multiply
+    in. Normalizing by the summed weights (PyTorch's convention) keeps the loss scale independent of
+    the weights' overall scale.
     """
     import optax
 
     ce = optax.softmax_cross_entropy(logits, targets)
-    if weights is None:
+    if weights is None and example_weights is None:
         return ce.mean()
-    w = targets @ weights
+    w = jnp.ones_like(ce) if example_weights is None else example_weights
+    if weights is not None:
+        w = w * (targets @ weights)
     return jnp.sum(w * ce) / jnp.maximum(jnp.sum(w), 1e-12)
 
 
