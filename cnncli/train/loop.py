@@ -12,7 +12,6 @@ import signal
 import time
 from dataclasses import dataclass, replace
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -349,9 +348,3 @@ class _NullDisplay:
     def epoch_done(self, row): ...
     def message(self, text): ...
     def finish(self): ...
-
-
-def default_run_dir(recipe: Recipe) -> Path:
-    from cnncli.runs import DEFAULT_ROOT
-
-    return DEFAULT_ROOT / recipe.name
