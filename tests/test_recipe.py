@@ -65,7 +65,7 @@ def test_every_bundled_recipe_validates():
     assert paths
     for path in paths:
         assert recipe_lib.load(path).name == path.stem
-        assert path.read_text().startswith("# cnncli train"), f"{path.name} lacks its header command"
+        assert path.read_text().startswith("# cnncli "), f"{path.name} lacks its header command"
 
 
 @pytest.mark.parametrize("override, expected", [
