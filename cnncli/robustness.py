@@ -81,7 +81,8 @@ def attack_split(step, params, rest, x: np.ndarray, y: np.ndarray, eps: float, k
     """Attack every example of (x, y) at `eps`; returns (per-example numpy arrays, first batch x_adv or None)."""
     n = len(x)
     xp, yp, _ = pad_for_eval(x, y.astype(np.int32), batch_size)
-    xs, ys = replicate((jnp.asarray(xp), jnp.asarray(yp)), mesh)
+    # a restored model lives on one device; the step needs everything on the mesh (a no-op when it is)
+    params, rest, xs, ys = replicate((params, rest, jnp.asarray(xp), jnp.asarray(yp)), mesh)
     parts, first = [], None
     for i in range(len(xp) // batch_size):
         out, x_adv = step(params, rest, xs, ys, jnp.int32(i), jnp.float32(eps), key)

@@ -1,6 +1,9 @@
 """`cnncli adversarial` end to end on real Fashion-MNIST, adversarial training, bad input, benchmark fgsm."""
 
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -113,6 +116,18 @@ def test_bad_input_is_one_line_and_exit_2(lenet_run, tmp_path, args, message):
     result = cli("adversarial", lenet_run, *args, "--limit", "20", "--out", tmp_path)
     assert result.exit_code == 2, result.output
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_four_devices_give_the_rows_of_one(lenet_run, tmp_path):
+    args = ["adversarial", lenet_run, "--attack", "pgd", "--steps", "2", "--eps", "0,0.1", "--limit", "50",
+            "--batch-size", "16", "--examples", "2", "--out", tmp_path, "--json"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    four = subprocess.run([sys.executable, "-m", "cnncli", *map(str, args)], env=env, capture_output=True, text=True)
+    assert four.returncode == 0, four.stderr
+    one = _json(*args[:-1])
+    for a, b in zip(json.loads(four.stdout)["rows"], one["rows"], strict=True):
+        assert a["n"] == b["n"] == 50 and a["accuracy"] == b["accuracy"], (a, b)
+        assert a["max_linf"] == pytest.approx(b["max_linf"], abs=1e-6)
 
 
 def test_run_without_checkpoint(lenet_run, tmp_path):

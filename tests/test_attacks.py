@@ -12,7 +12,7 @@ from cnncli.errors import UserError
 from cnncli.models import build_model
 from cnncli.models.layers import Classifier
 from cnncli.recipe import ModelConfig
-from cnncli.robustness import check_attackable, robustness
+from cnncli.robustness import attack_split, check_attackable, make_attack_step, robustness
 from cnncli.train.loop import Model
 from cnncli.train.steps import data_mesh, forward, split_model
 
@@ -231,3 +231,21 @@ def test_robustness_rows_on_a_batch_norm_model_leave_its_statistics_alone():
     # inference mode end to end: the batch size (hence the padding, and any batch statistics) changes nothing
     other = robustness(model, x, y, names, AttackConfig("fgsm"), [0.0, 0.1], batch_size=7, mesh=data_mesh())
     assert other["rows"] == out["rows"]
+
+
+def test_use_predictions_attacks_the_models_own_answers():
+    model = _bn_model()
+    x = np.random.default_rng(2).integers(0, 256, (40, *SHAPE), dtype=np.uint8)
+    y = np.random.default_rng(3).integers(0, CLASSES, 40).astype(np.int32)  # random labels: mostly "wrong"
+    mesh, key, cfg = data_mesh(), jax.random.key(0), AttackConfig("fgsm")
+    clean = np.asarray(_logits_fn(model)(jnp.asarray(x, jnp.float32) / 255.0)).argmax(1).astype(np.int32)
+
+    def adv_pred(labels, use_predictions):
+        step = make_attack_step(model.eval_def, cfg, num_classes=CLASSES, batch_size=40, mesh=mesh,
+                                use_predictions=use_predictions)
+        results, _ = attack_split(step, model.params, model.rest, x, labels, 0.2, key, batch_size=40, mesh=mesh)
+        return results["adv_pred"]
+
+    by_predictions = adv_pred(y, True)
+    np.testing.assert_array_equal(by_predictions, adv_pred(clean, False))  # same as labelling with predictions
+    assert not np.array_equal(by_predictions, adv_pred(y, False))  # and not what the random labels give
