@@ -142,7 +142,10 @@ def run_sweep(recipe_ref: str, points: Sequence[Point], overrides: Sequence[str]
 
 
 def _status(run: RunDir, recipe) -> str:
-    """'done' (summary written), 'resume' (started with this recipe) or 'start' (nothing there yet)."""
+    """'done' (finished), 'resume' (started with this recipe) or 'start' (nothing there yet).
+
+    A summary of a run stopped by Ctrl-C (written with early_stopping.restore_best) is not the end of it.
+    """
     from cnncli import recipe as recipe_lib
 
     if not run.recipe.is_file():
@@ -150,7 +153,8 @@ def _status(run: RunDir, recipe) -> str:
     if recipe_lib.load(run.recipe).model_dump() != recipe.model_dump():
         raise UserError(f"{run.path} holds a run of a different recipe (were --epochs or --set changed?); "
                         "use another --out, or delete that directory")
-    return "done" if run.summary.is_file() else "resume"
+    finished = run.summary.is_file() and run.read_json(run.summary).get("stopped") != "user"
+    return "done" if finished else "resume"
 
 
 def run_result(run: RunDir, label: str) -> dict[str, Any]:
@@ -167,7 +171,7 @@ def run_result(run: RunDir, label: str) -> dict[str, Any]:
             "final_train_acc": rows[-1]["train_acc"] if rows else None,
             "test_acc": summary.get("test", {}).get("top1"),
             "train_seconds": round(sum(r.get("seconds", 0.0) for r in rows), 1),
-            "finished": bool(summary), "rows": rows}
+            "finished": bool(summary) and summary.get("stopped") != "user", "rows": rows}
 
 
 def ranked(results: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -212,6 +212,33 @@ def test_ctrl_c_with_restore_best_reports_the_best_epoch(tmp_path, fashion):
     assert json.loads((run.checkpoints / "index.json").read_text())["latest"]["step_in_epoch"] == 11
 
 
+def test_interrupted_run_with_the_toolbox_state_resumes_exactly(tmp_path, fashion):
+    """EMA weights, the plateau factor, balanced draws and class weights: a resumed run matches."""
+    from cnncli import recipe as recipe_lib
+    from cnncli.data.pipeline import load_splits
+    from cnncli.runs import RunDir
+    from cnncli.train.loop import Interrupted, start_run, train
+
+    # validation loss per epoch: 0.77, 0.69, 0.44, 0.55, ...: the plateau factor halves after epoch 4
+    overrides = ["data.limit=1000", "train.batch_size=50", "train.epochs=5", "train.log_every=1", "train.ema=0.9",
+                 "schedule.name=plateau", "schedule.patience=0", "schedule.factor=0.5", "optim.lr=0.01",
+                 "data.balanced_sampling=true", "train.class_weights=balanced"]
+    recipe = recipe_lib.load("lenet5_fashion_mnist", overrides)
+    splits = load_splits(recipe.data, recipe.seed)
+    reference, resumed = RunDir(tmp_path / "reference"), RunDir(tmp_path / "resumed")
+    for run in (reference, resumed):
+        start_run(recipe, splits, run)
+    train(recipe, splits, reference)
+    with pytest.raises(Interrupted):
+        train(recipe, splits, resumed, display=_CtrlCAt(epoch=4, step=5))  # after the drop
+    train(recipe, splits, resumed, resume=True)
+    rows = metric_rows(reference.path)
+    assert metric_rows(resumed.path) == rows
+    assert rows[-1]["lr"] == rows[0]["lr"] / 2  # the plateau factor did drop (and was restored on resume)
+    a, b = (json.loads(r.summary.read_text()) for r in (reference, resumed))
+    assert a["test_ema"] == b["test_ema"] and a["test"]["top1"] == b["test"]["top1"]
+
+
 def test_options_that_need_validation_data_say_so():
     for option in ("train.early_stopping.patience=2", "train.keep_checkpoints=2", "schedule.name=plateau"):
         result = cli("train", "lenet5_fashion_mnist", "--dry-run", "--set", "data.val_fraction=0", "--set", option)
