@@ -183,7 +183,11 @@ def test_adversarial_training_reports_robust_validation_accuracy(tmp_path):
     assert result.exit_code == 0, result.output
     rows = metric_rows(tmp_path / "run")
     assert all(0.0 <= r["val_robust_acc"] <= 1.0 for r in rows) and len(rows) == 2
-    assert "robust" in result.stderr
+    assert "robust" in result.stderr and "validation robust accuracy" in result.stdout
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    most_robust = max(rows, key=lambda r: r["val_robust_acc"])  # the best checkpoint is the most robust epoch
+    assert summary["best_epoch"] == most_robust["epoch"]
+    assert summary["best_val_robust_acc"] == most_robust["val_robust_acc"]
 
 
 def test_bundled_pgd_recipe_is_valid():

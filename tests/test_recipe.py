@@ -69,7 +69,7 @@ def test_every_bundled_recipe_validates():
 
 
 @pytest.mark.parametrize("override, expected", [
-    ("model.name=lenet6", "unknown model 'lenet6' (did you mean: lenet5?)"),
+    ("model.name=lenet6", "unknown model 'lenet6' (did you mean: lenet5"),
     ("optim.name=adamm", "unknown optimizer 'adamm' (did you mean: adam"),
     ("data.source=fashion_mnst", "unknown dataset 'fashion_mnst' (did you mean: fashion_mnist?)"),
     ("schedule.name=cosin", "unknown schedule 'cosin' (did you mean: cosine"),

@@ -176,3 +176,12 @@ def test_googlenet_summary_includes_aux_heads_when_enabled():
     assert plain.total_params == 6_624_904 and not any(r.name.startswith("aux") for r in plain.layers)
     assert aux.row("aux1.head.conv").output_shape == (4, 4, 128)
     assert plain.row("inception5b.concat").output_shape == (7, 7, 1024)
+
+
+def test_summary_of_a_run_directory_uses_its_recipe_and_data(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text("name: r\nmodel: {name: lenet5}\ndata: {source: digits}\n")
+    (run / "data.json").write_text(json.dumps({"image_shape": [32, 32, 3], "class_names": list("abcde")}))
+    data = json.loads(cli("summary", run, "--json").stdout)
+    assert data["input_shape"] == [32, 32, 3] and data["layers"][-1]["output_shape"] == [5]

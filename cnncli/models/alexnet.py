@@ -13,6 +13,7 @@
   aliasing), local contrast normalization after pool1 and pool2.
 """
 
+from cnncli.errors import UserError
 from cnncli.models import DEFAULT_INPUTS, IMAGENET_INPUT, MNIST_INPUT, MODELS
 from cnncli.models.layers import AdaptiveAvgPool, Conv, Dense, Norm, Pool, StackBuilder
 
@@ -25,7 +26,12 @@ SMALL_FC_WIDTH = 1024
 def alexnet(*, input_shape, num_classes, rngs, activation="relu", norm="lrn", pool="max", dropout=0.5, groups=2):
     b = StackBuilder(input_shape)
     # exact: a configuration whose windows do not tile the input is an error, as in the lectures.
-    b.add("conv1", Conv(b.channels, 96, 11, stride=4, padding=0, norm=norm, act=activation, exact=True, rngs=rngs))
+    try:
+        b.add("conv1", Conv(b.channels, 96, 11, stride=4, padding=0, norm=norm, act=activation, exact=True,
+                            rngs=rngs))
+    except UserError as e:
+        raise UserError(f"{e} (the paper's AlexNet takes 227x227 inputs; alexnet_tv takes 224x224, "
+                        f"alexnet_small 28-32 px)") from None
     b.add("pool1", Pool(pool, 3, 2, exact=True, channels=b.channels, rngs=rngs))
     b.add("conv2", Conv(b.channels, 256, 5, padding=2, groups=groups, norm=norm, act=activation, rngs=rngs))
     b.add("pool2", Pool(pool, 3, 2, exact=True, channels=b.channels, rngs=rngs))

@@ -11,10 +11,10 @@ after conv3, no batch norm); `variant: torchvision` is torchvision's (batch norm
 instead of 5x5 in the third branch, the known deviation kept for weight compatibility):
 6,624,904 parameters, 13,004,888 with `aux: true`. Pools are 3x3 stride 2 in ceil mode (torchvision).
 
-Auxiliary heads (`aux: true`, after 4a and 4d) run in training mode and during analysis only; their
-logits are sown as `nnx.Intermediate` values named `aux_logits`, which a training step collects
-with `logits_and_aux(model, x)` (nnx.capture) and adds to the loss with weight `AUX_WEIGHT` (the
-paper's 0.3).
+Auxiliary heads (`aux: true`, after 4a and 4d) run during analysis, and in training mode when the
+step asks for them: `logits_and_aux(model, x)` calls the model under `nnx.capture`, where the heads
+sow their logits (`nnx.Intermediate`, `aux_logits`), and a step adds `AUX_WEIGHT` (the paper's 0.3)
+times their cross-entropy to the loss. A plain call (a step that does not ask) skips them.
 """
 
 import jax
@@ -36,6 +36,7 @@ from cnncli.models.layers import (
 )
 
 AUX_WEIGHT = 0.3
+MIN_INPUT = 48  # 48-24-12-6-3-1 through the five stride-2 stages
 AUX_KEY = "aux_logits"
 AUX_MAP, AUX_STRIDE = 4, 3  # the auxiliary heads average-pool to 4x4 (5x5 stride 3 on 14x14 maps at 224 px)
 
@@ -156,7 +157,9 @@ class GoogLeNet(nnx.Module):
                 continue
             if is_recording():  # the analysis shows the heads' rows; nothing to collect
                 getattr(self, head)(x)
-            elif not self.deterministic:
+            elif not self.deterministic and hasattr(self, "__captures__"):
+                # Only under nnx.capture (logits_and_aux): a plain call must not add state, or a
+                # pure train step that splits and merges the model would see an extra leaf.
                 self.sow(nnx.Intermediate, AUX_KEY, getattr(self, head)(x))
         return self.fc(self.dropout(self.avgpool(x)))
 
@@ -175,6 +178,9 @@ def logits_and_aux(model: nnx.Module, x: jax.Array) -> tuple[jax.Array, list[jax
 @MODELS.register("googlenet", help="GoogLeNet / Inception v1; options variant (paper/torchvision), aux (heads)")
 def googlenet(*, input_shape, num_classes, rngs, variant="paper", aux=False, dropout=0.4, activation="relu",
               norm=None):
+    if min(input_shape[:2]) < MIN_INPUT:
+        raise UserError(f"googlenet needs inputs of at least {MIN_INPUT}x{MIN_INPUT} (five stride-2 stages), got "
+                        f"{input_shape[0]}x{input_shape[1]}; resize with data.image_size")
     return GoogLeNet(input_shape=input_shape, num_classes=num_classes, rngs=rngs, variant=variant, aux=aux,
                      dropout=dropout, activation=activation, norm=norm)
 

@@ -21,7 +21,8 @@ from cnncli.models.layers import Dense, Layer, StackBuilder, _global_windows
 BINS = 9
 BLOCK = 2  # cells per block side
 HYS_CLIP = 0.2
-EPS = 1e-6
+EPS = 1e-6  # keeps sqrt differentiable at zero gradient (attacks differentiate through the features)
+NORM_EPS = 1e-2  # block normalization floor: a flat region stays ~0 instead of amplifying rounding noise
 SMALL_CELL, LARGE_CELL = 4, 8  # 4-pixel cells up to 32-pixel images (7x7 cells on 28x28), else Dalal-Triggs' 8
 
 
@@ -50,7 +51,7 @@ class HoG(Layer):
         g = x.mean(axis=-1)
         gx = jnp.pad(g[:, :, 2:] - g[:, :, :-2], ((0, 0), (0, 0), (1, 1)))
         gy = jnp.pad(g[:, 2:, :] - g[:, :-2, :], ((0, 0), (1, 1), (0, 0)))
-        magnitude = jnp.sqrt(gx * gx + gy * gy + EPS * EPS)
+        magnitude = jnp.sqrt(gx * gx + gy * gy + EPS * EPS) - EPS  # exactly 0 on flat regions
         angle = jnp.mod(jnp.arctan2(gy, gx), math.pi)
         pos = angle / (math.pi / self.bins) - 0.5  # bin centres at (k + 0.5) * 180/bins degrees
         lo = jnp.floor(pos)
@@ -63,9 +64,9 @@ class HoG(Layer):
         hist = votes.reshape(n, ch, self.cell, cw, self.cell, self.bins).sum(axis=(2, 4))
         bh, bw = ch - BLOCK + 1, cw - BLOCK + 1
         blocks = jnp.concatenate([hist[:, i: i + bh, j: j + bw] for i in range(BLOCK) for j in range(BLOCK)], axis=-1)
-        blocks = blocks / jnp.sqrt(jnp.sum(blocks**2, axis=-1, keepdims=True) + EPS)
+        blocks = blocks / jnp.sqrt(jnp.sum(blocks**2, axis=-1, keepdims=True) + NORM_EPS**2)
         blocks = jnp.minimum(blocks, HYS_CLIP)
-        blocks = blocks / jnp.sqrt(jnp.sum(blocks**2, axis=-1, keepdims=True) + EPS)
+        blocks = blocks / jnp.sqrt(jnp.sum(blocks**2, axis=-1, keepdims=True) + NORM_EPS**2)
         return blocks.reshape(n, -1)
 
     def windows(self, in_shape):

@@ -242,7 +242,10 @@ _RECORDER: contextvars.ContextVar[Any] = contextvars.ContextVar("cnncli_layer_re
 
 
 def recording(recorder) -> contextvars.Token:
-    """Make `recorder` receive `record(layer, inputs, output)` from every Layer call (see analysis)."""
+    """Make `recorder` receive `record(layer, inputs, output)` from every Layer call (see analysis).
+
+    `record` returns None, or an array of the output's shape that the layer returns instead.
+    """
     return _RECORDER.set(recorder)
 
 
@@ -268,7 +271,11 @@ class Layer(nnx.Module):
         y = self.forward(*xs)
         recorder = _RECORDER.get()
         if recorder is not None:
-            recorder.record(self, xs, y)
+            # A recorder may return a replacement output (Grad-CAM adds a zero tap to take the
+            # gradient with respect to this layer's output); None keeps the output as it is.
+            replaced = recorder.record(self, xs, y)
+            if replaced is not None:
+                y = replaced
         return y
 
     def forward(self, *xs: jax.Array) -> jax.Array:

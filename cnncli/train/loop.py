@@ -12,7 +12,6 @@ import signal
 import time
 from dataclasses import dataclass, replace
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -188,6 +187,8 @@ def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, 
 
         val_robust = make_robust_accuracy(model.eval_def, attack_cfg, num_classes=splits.num_classes,
                                           batch_size=val_batch, mesh=mesh)
+    # an adversarially trained run keeps its most robust epoch: the cleanest one is often less robust
+    select = "val_robust_acc" if val_robust is not None else "val_acc"
     xs_all, ys_all = replicate((jnp.asarray(splits.train_x), jnp.asarray(splits.train_y)), mesh)
     key = jax.random.key(recipe.seed)
     shuffle_key, augment_key = jax.random.fold_in(key, SHUFFLE_STREAM), jax.random.fold_in(key, AUGMENT_STREAM)
@@ -247,9 +248,9 @@ def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, 
                     val = evaluate(model.eval_def, state.ema["params"], state.ema["rest"], splits.val_x, splits.val_y,
                                    splits.class_names, batch_size=val_batch, mesh=mesh, step_fn=val_step)
                     row.update(val_ema_loss=val["loss"], val_ema_acc=val["top1"])
-            is_best = has_val and row["val_acc"] > best["val_top1"]
+            is_best = has_val and row[select] > best.get("score", best["val_top1"])
             if is_best or not has_val:
-                best = {"val_top1": row.get("val_acc", -1.0), "epoch": epoch + 1}
+                best = {"val_top1": row.get("val_acc", -1.0), "epoch": epoch + 1, "score": row.get(select, -1.0)}
             run.append_metrics(row)
             if plateau:
                 lr_scale = optim_lib.plateau_scale([r["val_loss"] for r in run.read_metrics()],
@@ -292,6 +293,8 @@ def finish(recipe: Recipe, splits: Splits, run: RunDir, model: Model, state, mes
     summary: dict[str, Any] = {"name": recipe.name, "best_epoch": best["epoch"],
                                "best_val_acc": best["val_top1"] if best["val_top1"] >= 0 else None,
                                "params": model.num_params, "epochs_run": len(rows)}
+    if recipe.train.adversarial is not None and best.get("score", -1.0) >= 0:
+        summary["best_val_robust_acc"] = best["score"]
     summary["train_seconds"] = round(sum(r.get("seconds", 0.0) for r in rows), 1)
     if stopped:
         summary["stopped"] = stopped
@@ -345,9 +348,3 @@ class _NullDisplay:
     def epoch_done(self, row): ...
     def message(self, text): ...
     def finish(self): ...
-
-
-def default_run_dir(recipe: Recipe) -> Path:
-    from cnncli.runs import DEFAULT_ROOT
-
-    return DEFAULT_ROOT / recipe.name

@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cnncli.errors import UserError
+from cnncli.models.googlenet import AUX_WEIGHT, logits_and_aux
 from cnncli.train.toolbox import (
     COMPUTE_DTYPES,
     ema_update,
@@ -81,16 +82,20 @@ def init_totals() -> dict[str, jax.Array]:
             "count": jnp.zeros((), jnp.float32)}
 
 
-def forward(graphdef, params, rest, x):
+def forward(graphdef, params, rest, x, *, with_aux: bool = False):
     """Float32 logits and the updated non-trainable state (graphdef fixes train or eval mode).
 
     Logits are cast to float32 so that losses and softmaxes are float32 under bfloat16 compute too.
+    Auxiliary classifier outputs (GoogLeNet's heads, sown in training mode) are captured rather than
+    left in the state, and returned as a third value with `with_aux`.
     """
     # copy=True: fresh Variables at the current trace level, so batch norm may update its
     # statistics inside jax.grad (the caller's Variables belong to the outer jit trace)
     model = nnx.merge(graphdef, params, rest, copy=True)
-    logits = model(x)
+    logits, aux = logits_and_aux(model, x)
     _, _, new_rest = nnx.split(model, nnx.Param, ...)
+    if with_aux:
+        return logits.astype(jnp.float32), new_rest, [a.astype(jnp.float32) for a in aux]
     return logits.astype(jnp.float32), new_rest
 
 
@@ -136,15 +141,17 @@ def make_train_step(train_def, tx: optax.GradientTransformation, *, num_classes:
         def loss_fn(params):
             # one forward over clean + adversarial examples: one batch-norm update per step
             if precision == "float32":
-                logits, rest = forward(train_def, params, state.rest, inputs)
+                logits, rest, aux = forward(train_def, params, state.rest, inputs, with_aux=True)
             else:
-                logits, rest = forward(train_def, to_compute_dtype(params, precision),
-                                       to_compute_dtype(state.rest, precision),
-                                       inputs.astype(COMPUTE_DTYPES[precision]))
+                logits, rest, aux = forward(train_def, to_compute_dtype(params, precision),
+                                            to_compute_dtype(state.rest, precision),
+                                            inputs.astype(COMPUTE_DTYPES[precision]), with_aux=True)
                 rest = like_dtypes(rest, state.rest)
             loss = weighted_cross_entropy(logits, targets, class_weights, weights)
+            # auxiliary classifiers (GoogLeNet) join the training loss with the paper's weight
+            aux_loss = sum(AUX_WEIGHT * weighted_cross_entropy(a, targets, class_weights, weights) for a in aux)
             reg = penalty(params) if penalty is not None else 0.0
-            return loss + reg, (loss, logits[:batch_size], rest)
+            return loss + aux_loss + reg, (loss, logits[:batch_size], rest)
 
         grads, (loss, logits, rest) = jax.grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
