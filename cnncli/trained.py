@@ -43,7 +43,6 @@ def _run_of(path: Path) -> RunDir:
 def load_trained(path: str | Path, which: str = "best") -> Trained:
     """Load the run at `path` and restore its `which` (best or latest) checkpoint, or the checkpoint at `path`."""
     from cnncli import recipe as recipe_lib
-    from cnncli.train.loop import build
     from cnncli.train.steps import TrainState
 
     path = Path(path)
@@ -54,11 +53,22 @@ def load_trained(path: str | Path, which: str = "best") -> Trained:
     ckpt, meta = (path, {}) if is_single else checkpoint.find(run.path, which)
     recipe = recipe_lib.load(run.recipe)
     data = run.read_json(run.data)
-    model = build(recipe, tuple(data["image_shape"]), len(data["class_names"]), data["mean"], data["std"])
+    model = _build(recipe, data)
     template = TrainState(model.params, model.rest, None, None)
     state, _ = checkpoint.restore(ckpt, template, with_optimizer=False)
     model = replace(model, params=state.params, rest=state.rest)
     return Trained(run=run, recipe=recipe, data=data, model=model, checkpoint=ckpt, meta=meta)
+
+
+def _build(recipe: Recipe, data: dict[str, Any]):
+    """The run's model (a train.loop.Model); a fine-tuned run that kept its old head carries it too."""
+    if "old_task" in data:
+        from cnncli.finetune import build_with_old_head
+
+        return build_with_old_head(recipe, data)
+    from cnncli.train.loop import build
+
+    return build(recipe, tuple(data["image_shape"]), len(data["class_names"]), data["mean"], data["std"])
 
 
 def eval_data(trained: Trained, split: str = "test", source: str | None = None):

@@ -39,7 +39,7 @@ app = typer.Typer(
 )
 
 # Each module registers its commands on `app` when imported (one module per command or group).
-_COMMAND_MODULES = ("train", "evaluate", "info", "benchmark", "summary")
+_COMMAND_MODULES = ("train", "evaluate", "info", "benchmark", "summary", "finetune", "import_weights")
 
 
 def _version(value: bool) -> None:

@@ -32,6 +32,7 @@ from cnncli.train.steps import (
     make_train_step,
     replicate,
     shuffle,
+    shuffle_like,
     split_model,
 )
 
@@ -67,11 +68,15 @@ def build(recipe: Recipe, image_shape, num_classes: int, mean=None, std=None) ->
     return Model(*split_model(model))
 
 
-def check_recipe(recipe: Recipe) -> None:
-    """Fail early (before loading data) on unknown optimizer, schedule or augmentation names."""
+def check_recipe(recipe: Recipe, *, fine_tuning: bool = False) -> None:
+    """Fail early (before loading data) on unknown optimizer, schedule or augmentation names, and on a
+    fine-tune recipe given to `cnncli train`."""
     optim_lib.OPTIMIZERS.get(recipe.optim.name)
     optim_lib.SCHEDULES.get(recipe.schedule.name)
     _augment(recipe)
+    if recipe.finetune is not None and not fine_tuning:
+        raise UserError(f"recipe '{recipe.name}' has a finetune section: run it with `cnncli fine-tune SOURCE RECIPE` "
+                        "(a fine-tuned run resumes with `cnncli fine-tune --resume --run-dir DIR`)")
 
 
 def steps_per_epoch(recipe: Recipe, n_train: int) -> int:
@@ -106,17 +111,22 @@ class _StopFlag:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, display=None) -> dict[str, Any]:
-    """Train `recipe` on `splits`, writing metrics and checkpoints into `run`; returns the summary."""
+def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, display=None,
+          tune=None) -> dict[str, Any]:
+    """Train `recipe` on `splits`, writing metrics and checkpoints into `run`; returns the summary.
+
+    `tune` (a `cnncli.finetune.FineTuning`) starts from its prepared model instead of a fresh one and
+    brings its optimizer (freezing masks, lr multipliers), distillation targets and old-task metrics.
+    """
     display = display or _NullDisplay()
     run.path.mkdir(parents=True, exist_ok=True)
     mesh = data_mesh()
     check_batch(recipe.train.batch_size, mesh)
     spe = steps_per_epoch(recipe, len(splits.train_x))
     epochs = recipe.train.epochs
-    model = build(recipe, splits.image_shape, splits.num_classes, splits.mean, splits.std)
+    model = tune.model if tune else build(recipe, splits.image_shape, splits.num_classes, splits.mean, splits.std)
     lr = optim_lib.learning_rate(recipe.optim, recipe.schedule, epochs=epochs, steps_per_epoch=spe)
-    tx = optim_lib.build_optimizer(recipe.optim, lr, model.params)
+    tx = tune.optimizer(recipe.optim, lr) if tune else optim_lib.build_optimizer(recipe.optim, lr, model.params)
     state = TrainState(model.params, model.rest, tx.init(model.params), jnp.zeros((), jnp.int32))
     totals = init_totals()
 
@@ -139,12 +149,14 @@ def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, 
     train_step = make_train_step(model.train_def, tx, num_classes=splits.num_classes,
                                  batch_size=recipe.train.batch_size, mesh=mesh,
                                  augment=_augment(recipe),
-                                 label_smoothing=recipe.train.label_smoothing, penalty=penalty)
+                                 label_smoothing=recipe.train.label_smoothing, penalty=penalty,
+                                 distill=tune.distill if tune else None)
     has_val = len(splits.val_x) > 0
     val_batch = eval_batch(len(splits.val_x), recipe.train.eval_batch_size, mesh) if has_val else 0
     val_step = make_eval_step(model.eval_def, num_classes=splits.num_classes, batch_size=val_batch,
                               mesh=mesh) if has_val else None
     xs_all, ys_all = replicate((jnp.asarray(splits.train_x), jnp.asarray(splits.train_y)), mesh)
+    aux_all = replicate(jnp.asarray(tune.aux), mesh) if tune and tune.aux is not None else None
     key = jax.random.key(recipe.seed)
     shuffle_key, augment_key = jax.random.fold_in(key, SHUFFLE_STREAM), jax.random.fold_in(key, AUGMENT_STREAM)
 
@@ -156,11 +168,13 @@ def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, 
     display.start(epochs=epochs, steps_per_epoch=spe, first_epoch=start_epoch, first_step=start_step)
     with _StopFlag() as stop:
         for epoch in range(start_epoch, epochs):
-            xs, ys = shuffle(xs_all, ys_all, jax.random.fold_in(shuffle_key, epoch))
+            epoch_key = jax.random.fold_in(shuffle_key, epoch)
+            xs, ys = shuffle(xs_all, ys_all, epoch_key)
+            aux = None if aux_all is None else shuffle_like(aux_all, epoch_key)
             epoch_start = jnp.int32(epoch * spe)
             t0, first = time.perf_counter(), (start_step if epoch == start_epoch else 0)
             for i in range(first, spe):
-                state, totals = train_step(state, totals, xs, ys, epoch_start, augment_key)
+                state, totals = train_step(state, totals, xs, ys, epoch_start, augment_key, aux)
                 if stop.set and i + 1 < spe:
                     save(epoch, i + 1, is_best=False)
                     raise Interrupted(f"epoch {epoch + 1}, step {i + 1}/{spe}")
@@ -179,6 +193,8 @@ def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, 
                 val = evaluate(model.eval_def, state.params, state.rest, splits.val_x, splits.val_y,
                                splits.class_names, batch_size=val_batch, mesh=mesh, step_fn=val_step)
                 row.update(val_loss=val["loss"], val_acc=val["top1"], val_top5=val["top5"])
+            if tune is not None:
+                row.update(tune.epoch_metrics(state.params, state.rest))
             is_best = has_val and row["val_acc"] > best["val_top1"]
             if is_best or not has_val:
                 best = {"val_top1": row.get("val_acc", -1.0), "epoch": epoch + 1}
@@ -189,22 +205,26 @@ def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, 
             if stop.set and epoch + 1 < epochs:
                 raise Interrupted(f"end of epoch {epoch + 1}")
     display.finish()
-    return finish(recipe, splits, run, model, state, mesh, best)
+    return finish(recipe, splits, run, model, state, mesh, best, tune)
 
 
-def finish(recipe: Recipe, splits: Splits, run: RunDir, model: Model, state, mesh, best) -> dict[str, Any]:
-    """Evaluate the best checkpoint on the test split and write summary.json."""
+def finish(recipe: Recipe, splits: Splits, run: RunDir, model: Model, state, mesh, best, tune=None) -> dict[str, Any]:
+    """Evaluate the best checkpoint on the test split (and `tune`'s old task) and write summary.json."""
     summary: dict[str, Any] = {"name": recipe.name, "best_epoch": best["epoch"],
                                "best_val_acc": best["val_top1"] if best["val_top1"] >= 0 else None,
                                "params": model.num_params}
     rows = run.read_metrics()
     summary["train_seconds"] = round(sum(r.get("seconds", 0.0) for r in rows), 1)
-    if splits.test_x is not None and len(splits.test_x):
+    has_test = splits.test_x is not None and len(splits.test_x)
+    if has_test or tune is not None:
         ckpt, _ = checkpoint.find(run.path, "best")
         best_state, _ = checkpoint.restore(ckpt, state, with_optimizer=False)
+    if has_test:
         summary["test"] = evaluate(model.eval_def, best_state.params, best_state.rest, splits.test_x,
                                    splits.test_y, splits.class_names, batch_size=recipe.train.eval_batch_size,
                                    mesh=mesh)
+    if tune is not None:
+        summary.update(tune.final_metrics(best_state.params, best_state.rest))
     run.write_json(run.summary, summary)
     return summary
 

@@ -81,15 +81,19 @@ def to_pixels(batch_uint8: jax.Array) -> jax.Array:
 
 def make_train_step(train_def, tx: optax.GradientTransformation, *, num_classes: int, batch_size: int,
                     mesh: Mesh, augment: Callable | None = None, label_smoothing: float = 0.0,
-                    penalty: Callable | None = None) -> Callable:
-    """A jitted step(state, totals, xs, ys, epoch_start, key) -> (state, totals).
+                    penalty: Callable | None = None, distill: Callable | None = None) -> Callable:
+    """A jitted step(state, totals, xs, ys, epoch_start, key, aux=None) -> (state, totals).
 
     xs/ys are the epoch's shuffled uint8 images and labels on device; the batch is the slice that
     starts at (state.step - epoch_start) * batch_size. state and totals are donated.
+
+    `distill(logits, aux_batch) -> (task_logits, loss)` (Learning without Forgetting) takes extra
+    outputs off the logits and adds a loss on them; aux_batch is the batch's slice of `aux`, a
+    per-example array shuffled like xs (see `shuffle_like`).
     """
     batch_sharding = NamedSharding(mesh, P("data"))
 
-    def step(state: TrainState, totals, xs, ys, epoch_start, key):
+    def step(state: TrainState, totals, xs, ys, epoch_start, key, aux=None):
         start = (state.step - epoch_start) * batch_size
         x = to_pixels(jax.lax.dynamic_slice_in_dim(xs, start, batch_size))
         labels = jax.nn.one_hot(jax.lax.dynamic_slice_in_dim(ys, start, batch_size), num_classes)
@@ -100,9 +104,12 @@ def make_train_step(train_def, tx: optax.GradientTransformation, *, num_classes:
 
         def loss_fn(params):
             logits, rest = forward(train_def, params, state.rest, x)
+            kept = 0.0
+            if distill is not None:
+                logits, kept = distill(logits, jax.lax.dynamic_slice_in_dim(aux, start, batch_size))
             loss = optax.softmax_cross_entropy(logits, targets).mean()
             reg = penalty(params) if penalty is not None else 0.0
-            return loss + reg, (loss, logits, rest)
+            return loss + reg + kept, (loss, logits, rest)
 
         grads, (loss, logits, rest) = jax.grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -120,6 +127,12 @@ def shuffle(xs: jax.Array, ys: jax.Array, key: jax.Array):
     """The epoch's shuffled copy of the training set, made once per epoch on device."""
     order = jax.random.permutation(key, xs.shape[0])
     return xs[order], ys[order]
+
+
+@jax.jit
+def shuffle_like(aux: jax.Array, key: jax.Array) -> jax.Array:
+    """A per-example array in the order `shuffle` gives the training set for the same key."""
+    return aux[jax.random.permutation(key, aux.shape[0])]
 
 
 def make_eval_step(eval_def, *, num_classes: int, batch_size: int, mesh: Mesh) -> Callable:
