@@ -203,6 +203,9 @@ def load(path_or_name: str | Path, overrides: list[str] = (), defaults: dict[str
     raw.setdefault("name", path.stem)
     for key, value in (defaults or {}).items():
         raw.setdefault(key, value)
+    if "finetune" in raw and "model" not in raw:
+        raise UserError(f"{path} is a fine-tune recipe (its model comes from the source): run it with "
+                        f"`cnncli fine-tune SOURCE {path_or_name}`")
     for assignment in overrides:
         apply_override(raw, assignment)
     return validate(raw, source=str(path))

@@ -169,10 +169,10 @@ def _torch_modules(tensors: dict[str, np.ndarray]) -> list[tuple[str, str]]:
     bn or linear."""
     names = {k.rsplit(".", 1)[0] for k in tensors if "." in k}
 
-    def order(name):
-        section = name.split(".")[0]
+    def order(name):  # features.0 < features.3 < features.10 < classifier.0; numbers before names
+        section, *rest = name.split(".")
         rank = SECTIONS.index(section) if section in SECTIONS else len(SECTIONS)
-        return rank, [int(p) if p.isdigit() else p for p in name.split(".")[1:]]
+        return rank, section, [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in rest]
 
     modules = []
     for name in sorted((n for n in names if f"{n}.weight" in tensors), key=order):
@@ -307,10 +307,14 @@ def import_state_dict(arch: str, tensors: dict[str, np.ndarray], *, source: str,
         raise UserError(f"--input must have 1 or 3 channels, got {input_shape[2]}")
     num_classes = num_classes_of(arch, tensors)
     cfg = ModelConfig(name=arch, args=MODEL_ARGS.get(arch, {}))
-    model = build_model(cfg, input_shape=input_shape, num_classes=num_classes, mean=mean, std=std)
-    graphdef, params, stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    def build():
+        return build_model(cfg, input_shape=input_shape, num_classes=num_classes, mean=mean, std=std)
+
+    # shapes only until the file is known to fit: a wrong file costs no VGG-sized random initialization
+    abstract = nnx.eval_shape(build)
+    _, params, stats, _ = nnx.split(abstract, nnx.Param, nnx.BatchStat, ...)
     targets = {**flatten(nnx.to_pure_dict(params)), **flatten(nnx.to_pure_dict(stats))}
-    mapping = mapping_for(arch)(targets, tensors, model)
+    mapping = mapping_for(arch)(targets, tensors, abstract)
 
     guess = guess_architecture(tensors)
     hint = f"; the file looks like {guess}: `cnncli import-weights {guess} {source} ...`" if guess not in (None, arch) \
@@ -334,11 +338,13 @@ def import_state_dict(arch: str, tensors: dict[str, np.ndarray], *, source: str,
     if wrong:
         raise UserError(f"{source} does not hold cnncli's {arch} at input {'x'.join(map(str, input_shape))}: "
                         f"{len(wrong)} shapes differ: {_listing(wrong)}{hint}")
+    graphdef, params, stats, rest = nnx.split(build(), nnx.Param, nnx.BatchStat, ...)
     for state in (params, stats):
         flat = flatten(nnx.to_pure_dict(state))
         nnx.replace_by_pure_dict(state, unflatten({p: values[p] for p in flat}))
-    return Imported(arch, nnx.merge(graphdef, params, stats, rest), tuple(input_shape), num_classes, tuple(mean),
-                    tuple(std))
+    model = nnx.merge(graphdef, params, stats, rest)
+    model.eval()  # inference: batch norm on the imported running statistics
+    return Imported(arch, model, tuple(input_shape), num_classes, tuple(mean), tuple(std))
 
 
 def write_run(run, imported: Imported, *, source: Path, class_names: list[str], data_source: str,

@@ -609,9 +609,20 @@ class GlobalPool(Layer):
         return f"global {self.pool_kind}pool"
 
 
+def adaptive_pool_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) averaging weights of torchvision's adaptive pooling along one axis: output i averages
+    inputs floor(i * n_in / n_out) .. ceil((i + 1) * n_in / n_out) - 1 (bins overlap or repeat when needed)."""
+    m = np.zeros((n_out, n_in), np.float32)
+    for i in range(n_out):
+        start, end = (i * n_in) // n_out, -(-(i + 1) * n_in // n_out)
+        m[i, start:end] = 1.0 / (end - start)
+    return m
+
+
 class AdaptiveAvgPool(Layer):
-    """Average pooling to a fixed output size (torchvision's AdaptiveAvgPool2d) when the input is a
-    multiple of it; the identity when the sizes already match (the usual 224-pixel case)."""
+    """Average pooling to a fixed output size, as torchvision's AdaptiveAvgPool2d: the identity when the
+    sizes already match (the usual 224-pixel case), plain pooling for multiples of the size, and
+    torchvision's overlapping or repeating bins otherwise (so imported VGGs take any input size)."""
 
     kind = "pool"
 
@@ -619,18 +630,20 @@ class AdaptiveAvgPool(Layer):
         self.size = size
 
     def output_shape(self, shape):
-        n, h, w, c = _spatial(shape, "adaptive pooling")
-        if (h, w) != (self.size, self.size) and (h % self.size or w % self.size):
-            raise UserError(f"adaptive pooling to {self.size}x{self.size} needs a multiple of {self.size}, got {h}x{w}")
+        n, _, _, c = _spatial(shape, "adaptive pooling")
         return (n, self.size, self.size, c)
 
     def forward(self, x):
-        h = x.shape[1]
-        return x if h == self.size else avg_pool(x, h // self.size)
+        h, w = x.shape[1:3]
+        if (h, w) == (self.size, self.size):
+            return x
+        if h == w and h % self.size == 0:
+            return avg_pool(x, h // self.size)
+        rows, cols = adaptive_pool_matrix(h, self.size), adaptive_pool_matrix(w, self.size)
+        return jnp.einsum("ih,jw,nhwc->nijc", rows, cols, x)
 
     def windows(self, in_shape):
-        k = in_shape[1] // self.size
-        return Window(k, k, 0), Window(k, k, 0)
+        return tuple(Window(-(-n // self.size), max(n // self.size, 1), 0) for n in in_shape[1:3])
 
     def describe(self):
         return f"adaptive avgpool {self.size}x{self.size}"
