@@ -104,6 +104,12 @@ def summary(
         name, options = target, _parse_options(overrides)
         shape, n_classes = default_input(name)
         run_batch = 1
+    elif (Path(target) / "recipe.yaml").is_file():  # a run directory: its recipe, image shape and classes
+        recipe = load(Path(target) / "recipe.yaml", overrides)
+        data = json.loads((Path(target) / "data.json").read_text())
+        name, options = recipe.model.name, model_options(recipe.model)
+        shape, n_classes = tuple(data["image_shape"]), len(data["class_names"])
+        run_batch = recipe.train.batch_size
     else:
         try:
             recipe = load(target, overrides)
