@@ -134,8 +134,8 @@ def check_attackable(eval_def, params, rest, cfg: AttackConfig, image_shape) -> 
         return forward(eval_def, params, rest, v)[0]
 
     if not is_affine(logits_fn, (2, *image_shape), jax.random.key(AFFINE_CHECK_SEED)):
-        raise UserError(f"{cfg.name} needs a linear model (one affine map, e.g. softmax regression: "
-                        "model mlp with args.hidden: []); this model is not linear: use fgsm or pgd")
+        raise UserError(f"{cfg.name} needs a linear model (one affine map: softmax regression, model `linear`); "
+                        "this model is not linear: use fgsm or pgd")
 
 
 def robustness(model, x: np.ndarray, y: np.ndarray, class_names: list[str], cfg: AttackConfig, eps_values, *,

@@ -164,8 +164,9 @@ def test_step_size_and_config_checks():
 
 def test_linear_fool_refuses_a_nonlinear_model():
     cfg = AttackConfig("linear-fool")
-    linear, relu = _model("mlp", hidden=[]), _nonlinear()
-    check_attackable(linear.eval_def, linear.params, linear.rest, cfg, SHAPE)
+    for linear in (_model("linear"), _model("mlp", hidden=[])):
+        check_attackable(linear.eval_def, linear.params, linear.rest, cfg, SHAPE)
+    relu = _nonlinear()
     with pytest.raises(UserError, match="linear model"):
         check_attackable(relu.eval_def, relu.params, relu.rest, cfg, SHAPE)
 
