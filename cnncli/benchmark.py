@@ -1,8 +1,9 @@
-"""Throughput of the jitted train and eval steps on synthetic data, in the PyTorch peer's JSON schema.
+"""Throughput of the jitted train, eval and fgsm steps on synthetic data, in the PyTorch peer's JSON schema.
 
 The models are the peer's exact architectures (../shared/peers/torch_peer.py): LeNet-5 on 1x28x28,
 CIFAR ResNet-18 and VGG-16 with batch norm (one linear layer on the 512 features) on 3x32x32, 10
-classes; training is one SGD step (lr 0.1, Nesterov momentum 0.9, weight decay 5e-4).
+classes; training is one SGD step (lr 0.1, Nesterov momentum 0.9, weight decay 5e-4); fgsm is one
+FGSM example per image at eps 0.1 with the model in inference mode.
 """
 
 import os
@@ -24,7 +25,8 @@ PEER_MODELS: dict[str, tuple[dict[str, Any], tuple[int, int, int]]] = {
     "resnet18": ({"name": "resnet18"}, (32, 32, 3)),
     "vgg16": ({"name": "vgg16_bn", "args": {"classifier": "linear"}}, (32, 32, 3)),
 }
-MODES = ("train", "eval")
+MODES = ("train", "eval", "fgsm")
+FGSM_EPS = 0.1  # the peer's fgsm mode
 
 
 def benchmark_recipe(model: str, batch: int):
@@ -94,6 +96,14 @@ def run(model: str = "lenet5", batch: int = 128, mode: str = "train", steps: int
                                                       key)
             carry["calls"] = calls + 1
             return carry["totals"]["loss"]
+    elif mode == "fgsm":
+        step_fn = _fgsm_step(net.eval_def, batch, mesh)
+        carry = {"calls": 0}
+
+        def step():
+            x_adv = step_fn(net.params, net.rest, xs, ys, jnp.int32(carry["calls"] % CHUNKS))
+            carry["calls"] += 1
+            return x_adv
     else:
         mask = replicate(jnp.ones((CHUNKS * batch,), jnp.float32), mesh)
         step_fn = make_eval_step(net.eval_def, num_classes=NUM_CLASSES, batch_size=batch, mesh=mesh)
@@ -108,3 +118,22 @@ def run(model: str = "lenet5", batch: int = 128, mode: str = "train", steps: int
     seconds, n = _time(step, warmup, steps)
     return {"impl": "cnncli", "model": model, "mode": mode, "batch": batch, "img_per_s": round(n * batch / seconds, 2),
             "steps": n, "threads": os.cpu_count(), "device": jax.default_backend(), "dtype": "float32"}
+
+
+def _fgsm_step(eval_def, batch: int, mesh):
+    """The peer's fgsm mode: one FGSM example per image (forward, input gradient, x + eps*sign(g), clip)."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from cnncli.attacks import AttackConfig, fgsm
+    from cnncli.train.steps import forward, to_pixels
+
+    cfg = AttackConfig(name="fgsm")
+
+    def step(params, rest, xs, ys, i):
+        x = to_pixels(jax.lax.dynamic_slice_in_dim(xs, i * batch, batch))
+        x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P("data")))
+        y = jax.nn.one_hot(jax.lax.dynamic_slice_in_dim(ys, i * batch, batch), NUM_CLASSES)
+        return fgsm(lambda v: forward(eval_def, params, rest, v)[0], x, y, FGSM_EPS, None, cfg)
+
+    return jax.jit(step)

@@ -1,9 +1,11 @@
 """Orbax checkpoints of a training run, with 'latest' and 'best' pointers that survive a crash.
 
 Each checkpoint is its own directory `checkpoints/step_<N>` (Orbax writes it to a temporary name
-and renames it when complete). `checkpoints/index.json` names the latest and the best one and is
-replaced atomically after the checkpoint is complete, so a run killed at any moment leaves a
-consistent, restorable index; directories no pointer names are removed afterwards.
+and renames it when complete). `checkpoints/index.json` names the latest and the best one (and, with
+train.keep_checkpoints = k, the `top` k by validation accuracy) and is replaced atomically after the
+checkpoint is complete, so a run killed at any moment leaves a consistent, restorable index;
+directories no pointer names are removed afterwards. A run with train.ema stores its EMA weights in
+the same checkpoint as the raw ones.
 """
 
 import json
@@ -76,8 +78,19 @@ def _ordered_leaves(raw) -> list:
     return list(raw)
 
 
-def save(ckpt_dir: Path, *, state, totals: dict, meta: dict[str, Any], best: bool) -> None:
-    """Save a checkpoint of `state` and point 'latest' (and 'best' if `best`) at it."""
+def save(ckpt_dir: Path, *, state, totals: dict, meta: dict[str, Any], best: bool, keep_top: int | None = None,
+         score: float | None = None) -> None:
+    """Save a checkpoint of `state` and point 'latest' (and 'best' if `best`) at it.
+
+    Args:
+        ckpt_dir: the run's checkpoints folder.
+        state: a TrainState (its EMA too, when it has one).
+        totals: the running training sums (for a mid-epoch resume).
+        meta: JSON-ready position of the checkpoint (epoch, step_in_epoch, global_step, ...).
+        best: point 'best' at this checkpoint.
+        keep_top: keep the `keep_top` checkpoints of highest `score` (listed as 'top' in the index).
+        score: validation accuracy of this checkpoint (None for a mid-epoch checkpoint: never in 'top').
+    """
     import orbax.checkpoint as ocp
     from flax import nnx
 
@@ -85,6 +98,8 @@ def save(ckpt_dir: Path, *, state, totals: dict, meta: dict[str, Any], best: boo
     name = f"step_{int(meta['global_step'])}"
     tree = {"params": _saveable(nnx.to_pure_dict(state.params)), "rest": _saveable(nnx.to_pure_dict(state.rest)),
             "opt_state": _saveable(jax.tree.leaves(state.opt_state)), "step": state.step, "totals": totals}
+    if state.ema is not None:
+        tree["ema"] = {part: _saveable(nnx.to_pure_dict(state.ema[part])) for part in ("params", "rest")}
     target = ckpt_dir / name
     if not target.exists():
         checkpointer = ocp.StandardCheckpointer()
@@ -95,8 +110,17 @@ def save(ckpt_dir: Path, *, state, totals: dict, meta: dict[str, Any], best: boo
     index["latest"] = {"dir": name, **meta}
     if best or "best" not in index:
         index["best"] = {"dir": name, **meta}
+    if keep_top and score is not None:
+        index["top"] = top_k(index.get("top", []), {"dir": name, "score": score, **meta}, keep_top)
     _write_json_atomic(ckpt_dir / INDEX, index)
-    _remove_unreferenced(ckpt_dir, {index["latest"]["dir"], index["best"]["dir"]})
+    kept = {index["latest"]["dir"], index["best"]["dir"], *(entry["dir"] for entry in index.get("top", []))}
+    _remove_unreferenced(ckpt_dir, kept)
+
+
+def top_k(entries: list[dict], new: dict, k: int) -> list[dict]:
+    """The k entries of highest 'score' among `entries` and `new`; on ties the earlier one stays."""
+    candidates = [e for e in entries if e["dir"] != new["dir"]] + [new]
+    return sorted(candidates, key=lambda e: -e["score"])[:k]
 
 
 def _write_json_atomic(path: Path, obj) -> None:
@@ -133,7 +157,10 @@ def find(path: Path, which: str = "best") -> tuple[Path, dict]:
 
 
 def restore(ckpt: Path, template_state, *, with_optimizer: bool = True):
-    """Restore a checkpoint into the structure of `template_state`; returns (state, totals)."""
+    """Restore a checkpoint into the structure of `template_state`; returns (state, totals).
+
+    The EMA weights are restored when the template has an EMA (a UserError if the checkpoint has none).
+    """
     import orbax.checkpoint as ocp
 
     from cnncli.train.steps import TrainState
@@ -146,6 +173,11 @@ def restore(ckpt: Path, template_state, *, with_optimizer: bool = True):
     params = _like(template_state.params, raw["params"])
     rest = _like(template_state.rest, raw["rest"])
     opt_state = _like(template_state.opt_state, raw["opt_state"]) if with_optimizer else template_state.opt_state
-    state = TrainState(params, rest, opt_state, jnp.asarray(raw["step"], jnp.int32))
+    ema = None
+    if template_state.ema is not None:
+        if "ema" not in raw:
+            raise UserError(f"{ckpt} holds no EMA weights: the run was trained without train.ema")
+        ema = {part: _like(template_state.ema[part], raw["ema"][part]) for part in ("params", "rest")}
+    state = TrainState(params, rest, opt_state, jnp.asarray(raw["step"], jnp.int32), ema)
     totals = {k: jnp.asarray(v, jnp.float32) for k, v in raw["totals"].items()}
     return state, totals

@@ -47,6 +47,10 @@ class TrainDisplay:
 
     def epoch_done(self, row: dict) -> None:
         val = f"  val loss {row['val_loss']:.4f} acc {row['val_acc']:.2%}" if "val_acc" in row else ""
+        if "val_robust_acc" in row:
+            val += f" robust {row['val_robust_acc']:.2%}"
+        if "val_ema_acc" in row:
+            val += f" (EMA {row['val_ema_acc']:.2%})"
         if "old_val_acc" in row:  # fine-tuning that kept the old head: how much of the old task remains
             val += f"  old-task val acc {row['old_val_acc']:.2%}"
         line = (f"epoch {row['epoch']}/{self.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.2%}"

@@ -14,15 +14,16 @@ from cnncli.train.steps import TOP_K, check_batch, init_eval_sums, make_eval_ste
 
 
 def evaluate(eval_def, params, rest, x: np.ndarray, y: np.ndarray, class_names: list[str], *, batch_size: int,
-             mesh, step_fn=None, progress=None) -> dict[str, Any]:
+             mesh, step_fn=None, progress=None, tta: bool = False) -> dict[str, Any]:
     """Metrics of the model (graphdef in eval mode + state) on uint8 images x and labels y.
 
     `step_fn` reuses an already compiled eval step (training evaluates every epoch); `progress`
-    is an optional callable(done, total) for a progress bar.
+    is an optional callable(done, total) for a progress bar; `tta` averages each image's softmax with
+    that of its horizontal flip.
     """
     num_classes = len(class_names)
     batch_size = eval_batch(len(x), batch_size, mesh)
-    step = step_fn or make_eval_step(eval_def, num_classes=num_classes, batch_size=batch_size, mesh=mesh)
+    step = step_fn or make_eval_step(eval_def, num_classes=num_classes, batch_size=batch_size, mesh=mesh, tta=tta)
     xp, yp, mask = pad_for_eval(x, y.astype(np.int32), batch_size)
     xs, ys, ms = replicate((jnp.asarray(xp), jnp.asarray(yp), jnp.asarray(mask)), mesh)
     sums = init_eval_sums(num_classes)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator
 
 from cnncli.errors import UserError, suggest
 
@@ -46,6 +46,8 @@ class DataConfig(Section):
     classes: list[int] | None = Field(None, description="keep only these classes, relabelled 0..k-1 in this order")
     train_per_class: int | None = Field(None, ge=1, description="keep at most this many training images per class")
     limit: int | None = Field(None, ge=1, description="keep only the first N training images (quick runs)")
+    balanced_sampling: bool = Field(False, description="draw each epoch's training images with replacement, "
+                                                       "weighted by inverse class frequency (imbalanced data)")
 
 
 class AugmentOp(BaseModel):
@@ -75,12 +77,39 @@ class OptimConfig(Section):
 
 
 class ScheduleConfig(Section):
-    name: str = Field("constant", description="constant, step, cosine, onecycle")
+    name: str = Field("constant", description="constant, step, multistep, exponential, cosine, cosine_restarts, "
+                                              "onecycle, plateau")
     warmup_epochs: float = Field(0.0, ge=0.0, description="linear warmup from 0 over this many epochs")
     step_epochs: int = Field(30, ge=1, description="step: multiply the lr by gamma every this many epochs")
-    gamma: float = Field(0.1, gt=0.0, le=1.0)
-    final_fraction: float = Field(0.0, ge=0.0, le=1.0, description="cosine/onecycle: final lr as a fraction of lr")
+    gamma: float = Field(0.1, gt=0.0, le=1.0, description="step/multistep: factor at each drop; exponential: "
+                                                          "factor per epoch")
+    milestones: list[float] = Field(default_factory=list, description="multistep: epochs at which the lr is "
+                                                                      "multiplied by gamma")
+    final_fraction: float = Field(0.0, ge=0.0, le=1.0, description="cosine/onecycle/cosine_restarts: final lr as a "
+                                                                   "fraction of lr")
     peak_at: float = Field(0.25, gt=0.0, lt=1.0, description="onecycle: fraction of training spent rising")
+    cycle_epochs: float = Field(10.0, gt=0.0, description="cosine_restarts: length of the first cycle in epochs")
+    cycle_mult: float = Field(1.0, ge=1.0, description="cosine_restarts: each cycle is this many times longer")
+    factor: float = Field(0.1, gt=0.0, lt=1.0, description="plateau: multiply the lr by this when the validation "
+                                                           "loss stops improving")
+    patience: int = Field(5, ge=0, description="plateau: epochs without improvement before the lr drops")
+
+
+class EarlyStoppingConfig(Section):
+    patience: int = Field(5, ge=1, description="stop after this many epochs without validation-accuracy improvement")
+    min_delta: float = Field(0.0, ge=0.0, description="an improvement must raise validation accuracy by more than this")
+    restore_best: bool = Field(True, description="report the best epoch's weights, not the last epoch's "
+                                                 "(also when stopped with Ctrl-C)")
+
+
+class AdversarialConfig(Section):
+    """Adversarial training: each step also trains on Linf attacks of its batch, made inside the step."""
+
+    attack: Literal["fgsm", "pgd"] = Field("pgd", description="fgsm (Goodfellow et al.) or pgd (Madry et al.)")
+    eps: float = Field(0.1, gt=0.0, le=1.0, description="Linf radius in pixels [0, 1]")
+    steps: int = Field(7, ge=1, description="pgd iterations")
+    step_size: float = Field(0.02, gt=0.0, description="pgd step")
+    mix: float = Field(0.5, gt=0.0, le=1.0, description="weight of the adversarial loss; 1 - mix on the clean loss")
 
 
 class TrainConfig(Section):
@@ -89,6 +118,26 @@ class TrainConfig(Section):
     eval_batch_size: int = Field(1000, ge=1)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     log_every: int = Field(50, ge=1, description="steps between progress updates")
+    adversarial: AdversarialConfig | None = Field(None, description="train on adversarial examples too")
+    ema: float | None = Field(None, ge=0.0, lt=1.0, description="decay of an exponential moving average of the "
+                                                               "weights, validated and checkpointed beside them")
+    precision: Literal["float32", "bfloat16"] = Field(
+        "float32", description="compute dtype of the layers; weights and the loss stay float32")
+    early_stopping: EarlyStoppingConfig | None = Field(None, description="stop when validation accuracy stalls")
+    keep_checkpoints: int | None = Field(None, ge=1, description="also keep the k epoch checkpoints with the best "
+                                                                 "validation accuracy")
+    class_weights: str | list[float] | None = Field(
+        None, description="per-class loss weights, or 'balanced' (inverse class frequency)")
+
+    @field_validator("class_weights")
+    @classmethod
+    def _balanced_or_weights(cls, value):
+        # one clear message instead of pydantic's per-branch errors of a Literal | list union
+        if isinstance(value, str) and value != "balanced":
+            raise ValueError("expected 'balanced' or a list of non-negative weights, one per class")
+        if isinstance(value, list) and (not value or min(value) < 0 or not sum(value) > 0):
+            raise ValueError("expected non-negative weights, one per class, not all zero")
+        return value
 
 
 class FinetuneConfig(Section):

@@ -4,7 +4,7 @@ A duplicate name is a bug (raised at import time); an unknown name is a user mis
 which names are close.
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from cnncli.errors import UserError, suggest
@@ -52,5 +52,3 @@ class Registry:
     def __len__(self) -> int:
         return len(self._items)
 
-
-Builder = Callable[..., Any]

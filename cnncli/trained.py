@@ -40,8 +40,12 @@ def _run_of(path: Path) -> RunDir:
     raise UserError(f"{path} is not a cnncli run: no recipe.yaml in it or above it (train one with `cnncli train`)")
 
 
-def load_trained(path: str | Path, which: str = "best") -> Trained:
-    """Load the run at `path` and restore its `which` (best or latest) checkpoint, or the checkpoint at `path`."""
+def load_trained(path: str | Path, which: str = "best", *, ema: bool = False) -> Trained:
+    """Load the run at `path` and restore its `which` (best or latest) checkpoint, or the checkpoint at `path`.
+
+    With `ema`, the model gets the checkpoint's EMA weights instead of the raw ones (runs trained with
+    train.ema; otherwise a UserError).
+    """
     from cnncli import recipe as recipe_lib
     from cnncli.train.steps import TrainState
 
@@ -54,9 +58,11 @@ def load_trained(path: str | Path, which: str = "best") -> Trained:
     recipe = recipe_lib.load(run.recipe)
     data = run.read_json(run.data)
     model = _build(recipe, data)
-    template = TrainState(model.params, model.rest, None, None)
+    template = TrainState(model.params, model.rest, None, None,
+                          {"params": model.params, "rest": model.rest} if ema else None)
     state, _ = checkpoint.restore(ckpt, template, with_optimizer=False)
-    model = replace(model, params=state.params, rest=state.rest)
+    weights = state.ema if ema else {"params": state.params, "rest": state.rest}
+    model = replace(model, params=weights["params"], rest=weights["rest"])
     return Trained(run=run, recipe=recipe, data=data, model=model, checkpoint=ckpt, meta=meta)
 
 

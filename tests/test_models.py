@@ -32,6 +32,12 @@ REFERENCE_COUNTS = [
     ("resnet18", (32, 32, 3), 10, {}, 11_173_962),  # the peer's CIFAR ResNet-18
     ("vgg16_bn", (32, 32, 3), 10, {"classifier": "linear"}, 14_728_266),  # the peer's vgg16
     ("lenet5", (28, 28, 1), 10, {}, 61_706),
+    ("alexnet_tv", (224, 224, 3), 1000, {}, 61_100_840),
+    ("alexnet", (227, 227, 3), 1000, {}, 60_965_224),  # the paper's two-tower net
+    ("alexnet", (227, 227, 3), 1000, {"groups": 1}, 62_378_344),  # single tower
+    ("googlenet", (224, 224, 3), 1000, {"variant": "torchvision"}, 6_624_904),
+    ("googlenet", (224, 224, 3), 1000, {"variant": "torchvision", "aux": True}, 13_004_888),
+    ("nin", (32, 32, 3), 10, {}, 966_986),  # the NIN release's CIFAR-10 model
     ("linear", (28, 28, 1), 10, {}, 7_850),
 ]
 
@@ -58,20 +64,38 @@ RUN_SPECS = {
     "resnet44": [((32, 32, 3), {})],
     "resnet56": [((32, 32, 3), {})],
     "resnet110": [((32, 32, 3), {})],
+    "alexnet": [((227, 227, 3), {})],
+    "alexnet_tv": [((224, 224, 3), {}), ((64, 64, 3), {})],
+    "alexnet_small": [((28, 28, 1), {"width": 0.25, "fc": 64}), ((32, 32, 3), {"width": 0.25, "fc": 64})],
+    "zfnet": [((224, 224, 3), {})],
+    "googlenet": [((64, 64, 3), {"aux": True}), ((224, 224, 3), {"variant": "torchvision"})],
+    "inception_naive": [((16, 16, 8), {"widths": [4, 8, 4]}),
+                        ((16, 16, 8), {"widths": [4, 8, 4], "reduce": [4, 4, 4], "blocks": 2})],
+    "nin": [((28, 28, 1), {}), ((32, 32, 3), {"pool": "l2", "activation": "elu"})],
+    "hog_mlp": [((28, 28, 1), {}), ((32, 32, 3), {"hidden": [32, 16], "dropout": 0.1})],
+    "sequential": [((28, 28, 1), {"layers": ["conv8k3-relu-maxpool", {"conv": 8, "kernel": 3, "norm": "batch",
+                                                                      "act": "prelu"},
+                                            {"pool": "conv"}, {"conv": 16, "separable": True, "act": "maxout"},
+                                            {"conv": 16, "depthwise": True, "dilation": 2}, "lrn", "lcn",
+                                            "l2pool3s2", "gap", {"fc": 16, "act": "gelu", "dropout": 0.2},
+                                            "leaky_relu", {"fc": "classes"}, "softmax"]})],
 }
 # One model per block type trains a real step in the default run; the others (same blocks, more of
 # them: each compiles for 5-50 s on the shared 2-core CPU) are traced always and trained one step
 # with CNNCLI_SLOW_TESTS=1.
-FAST = {"linear", "mlp", "lenet5", "vgg11_bn", "resnet18", "resnet20"}
+FAST = {"linear", "mlp", "lenet5", "vgg11_bn", "resnet18", "resnet20", "alexnet_small", "inception_naive", "nin",
+        "hog_mlp", "sequential"}
 SLOW = set(RUN_SPECS) - FAST
 RUN_SLOW = os.environ.get("CNNCLI_SLOW_TESTS") == "1"
+DEEPEST = {"resnet101", "resnet110", "resnet152"}  # 10-25 s just to trace; same blocks as resnet50/56
 NUM_CLASSES = 10
 
 
 def _cases(slow: bool):
+    """The first spec of each fast model trains by default; every spec of every model with RUN_SLOW."""
     return [pytest.param(name, shape, opts, id=f"{name}-{'x'.join(map(str, shape))}-{i}")
-            for name, specs in RUN_SPECS.items() if (name in SLOW) == slow
-            for i, (shape, opts) in enumerate(specs)]
+            for name, specs in RUN_SPECS.items()
+            for i, (shape, opts) in enumerate(specs) if (name in SLOW or i > 0) == slow]
 
 
 def test_every_registered_model_has_a_run_spec():
@@ -84,7 +108,9 @@ def test_reference_parameter_count(name, shape, classes, options, expected):
     assert param_count(abstract(name, shape, classes, **options)) == expected
 
 
-@pytest.mark.parametrize("name", sorted(RUN_SPECS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.skipif(n in DEEPEST and not RUN_SLOW,
+                                                                           reason="slow to trace; CNNCLI_SLOW_TESTS=1"))
+                                  for n in sorted(RUN_SPECS)])
 def test_logits_shape_for_every_supported_input(name):
     for shape, options in RUN_SPECS[name]:
         net = abstract(name, shape, NUM_CLASSES, **options)
@@ -115,16 +141,17 @@ def test_trains_one_step_deep(name, shape, options):
 def test_bottleneck_blocks_and_imagenet_stem_train():
     from cnncli.models.resnet import Bottleneck, ResNet
 
-    net = ResNet(input_shape=(32, 32, 3), num_classes=NUM_CLASSES, rngs=nnx.Rngs(0), block=Bottleneck,
-                 stages=(1, 2), widths=(4, 8), stem="imagenet")
-    x, y = random_batch((32, 32, 3), NUM_CLASSES)
+    net = ResNet(input_shape=(16, 16, 3), num_classes=NUM_CLASSES, rngs=nnx.Rngs(0), block=Bottleneck,
+                 stages=(1, 1), widths=(4, 4), stem="imagenet")
+    x, y = random_batch((16, 16, 3), NUM_CLASSES)
     loss, logits, params, _, _ = train_step(net, x, y)
     assert logits.shape == (2, NUM_CLASSES) and all_finite(params)
 
 
 def test_batch_norm_and_dropout_differ_between_train_and_eval():
-    net = build_network("vgg11_bn", input_shape=(32, 32, 3), num_classes=NUM_CLASSES, width=0.125, dropout=0.5)
-    x, y = random_batch((32, 32, 3), NUM_CLASSES, batch=4)
+    layers = [{"conv": 4, "norm": "batch", "act": "relu"}, "maxpool", {"fc": 16, "act": "relu"}, "dropout0.5", "fc"]
+    net = build_network("sequential", input_shape=(8, 8, 1), num_classes=NUM_CLASSES, layers=layers)
+    x, y = random_batch((8, 8, 1), NUM_CLASSES, batch=4)
     net.eval()
     a, b = net(x), net(x)
     assert jnp.array_equal(a, b), "eval mode must be deterministic"
@@ -154,3 +181,51 @@ def test_unknown_option_is_a_user_error():
 def test_too_small_input_names_the_layer():
     with pytest.raises(UserError, match="conv2"):
         build_network("lenet5", input_shape=(4, 4, 1), num_classes=10)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not RUN_SLOW, reason="compiles GoogLeNet twice (about a minute); CNNCLI_SLOW_TESTS=1")
+def test_googlenet_aux_heads_run_in_training_only():
+    from cnncli.models.googlenet import logits_and_aux
+
+    net = build_network("googlenet", input_shape=(64, 64, 3), num_classes=NUM_CLASSES, aux=True)
+    x = jnp.zeros((2, 64, 64, 3))
+    graphdef, state = nnx.split(net)
+
+    @jax.jit
+    def both_modes(state):
+        m = nnx.merge(graphdef, state)
+        m.train()
+        _, aux_train = logits_and_aux(m, x)
+        m.eval()
+        logits, aux_eval = logits_and_aux(m, x)
+        return logits, aux_train, aux_eval
+
+    logits, aux_train, aux_eval = both_modes(state)
+    assert logits.shape == (2, NUM_CLASSES)
+    assert [a.shape for a in aux_train] == [(2, NUM_CLASSES)] * 2 and aux_eval == []
+
+
+def test_paper_alexnet_rejects_224_pixels_as_the_lectures_note():
+    with pytest.raises(UserError, match=r"conv1 .*\(224 - 11 \+ 2\*0\)/4 \+ 1 = 54.25 is not an integer"):
+        build_network("alexnet", input_shape=(224, 224, 3), num_classes=1000)
+
+
+def test_sequential_errors_name_the_layer_and_sizes():
+    def build(layers, shape=(28, 28, 1)):
+        return build_network("sequential", input_shape=shape, num_classes=10, layers=layers)
+
+    with pytest.raises(UserError, match=r"layers\[1\] \(pool1\) \(input 7x7x8\).*3.50 is not an integer"):
+        build(["conv8k3", "maxpool", "fc"], (7, 7, 1))
+    with pytest.raises(UserError, match="output of 12, but the data has 10 classes"):
+        build(["conv8k3", "fc12"])
+    with pytest.raises(UserError, match="no option 'kernal' \\(did you mean: kernel"):
+        build([{"conv": 8, "kernal": 3}])
+    with pytest.raises(UserError, match="cannot read layer 'cnv8'"):
+        build(["cnv8"])
+    with pytest.raises(UserError, match=r"layers\[1\] \(gap1\).*needs an image-shaped input"):
+        build(["fc16", "gap", "fc"])
+    with pytest.raises(UserError, match=r"layers\[0\]\.layers\[0\]#3 \(conv2\) \(input 1x1x4\): a 3-pixel window"):
+        build([{"repeat": 3, "layers": ["conv4k3s2p0"]}, "fc"], (7, 7, 1))
+    with pytest.raises(UserError, match="softmax can only be the last layer"):
+        build(["softmax", "fc"])

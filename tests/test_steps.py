@@ -6,8 +6,15 @@ import numpy as np
 import optax
 from flax import nnx
 
-from cnncli.train.steps import (TrainState, data_mesh, init_eval_sums, init_totals, make_eval_step, make_train_step,
-                                split_model)
+from cnncli.train.steps import (
+    TrainState,
+    data_mesh,
+    init_eval_sums,
+    init_totals,
+    make_eval_step,
+    make_train_step,
+    split_model,
+)
 
 
 class TinyBN(nnx.Module):

@@ -123,3 +123,65 @@ def test_summary_cli_user_errors(args, message):
     result = cli("summary", *args)
     assert result.exit_code == 2
     assert message in result.stderr
+
+
+def _module_rows(s, prefix="inception1."):
+    return [r for r in s.layers if r.name.startswith(prefix)]
+
+
+def test_naive_inception_module_costs_854m_multiplies_and_outputs_672_channels():
+    s = summarize(abstract("inception_naive", (28, 28, 256), 10))
+    area, cin = 28 * 28, 256
+    expected = area * (128 * 1 * 1 * cin + 192 * 3 * 3 * cin + 96 * 5 * 5 * cin)
+    assert sum(r.macs for r in _module_rows(s)) == expected == 854_196_224  # the lecture's 854M
+    assert s.row("inception1.concat").output_shape == (28, 28, 128 + 192 + 96 + 256) == (28, 28, 672)
+
+
+def test_bottlenecked_inception_module_cost_is_derived_from_its_layers():
+    s = summarize(abstract("inception_naive", (28, 28, 256), 10, reduce=[64, 64, 64]))
+    area, cin = 28 * 28, 256
+    expected = area * (128 * cin + 64 * cin + 192 * 9 * 64 + 64 * cin + 96 * 25 * 64 + 64 * cin)
+    assert sum(r.macs for r in _module_rows(s)) == expected == 271_351_808  # the slide says 358M
+    assert s.row("inception1.concat").output_shape == (28, 28, 480)
+
+
+def test_three_stacked_3x3_convolutions_see_7x7():
+    net = abstract("sequential", (32, 32, 3), 10, layers=["conv8k3", "conv8k3", "conv8k3", "gap", "fc"])
+    s = summarize(net)
+    assert [r.receptive_field for r in s.layers[1:4]] == [(3, 3), (5, 5), (7, 7)]
+    # A dilated 3x3 (dilation 2) spans 5 pixels; a stride-2 layer doubles the effective stride.
+    s = summarize(abstract("sequential", (32, 32, 3), 10, layers=["conv8k3s2", "conv8k3d2", "gap", "fc"]))
+    assert s.layers[2].receptive_field == (3 + 4 * 2, 3 + 4 * 2) and s.layers[2].jump == (2, 2)
+
+
+def test_receptive_field_start_locates_the_patch_seen_by_a_unit():
+    s = summarize(abstract("sequential", (32, 32, 3), 10, layers=["conv8k3p0", "maxpool", "gap", "fc"]))
+    conv, pool = s.layers[1], s.layers[2]
+    assert conv.rf_start == (1.0, 1.0)  # unpadded 3x3: output 0 is centred on pixel 1
+    assert pool.rf_start == (1.5, 1.5) and pool.receptive_field == (4, 4) and pool.jump == (2, 2)
+
+
+def test_invalid_configuration_is_an_error_naming_the_layer():
+    result = cli("summary", "sequential", "--input", "7x7x1", "--set",
+                 "layers=[{conv: 8, kernel: 3, stride: 3, padding: 0}, fc]")
+    assert result.exit_code == 2
+    assert "layers[0] (conv0) (input 7x7x1)" in result.stderr
+    assert "(7 - 3 + 2*0)/3 + 1 = 2.33 is not an integer" in result.stderr
+
+
+def test_googlenet_summary_includes_aux_heads_when_enabled():
+    plain = summarize(abstract("googlenet", (224, 224, 3), 1000, variant="torchvision"))
+    aux = summarize(abstract("googlenet", (224, 224, 3), 1000, variant="torchvision", aux=True))
+    assert sum(r.params for r in aux.layers) == aux.total_params == 13_004_888
+    assert plain.total_params == 6_624_904 and not any(r.name.startswith("aux") for r in plain.layers)
+    assert aux.row("aux1.head.conv").output_shape == (4, 4, 128)
+    assert plain.row("inception5b.concat").output_shape == (7, 7, 1024)
+
+
+def test_summary_of_a_run_directory_uses_its_recipe_and_data(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text("name: r\nmodel: {name: lenet5}\ndata: {source: digits}\n")
+    (run / "data.json").write_text(json.dumps({"image_shape": [32, 32, 3], "class_names": list("abcde")}))
+    data = json.loads(cli("summary", run, "--json").stdout)
+    assert data["input_shape"] == [32, 32, 3] and data["layers"][-1]["output_shape"] == [5]

@@ -5,6 +5,7 @@ stays instant. A `UserError` anywhere becomes one line on stderr and exit code 2
 """
 
 import importlib
+import pkgutil
 
 import typer
 from typer.core import TyperGroup
@@ -38,8 +39,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-# Each module registers its commands on `app` when imported (one module per command or group).
-_COMMAND_MODULES = ("train", "evaluate", "info", "benchmark", "summary", "finetune", "import_weights")
+# Every module in this package registers its commands on `app` when imported (one module per
+# command or group), so adding a command is adding a file.
 
 
 def _version(value: bool) -> None:
@@ -57,8 +58,8 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     """
 
 
-for _module in _COMMAND_MODULES:
-    importlib.import_module(f"cnncli.cli.{_module}")
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"cnncli.cli.{_module.name}")
 
 
 def main() -> None:

@@ -11,12 +11,13 @@ from cnncli.cli import app
 def benchmark(
     model: str = typer.Option("lenet5", "--model", help="lenet5, resnet18 or vgg16 (the PyTorch peer's nets)."),
     batch: int = typer.Option(128, "--batch", min=1, help="Batch size."),
-    mode: str = typer.Option("train", "--mode", help="train (one SGD step) or eval (inference)."),
+    mode: str = typer.Option("train", "--mode",
+                             help="train (one SGD step), eval (inference) or fgsm (one FGSM example per image)."),
     steps: int = typer.Option(0, "--steps", min=0, help="Timed steps (0: about 10 s of work)."),
     warmup: int = typer.Option(3, "--warmup", min=1, help="Untimed steps first (compilation happens here)."),
     as_json: bool = typer.Option(False, "--json", help="Print only the JSON line (the peer's schema)."),
 ) -> None:
-    """Time the jitted train or eval step on synthetic data after compilation."""
+    """Time the jitted train, eval or fgsm step on synthetic data after compilation."""
     from cnncli import benchmark as bench
     from cnncli.console import console
 

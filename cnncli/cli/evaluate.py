@@ -20,6 +20,9 @@ def eval_command(
                                                    "evaluated on the source's data."),
     batch_size: int = typer.Option(1000, "--batch-size", min=1, help="Evaluation batch size."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+    ema: bool = typer.Option(False, "--ema", help="Use the EMA weights (runs trained with train.ema)."),
+    tta: bool = typer.Option(False, "--tta", help="Test-time augmentation: average the softmax of each image "
+                                                  "and its horizontal flip."),
 ) -> None:
     """Top-1/top-5 accuracy, loss, per-class accuracy and the confusion matrix of a trained model."""
     from cnncli.console import console, progress_bar
@@ -27,7 +30,7 @@ def eval_command(
     from cnncli.train.steps import data_mesh
     from cnncli.trained import eval_data, load_trained
 
-    trained = load_trained(path, which)
+    trained = load_trained(path, which, ema=ema)
     if head == "old":
         from cnncli.finetune import old_head_view
 
@@ -39,8 +42,9 @@ def eval_command(
     x, y, names = eval_data(trained, split, data)
     with progress_bar(f"eval {split}", disable=as_json) as advance:
         result = evaluate(trained.model.eval_def, trained.model.params, trained.model.rest, x, y,
-                          trained.class_names, batch_size=batch_size, mesh=data_mesh(), progress=advance)
-    result.update(split=split, source=data or trained.recipe.data.source, checkpoint=str(trained.checkpoint))
+                          trained.class_names, batch_size=batch_size, mesh=data_mesh(), progress=advance, tta=tta)
+    result.update(split=split, source=data or trained.recipe.data.source, checkpoint=str(trained.checkpoint),
+                  weights="ema" if ema else "raw", tta=tta)
     if as_json:
         print(json.dumps(result))
         return
@@ -50,7 +54,10 @@ def eval_command(
 def render(result: dict, console) -> None:
     from rich.table import Table
 
-    head = Table(title=f"{result['source']} / {result['split']}: {result['n']:,} images", show_header=False)
+    extras = [label for label, on in (("EMA weights", result.get("weights") == "ema"), ("flip TTA", result.get("tta")))
+              if on]
+    title = f"{result['source']} / {result['split']}: {result['n']:,} images"
+    head = Table(title=title + (f" ({', '.join(extras)})" if extras else ""), show_header=False)
     head.add_row("top-1 accuracy", f"{result['top1']:.2%}")
     head.add_row(f"top-{result['top_k']} accuracy", f"{result['top5']:.2%}")
     head.add_row("mean loss", f"{result['loss']:.4f}")

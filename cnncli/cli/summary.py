@@ -68,8 +68,8 @@ def _parse_options(assignments: list[str]) -> dict:
 
 @app.command()
 def summary(
-    target: str = typer.Argument(..., help="a recipe (file or bundled name), a run directory or a registered "
-                                           "model name"),
+    target: str = typer.Argument(..., help="a recipe (file or bundled name), a registered model name, or a run "
+                                           "directory"),
     input_shape: str = typer.Option(None, "--input", help="input image HxWxC (default: the recipe's data, or "
                                                           "what the model is designed for)"),
     classes: int = typer.Option(None, "--classes", min=1, help="number of classes"),
@@ -90,16 +90,17 @@ def summary(
     names = registered_models()
     # A model name wins over a bundled recipe of the same name (`cnncli summary vgg16` is the
     # architecture); a path to an existing file is always a recipe.
-    if target in names and not Path(target).is_file():
-        name, options = target, _parse_options(overrides)
-        shape, n_classes = default_input(name)
-        run_batch = 1
-    elif (Path(target) / "recipe.yaml").is_file():  # a run directory: its recipe, image shape and classes
+    if Path(target).is_dir() and (Path(target) / "recipe.yaml").is_file():
+        # A run directory: its resolved recipe, and the image shape and classes it was trained on.
         recipe = load(Path(target) / "recipe.yaml", overrides)
         data = json.loads((Path(target) / "data.json").read_text())
         name, options = recipe.model.name, model_options(recipe.model)
         shape, n_classes = tuple(data["image_shape"]), len(data["class_names"])
         run_batch = recipe.train.batch_size
+    elif target in names and not Path(target).is_file():
+        name, options = target, _parse_options(overrides)
+        shape, n_classes = default_input(name)
+        run_batch = 1
     else:
         try:
             recipe = load(target, overrides)

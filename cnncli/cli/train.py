@@ -52,7 +52,7 @@ def _train(recipe, run, *, resume: bool, overwrite: bool, dry_run: bool) -> None
 
     from cnncli.console import TrainDisplay, console, err_console
     from cnncli.data.pipeline import load_splits
-    from cnncli.train.loop import Interrupted, build, check_recipe, train
+    from cnncli.train.loop import Interrupted, build, check_recipe, start_run, train
 
     check_recipe(recipe)
     splits = load_splits(recipe.data, recipe.seed)
@@ -69,10 +69,7 @@ def _train(recipe, run, *, resume: bool, overwrite: bool, dry_run: bool) -> None
         shutil.rmtree(run.path)
     run.path.mkdir(parents=True, exist_ok=True)
     if not resume:
-        run.recipe.write_text(recipe.to_yaml())
-        run.write_json(run.data, {"source": recipe.data.source, "class_names": splits.class_names,
-                                  "image_shape": list(splits.image_shape), "mean": splits.mean, "std": splits.std,
-                                  "n_train": len(splits.train_x), "n_val": len(splits.val_x)})
+        start_run(recipe, splits, run)
     err_console.print(model_line, highlight=False)
     err_console.print(f"run directory: {run.path}", highlight=False)
     try:
@@ -89,12 +86,19 @@ def _print_summary(summary: dict, console) -> None:
 
     table = Table(title=f"{summary['name']}: results", show_header=False)
     table.add_row("best epoch", str(summary["best_epoch"]))
+    if summary.get("stopped"):
+        how = "early stopping" if summary["stopped"] == "early" else "Ctrl-C"
+        table.add_row("stopped", f"by {how} after {summary['epochs_run']} epochs")
     if summary.get("best_val_acc") is not None:
         table.add_row("validation accuracy", f"{summary['best_val_acc']:.2%}")
+    if summary.get("best_val_robust_acc") is not None:
+        table.add_row("validation robust accuracy", f"{summary['best_val_robust_acc']:.2%}")
     if "test" in summary:
         test = summary["test"]
         table.add_row("test top-1", f"{test['top1']:.2%}")
         table.add_row(f"test top-{test['top_k']}", f"{test['top5']:.2%}")
         table.add_row("test loss", f"{test['loss']:.4f}")
+    if "test_ema" in summary:
+        table.add_row("test top-1 (EMA weights)", f"{summary['test_ema']['top1']:.2%}")
     table.add_row("training time", f"{summary['train_seconds']:.1f} s")
     console.print(table)

@@ -136,6 +136,8 @@ def preview_grid(images_uint8: np.ndarray, augment_fn: AugmentFn | None, key: ja
         key: PRNG key; draw d uses `fold_in(key, d)`.
         draws: augmented columns per image.
 
+    Mixing ops pair images within `images_uint8`, so they show only when it holds several images.
+
     Returns:
         (N*H + (N-1)*gap, (draws+1)*W + draws*gap, C) uint8: one row per image, the original in the
         first column, separated by white `PREVIEW_GAP`-pixel lines.

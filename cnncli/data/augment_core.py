@@ -142,6 +142,20 @@ def uniform(key: Array, n: int, lo: float, hi: float) -> Array:
     return jax.random.uniform(key, (n,), jnp.float32, lo, hi)
 
 
+def uniforms(key: Array, k: int, n: int) -> Array:
+    """(k, n) draws from U[0, 1): several per-image parameters from one PRNG call.
+
+    One call instead of k split keys keeps both the traced graph (compile time) and the
+    threefry work small.
+    """
+    return jax.random.uniform(key, (k, n), jnp.float32)
+
+
+def randints(u: Array, lo: int, hi: int) -> Array:
+    """Map U[0, 1) draws to integers uniform in [lo, hi] (inclusive)."""
+    return jnp.minimum(jnp.floor(u * (hi - lo + 1)).astype(jnp.int32) + lo, hi)
+
+
 def symmetric(key: Array, n: int, amount: float) -> Array:
     """n draws from U[-amount, amount)."""
     return uniform(key, n, -amount, amount)

@@ -6,6 +6,8 @@ except flips and the pad-and-crop, which move whole pixels and are written as ex
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -18,10 +20,12 @@ from cnncli.data.augment_core import (
     box_matrices,
     gaussian_matrix,
     pixel_grid,
+    randints,
     sample_bilinear,
     smooth_separable,
     symmetric,
     uniform,
+    uniforms,
     warp_affine,
 )
 
@@ -64,9 +68,9 @@ def crop(images, labels, key, pad=4, mode="zeros"):
     if pad == 0:
         return images, labels
     n, h, w, c = images.shape
-    kx, ky = jax.random.split(key)
-    dx = jax.random.randint(kx, (n, 1, 1), -pad, pad + 1)
-    dy = jax.random.randint(ky, (n, 1, 1), -pad, pad + 1)
+    u = uniforms(key, 2, n)
+    dx = randints(u[0], -pad, pad)[:, None, None]
+    dy = randints(u[1], -pad, pad)[:, None, None]
     cols = jnp.arange(w)[None, None, :] - dx
     rows = jnp.arange(h)[None, :, None] - dy
     valid = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
@@ -92,33 +96,30 @@ def random_crop(images, labels, key, scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3)):
             shrunk to fit inside the image when the aspect pushes it out.
     """
     n, h, w, _ = images.shape
-    ka, kr, kx, ky = jax.random.split(key, 4)
-    area = uniform(ka, n, scale[0], scale[1]) * h * w
-    lr = jnp.log(jnp.asarray(ratio, jnp.float32).clip(1e-6))
-    r = jnp.exp(uniform(kr, n, lr[0], lr[1]))
+    u = uniforms(key, 4, n)
+    area = (scale[0] + (scale[1] - scale[0]) * u[0]) * h * w
+    lr0, lr1 = math.log(max(ratio[0], 1e-6)), math.log(max(ratio[1], 1e-6))
+    r = jnp.exp(lr0 + (lr1 - lr0) * u[1])
     bw = jnp.clip(jnp.sqrt(area * r), 1.0, w)
     bh = jnp.clip(jnp.sqrt(area / r), 1.0, h)
-    left = uniform(kx, n, 0.0, 1.0) * (w - bw)
-    top = uniform(ky, n, 0.0, 1.0) * (h - bh)
+    left = u[2] * (w - bw)
+    top = u[3] * (h - bh)
     # The box's pixel centres run from top to top + bh - 1.
     m = box_matrices(h, w, top, left, top + bh - 1.0, left + bw - 1.0)
     return warp_affine(images, m), labels
 
 
-@augmentation("crop_and_pad", percent=Num(-0.5, 0.5),
-              help="crop (or pad, if negative) each side by a random fraction up to `percent`, resize back")
+@augmentation("crop_and_pad", percent=Num(0.0, 0.5),
+              help="crop or pad each side by a random fraction in [-percent, percent], resize back")
 def crop_and_pad(images, labels, key, percent=0.1):
-    """Crop or pad each side independently by U[-|percent|, |percent|] of the side, then resize back (imgaug).
+    """Crop or pad each side independently by U[-percent, percent] of the side, then resize back (imgaug).
 
-    A positive amount crops that side, a negative one pads it with zeros; 0 is the identity.
+    A positive draw crops that side, a negative one pads it with zeros; percent 0 is the identity.
     """
     n, h, w, _ = images.shape
-    a = abs(percent)
-    kt, kl, kb, kr = jax.random.split(key, 4)
-    top = symmetric(kt, n, a) * h
-    left = symmetric(kl, n, a) * w
-    bottom = (h - 1) - symmetric(kb, n, a) * h
-    right = (w - 1) - symmetric(kr, n, a) * w
+    u = (2.0 * uniforms(key, 4, n) - 1.0) * percent
+    top, left = u[0] * h, u[1] * w
+    bottom, right = (h - 1) - u[2] * h, (w - 1) - u[3] * w
     return warp_affine(images, box_matrices(h, w, top, left, bottom, right)), labels
 
 
@@ -127,8 +128,8 @@ def crop_and_pad(images, labels, key, percent=0.1):
 def translate(images, labels, key, x=0.1, y=0.1):
     """Translate each image by U[-x, x] of its width and U[-y, y] of its height."""
     n, h, w, _ = images.shape
-    kx, ky = jax.random.split(key)
-    m = affine_matrices(h, w, n, tx=symmetric(kx, n, x) * w, ty=symmetric(ky, n, y) * h)
+    u = 2.0 * uniforms(key, 2, n) - 1.0
+    m = affine_matrices(h, w, n, tx=u[0] * x * w, ty=u[1] * y * h)
     return warp_affine(images, m), labels
 
 
@@ -152,9 +153,9 @@ def scale(images, labels, key, amount=0.1):
 def shear(images, labels, key, degrees=10.0, axis="x"):
     """Shear each image about its centre by an angle in U[-degrees, degrees] along `axis`."""
     n, h, w, _ = images.shape
-    kx, ky = jax.random.split(key)
-    sx = symmetric(kx, n, degrees) if axis in ("x", "both") else 0.0
-    sy = symmetric(ky, n, degrees) if axis in ("y", "both") else 0.0
+    u = (2.0 * uniforms(key, 2, n) - 1.0) * degrees
+    sx = u[0] if axis in ("x", "both") else 0.0
+    sy = u[1] if axis in ("y", "both") else 0.0
     return warp_affine(images, affine_matrices(h, w, n, shear_x=sx, shear_y=sy)), labels
 
 
@@ -170,10 +171,9 @@ def affine(images, labels, key, degrees=10.0, scale=0.1, shear=5.0, translate=0.
         translate: shift in U[-translate, translate] of the width/height.
     """
     n, h, w, _ = images.shape
-    ka, ks, kh, kx, ky = jax.random.split(key, 5)
-    m = affine_matrices(h, w, n, angle=symmetric(ka, n, degrees), scale=uniform(ks, n, 1.0 - scale, 1.0 + scale),
-                        shear_x=symmetric(kh, n, shear), tx=symmetric(kx, n, translate) * w,
-                        ty=symmetric(ky, n, translate) * h)
+    u = 2.0 * uniforms(key, 5, n) - 1.0
+    m = affine_matrices(h, w, n, angle=u[0] * degrees, scale=1.0 + u[1] * scale, shear_x=u[2] * shear,
+                        tx=u[3] * translate * w, ty=u[4] * translate * h)
     return warp_affine(images, m), labels
 
 

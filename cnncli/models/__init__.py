@@ -16,7 +16,7 @@ from cnncli.registry import Registry
 MODELS = Registry("model")
 
 # Families register their presets on import. Keep this list in sync with the files in this folder.
-_FAMILIES = ("mlp", "lenet", "vgg", "resnet")
+_FAMILIES = ("mlp", "lenet", "alexnet", "vgg", "googlenet", "resnet", "nin", "hog", "sequential")
 
 
 # The input a model is shown with when `cnncli summary NAME` gets no --input: (H, W, C), classes.

@@ -242,12 +242,20 @@ _RECORDER: contextvars.ContextVar[Any] = contextvars.ContextVar("cnncli_layer_re
 
 
 def recording(recorder) -> contextvars.Token:
-    """Make `recorder` receive `record(layer, inputs, output)` from every Layer call (see analysis)."""
+    """Make `recorder` receive `record(layer, inputs, output)` from every Layer call (see analysis).
+
+    `record` returns None, or an array of the output's shape that the layer returns instead.
+    """
     return _RECORDER.set(recorder)
 
 
 def stop_recording(token: contextvars.Token) -> None:
     _RECORDER.reset(token)
+
+
+def is_recording() -> bool:
+    """True while the analysis traces the network (optional branches then show in its table)."""
+    return _RECORDER.get() is not None
 
 
 class Layer(nnx.Module):
@@ -263,7 +271,11 @@ class Layer(nnx.Module):
         y = self.forward(*xs)
         recorder = _RECORDER.get()
         if recorder is not None:
-            recorder.record(self, xs, y)
+            # A recorder may return a replacement output (Grad-CAM adds a zero tap to take the
+            # gradient with respect to this layer's output); None keeps the output as it is.
+            replaced = recorder.record(self, xs, y)
+            if replaced is not None:
+                y = replaced
         return y
 
     def forward(self, *xs: jax.Array) -> jax.Array:
@@ -837,13 +849,15 @@ class StackBuilder:
     def spatial(self) -> tuple[int, int] | None:
         return tuple(self.shape[1:3]) if len(self.shape) == 4 else None
 
-    def add(self, name: str, layer: nnx.Module) -> nnx.Module:
+    def add(self, name: str, layer: nnx.Module, *, label: str | None = None) -> nnx.Module:
+        """Append `layer` as `name`; errors call it `label` (default: '<context> <name>')."""
+        label = label or f"{self.context} {name}"
         try:
             out = layer.output_shape(self.shape)
         except UserError as e:
-            raise UserError(f"{self.context} {name} (input {_fmt_shape(self.shape)}): {e}") from None
+            raise UserError(f"{label} (input {_fmt_shape(self.shape)}): {e}") from None
         if len(out) == 4 and (out[1] < 1 or out[2] < 1):
-            raise UserError(f"{self.context} {name}: the input {_fmt_shape(self.shape)} shrinks to "
+            raise UserError(f"{label}: the input {_fmt_shape(self.shape)} shrinks to "
                             f"{_fmt_shape(out)}; use a larger input or fewer downsampling layers")
         self.shape = out
         self.items.append((name, layer))

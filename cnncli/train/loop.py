@@ -2,14 +2,16 @@
 
 Reproducibility: the epoch's shuffle comes from fold_in(seed, epoch), augmentation randomness from
 fold_in(seed, global step), and dropout RNG is part of the checkpointed model state, so a run
-resumed from any checkpoint (even mid-epoch after Ctrl-C) reproduces the uninterrupted run.
+resumed from any checkpoint (even mid-epoch after Ctrl-C) reproduces the uninterrupted run. The
+host-side decisions (early stopping, plateau lr drops) are functions of the metrics history, which a
+resume truncates to its checkpoint, so they replay exactly too.
 """
 
 import math
 import signal
 import time
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import jax
@@ -23,6 +25,7 @@ from cnncli.models import build_model
 from cnncli.recipe import Recipe
 from cnncli.runs import RunDir
 from cnncli.train import optim as optim_lib
+from cnncli.train import toolbox
 from cnncli.train.steps import (
     TrainState,
     check_batch,
@@ -36,7 +39,7 @@ from cnncli.train.steps import (
     split_model,
 )
 
-SHUFFLE_STREAM, AUGMENT_STREAM = 1, 2  # independent random streams derived from the recipe's seed
+SHUFFLE_STREAM, AUGMENT_STREAM, ROBUST_STREAM = 1, 2, 3  # independent random streams from the recipe's seed
 
 
 class TrainingDiverged(UserError):
@@ -65,18 +68,25 @@ def build(recipe: Recipe, image_shape, num_classes: int, mean=None, std=None) ->
     """Build the recipe's model for the data's shape and class count."""
     model = build_model(recipe.model, input_shape=image_shape, num_classes=num_classes, mean=mean, std=std,
                         seed=recipe.seed)
-    return Model(*split_model(model))
+    return Model(*split_model(model, recipe.train.precision))
 
 
 def check_recipe(recipe: Recipe, *, fine_tuning: bool = False) -> None:
-    """Fail early (before loading data) on unknown optimizer, schedule or augmentation names, and on a
-    fine-tune recipe given to `cnncli train`."""
+    """Fail early (before loading data) on unknown names, on options that need a validation split,
+    and on a fine-tune recipe given to `cnncli train`."""
     optim_lib.OPTIMIZERS.get(recipe.optim.name)
     optim_lib.SCHEDULES.get(recipe.schedule.name)
     _augment(recipe)
     if recipe.finetune is not None and not fine_tuning:
         raise UserError(f"recipe '{recipe.name}' has a finetune section: run it with `cnncli fine-tune SOURCE RECIPE` "
                         "(a fine-tuned run resumes with `cnncli fine-tune --resume --run-dir DIR`)")
+    needs_val = {"train.early_stopping": recipe.train.early_stopping is not None,
+                 "train.keep_checkpoints": recipe.train.keep_checkpoints is not None,
+                 "schedule.name=plateau": recipe.schedule.name == "plateau"}
+    for option, used in needs_val.items():
+        if used and recipe.data.val_fraction == 0:
+            raise UserError(f"{option} decides on validation results, but data.val_fraction is 0; "
+                            "hold out a validation split (e.g. data.val_fraction=0.1)")
 
 
 def steps_per_epoch(recipe: Recipe, n_train: int) -> int:
@@ -111,6 +121,15 @@ class _StopFlag:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def start_run(recipe: Recipe, splits: Splits, run: RunDir) -> None:
+    """Write what a new run directory holds before training: the resolved recipe and the data description."""
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.recipe.write_text(recipe.to_yaml())
+    run.write_json(run.data, {"source": recipe.data.source, "class_names": splits.class_names,
+                              "image_shape": list(splits.image_shape), "mean": splits.mean, "std": splits.std,
+                              "n_train": len(splits.train_x), "n_val": len(splits.val_x)})
+
+
 def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, display=None,
           tune=None) -> dict[str, Any]:
     """Train `recipe` on `splits`, writing metrics and checkpoints into `run`; returns the summary.
@@ -126,8 +145,11 @@ def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, 
     epochs = recipe.train.epochs
     model = tune.model if tune else build(recipe, splits.image_shape, splits.num_classes, splits.mean, splits.std)
     lr = optim_lib.learning_rate(recipe.optim, recipe.schedule, epochs=epochs, steps_per_epoch=spe)
-    tx = tune.optimizer(recipe.optim, lr) if tune else optim_lib.build_optimizer(recipe.optim, lr, model.params)
-    state = TrainState(model.params, model.rest, tx.init(model.params), jnp.zeros((), jnp.int32))
+    plateau = recipe.schedule.name == "plateau"
+    tx = (tune.optimizer(recipe.optim, lr) if tune
+          else optim_lib.build_optimizer(recipe.optim, lr, model.params, plateau=plateau))
+    ema = toolbox.init_ema(model.params, model.rest) if recipe.train.ema is not None else None
+    state = TrainState(model.params, model.rest, tx.init(model.params), jnp.zeros((), jnp.int32), ema)
     totals = init_totals()
 
     start_epoch, start_step, best = 0, 0, {"val_top1": -1.0, "epoch": 0}
@@ -146,30 +168,70 @@ def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, 
 
     state, totals = replicate((state, totals), mesh)
     penalty = (lambda p: optim_lib.penalty(p, recipe.optim)) if (recipe.optim.l1 or recipe.optim.l2) else None
+    adversarial = recipe.train.adversarial
+    perturb, attack_cfg = None, None
+    if adversarial is not None:
+        from cnncli.robustness import make_perturb
+
+        attack_cfg = training_attack(adversarial)
+        perturb = make_perturb(model.train_def, attack_cfg, adversarial.eps)
+        if adversarial.attack == "pgd" and adversarial.step_size > adversarial.eps:
+            display.message(f"warning: train.adversarial.step_size={adversarial.step_size:g} is larger than "
+                            f"eps={adversarial.eps:g}: every step overshoots the ball and is projected back")
+    weights = toolbox.class_weight_vector(recipe.train.class_weights, splits.train_y, splits.num_classes)
     train_step = make_train_step(model.train_def, tx, num_classes=splits.num_classes,
                                  batch_size=recipe.train.batch_size, mesh=mesh,
                                  augment=_augment(recipe),
                                  label_smoothing=recipe.train.label_smoothing, penalty=penalty,
+                                 perturb=perturb, mix=adversarial.mix if adversarial else 1.0,
+                                 class_weights=None if weights is None else replicate(jnp.asarray(weights), mesh),
+                                 ema_decay=recipe.train.ema, precision=recipe.train.precision,
                                  distill=tune.distill if tune else None)
+    draw = (partial(toolbox.balanced_shuffle, num_classes=splits.num_classes) if recipe.data.balanced_sampling
+            else shuffle)
     has_val = len(splits.val_x) > 0
     val_batch = eval_batch(len(splits.val_x), recipe.train.eval_batch_size, mesh) if has_val else 0
     val_step = make_eval_step(model.eval_def, num_classes=splits.num_classes, batch_size=val_batch,
                               mesh=mesh) if has_val else None
+    val_robust = None
+    if has_val and adversarial is not None:
+        from cnncli.robustness import make_robust_accuracy
+
+        val_robust = make_robust_accuracy(model.eval_def, attack_cfg, num_classes=splits.num_classes,
+                                          batch_size=val_batch, mesh=mesh)
+    # an adversarially trained run keeps its most robust epoch: the cleanest one is often less robust
+    select = "val_robust_acc" if val_robust is not None else "val_acc"
     xs_all, ys_all = replicate((jnp.asarray(splits.train_x), jnp.asarray(splits.train_y)), mesh)
     aux_all = replicate(jnp.asarray(tune.aux), mesh) if tune and tune.aux is not None else None
     key = jax.random.key(recipe.seed)
     shuffle_key, augment_key = jax.random.fold_in(key, SHUFFLE_STREAM), jax.random.fold_in(key, AUGMENT_STREAM)
 
-    def save(epoch: int, step_in_epoch: int, is_best: bool) -> None:
+    def save(epoch: int, step_in_epoch: int, is_best: bool, score: float | None = None) -> None:
         meta = {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": epoch * spe + step_in_epoch,
                 "best": best}
-        checkpoint.save(run.checkpoints, state=state, totals=totals, meta=meta, best=is_best)
+        checkpoint.save(run.checkpoints, state=state, totals=totals, meta=meta, best=is_best,
+                        keep_top=recipe.train.keep_checkpoints, score=score)
 
+    def interrupted(where: str) -> Interrupted:
+        """Ctrl-C; with early_stopping.restore_best the summary reports the best epoch, as an early stop would."""
+        if _restores_best(recipe) and best["epoch"] > 0:
+            display.finish()
+            finish(recipe, splits, run, model, state, mesh, best, stopped="user")
+            where += f"; summary.json reports the best epoch ({best['epoch']})"
+        return Interrupted(where)
+
+    lr_scale = optim_lib.get_plateau_scale(state.opt_state) or 1.0
+    stopped_early = False
     display.start(epochs=epochs, steps_per_epoch=spe, first_epoch=start_epoch, first_step=start_step)
     with _StopFlag() as stop:
         for epoch in range(start_epoch, epochs):
+            if _stalled(recipe, run):  # checked here, not after an epoch, so a resumed stopped run stays stopped
+                stopped_early = True
+                display.message(f"early stopping after epoch {epoch}: no validation accuracy gain for "
+                                f"{recipe.train.early_stopping.patience} epochs (best: epoch {best['epoch']})")
+                break
             epoch_key = jax.random.fold_in(shuffle_key, epoch)
-            xs, ys = shuffle(xs_all, ys_all, epoch_key)
+            xs, ys = draw(xs_all, ys_all, epoch_key)
             aux = None if aux_all is None else shuffle_like(aux_all, epoch_key)
             epoch_start = jnp.int32(epoch * spe)
             t0, first = time.perf_counter(), (start_step if epoch == start_epoch else 0)
@@ -177,56 +239,107 @@ def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, 
                 state, totals = train_step(state, totals, xs, ys, epoch_start, augment_key, aux)
                 if stop.set and i + 1 < spe:
                     save(epoch, i + 1, is_best=False)
-                    raise Interrupted(f"epoch {epoch + 1}, step {i + 1}/{spe}")
+                    raise interrupted(f"epoch {epoch + 1}, step {i + 1}/{spe}")
                 if (i + 1) % recipe.train.log_every == 0 or i + 1 == spe:
                     row = _train_row(totals)
                     _check_finite(row, epoch, i + 1, run)
                     elapsed = time.perf_counter() - t0
                     display.update(epoch=epoch, step=i + 1, loss=row["train_loss"], acc=row["train_acc"],
-                                   lr=float(lr(epoch * spe + i)),
+                                   lr=float(lr(epoch * spe + i)) * lr_scale,
                                    img_per_s=(i + 1 - first) * recipe.train.batch_size / max(elapsed, 1e-9))
             seconds = time.perf_counter() - t0
             row = {"epoch": epoch + 1, "step": (epoch + 1) * spe, **_train_row(totals),
-                   "lr": float(lr((epoch + 1) * spe - 1)), "seconds": round(seconds, 3),
+                   "lr": float(lr((epoch + 1) * spe - 1)) * lr_scale, "seconds": round(seconds, 3),
                    "img_per_s": round((spe - first) * recipe.train.batch_size / seconds, 1)}
             if has_val:
                 val = evaluate(model.eval_def, state.params, state.rest, splits.val_x, splits.val_y,
                                splits.class_names, batch_size=val_batch, mesh=mesh, step_fn=val_step)
                 row.update(val_loss=val["loss"], val_acc=val["top1"], val_top5=val["top5"])
+                if val_robust is not None:
+                    # the same starts every epoch, so epochs are compared on the same attack
+                    row["val_robust_acc"] = val_robust(state.params, state.rest, splits.val_x, splits.val_y,
+                                                       adversarial.eps, jax.random.fold_in(key, ROBUST_STREAM))
+                if state.ema is not None:
+                    val = evaluate(model.eval_def, state.ema["params"], state.ema["rest"], splits.val_x, splits.val_y,
+                                   splits.class_names, batch_size=val_batch, mesh=mesh, step_fn=val_step)
+                    row.update(val_ema_loss=val["loss"], val_ema_acc=val["top1"])
             if tune is not None:
                 row.update(tune.epoch_metrics(state.params, state.rest))
-            is_best = has_val and row["val_acc"] > best["val_top1"]
+            is_best = has_val and row[select] > best.get("score", best["val_top1"])
             if is_best or not has_val:
-                best = {"val_top1": row.get("val_acc", -1.0), "epoch": epoch + 1}
+                best = {"val_top1": row.get("val_acc", -1.0), "epoch": epoch + 1, "score": row.get(select, -1.0)}
             run.append_metrics(row)
-            save(epoch + 1, 0, is_best=is_best or not has_val)
+            if plateau:
+                lr_scale = optim_lib.plateau_scale([r["val_loss"] for r in run.read_metrics()],
+                                                   recipe.schedule.factor, recipe.schedule.patience)
+                state = replicate(replace(state, opt_state=optim_lib.set_plateau_scale(state.opt_state, lr_scale)),
+                                  mesh)
+            save(epoch + 1, 0, is_best=is_best or not has_val, score=row.get("val_acc"))
             display.epoch_done(row)
             totals = replicate(init_totals(), mesh)
             if stop.set and epoch + 1 < epochs:
-                raise Interrupted(f"end of epoch {epoch + 1}")
+                raise interrupted(f"end of epoch {epoch + 1}")
     display.finish()
-    return finish(recipe, splits, run, model, state, mesh, best, tune)
+    return finish(recipe, splits, run, model, state, mesh, best, stopped="early" if stopped_early else None,
+                  tune=tune)
 
 
-def finish(recipe: Recipe, splits: Splits, run: RunDir, model: Model, state, mesh, best, tune=None) -> dict[str, Any]:
-    """Evaluate the best checkpoint on the test split (and `tune`'s old task) and write summary.json."""
+def _stalled(recipe: Recipe, run: RunDir) -> bool:
+    """Early stopping: validation accuracy has not improved for `patience` epochs (per the metrics so far)."""
+    rule = recipe.train.early_stopping
+    if rule is None:
+        return False
+    accs = [r["val_acc"] for r in run.read_metrics()]
+    return toolbox.epochs_without_improvement(accs, rule.min_delta) >= rule.patience
+
+
+def _restores_best(recipe: Recipe) -> bool:
+    rule = recipe.train.early_stopping
+    return rule is not None and rule.restore_best
+
+
+def finish(recipe: Recipe, splits: Splits, run: RunDir, model: Model, state, mesh, best,
+           stopped: str | None = None, tune=None) -> dict[str, Any]:
+    """Evaluate the reported checkpoint on the test split and write summary.json.
+
+    The reported checkpoint is the best one, except with early_stopping.restore_best false: then it is
+    the latest. `stopped` ('early' or 'user') records why a run ended before train.epochs. `tune`
+    (fine-tuning) adds its old-task metrics.
+    """
+    rule = recipe.train.early_stopping
+    which = "latest" if rule is not None and not rule.restore_best else "best"
+    rows = run.read_metrics()
     summary: dict[str, Any] = {"name": recipe.name, "best_epoch": best["epoch"],
                                "best_val_acc": best["val_top1"] if best["val_top1"] >= 0 else None,
-                               "params": model.num_params}
-    rows = run.read_metrics()
+                               "params": model.num_params, "epochs_run": len(rows)}
+    if recipe.train.adversarial is not None and best.get("score", -1.0) >= 0:
+        summary["best_val_robust_acc"] = best["score"]
     summary["train_seconds"] = round(sum(r.get("seconds", 0.0) for r in rows), 1)
-    has_test = splits.test_x is not None and len(splits.test_x)
-    if has_test or tune is not None:
-        ckpt, _ = checkpoint.find(run.path, "best")
-        best_state, _ = checkpoint.restore(ckpt, state, with_optimizer=False)
-    if has_test:
-        summary["test"] = evaluate(model.eval_def, best_state.params, best_state.rest, splits.test_x,
-                                   splits.test_y, splits.class_names, batch_size=recipe.train.eval_batch_size,
-                                   mesh=mesh)
+    if stopped:
+        summary["stopped"] = stopped
+    if splits.test_x is not None and len(splits.test_x):
+        ckpt, meta = checkpoint.find(run.path, which)
+        summary["reported"] = {"checkpoint": which, "epoch": meta.get("epoch")}
+        reported, _ = checkpoint.restore(ckpt, state, with_optimizer=False)
+        test = partial(evaluate, model.eval_def, x=splits.test_x, y=splits.test_y, class_names=splits.class_names,
+                       batch_size=recipe.train.eval_batch_size, mesh=mesh)
+        summary["test"] = test(params=reported.params, rest=reported.rest)
+        if reported.ema is not None:
+            summary["test_ema"] = test(params=reported.ema["params"], rest=reported.ema["rest"])
     if tune is not None:
-        summary.update(tune.final_metrics(best_state.params, best_state.rest))
+        ckpt, _ = checkpoint.find(run.path, which)
+        reported, _ = checkpoint.restore(ckpt, state, with_optimizer=False)
+        summary.update(tune.final_metrics(reported.params, reported.rest))
     run.write_json(run.summary, summary)
     return summary
+
+
+def training_attack(adversarial):
+    """The AttackConfig of a recipe's train.adversarial section (Linf, untargeted)."""
+    from cnncli.attacks import AttackConfig
+
+    return AttackConfig(name=adversarial.attack, norm="linf", steps=adversarial.steps,
+                        step_size=adversarial.step_size)
 
 
 def _augment(recipe: Recipe):
@@ -258,9 +371,3 @@ class _NullDisplay:
     def epoch_done(self, row): ...
     def message(self, text): ...
     def finish(self): ...
-
-
-def default_run_dir(recipe: Recipe) -> Path:
-    from cnncli.runs import DEFAULT_ROOT
-
-    return DEFAULT_ROOT / recipe.name

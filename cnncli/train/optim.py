@@ -1,10 +1,15 @@
 """Optax optimizers, learning-rate schedules and regularization from the recipe.
 
 Every optimizer is built as  clip -> direction -> decoupled weight decay -> scale by -lr(step),
-so the learning rate and its schedule are applied in one place for all of them.
+so the learning rate and its schedule are applied in one place for all of them. The `plateau`
+schedule adds one more factor to that chain, a scalar in the optimizer state that the training loop
+lowers between epochs (it depends on validation losses, which the jitted step never sees); being
+optimizer state, it is checkpointed and restored with the run.
 """
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +24,12 @@ SCHEDULES = Registry("schedule")
 
 ADAMW_DEFAULT_DECAY = 1e-2  # when optim.name is adamw and weight_decay is 0, as in torch.optim.AdamW
 ADAGRAD_INITIAL_ACCUMULATOR = 0.1  # TensorFlow/Keras default; keeps the first steps finite
+# Learning rates `cnncli sweep` gives each optimizer when a grid varies the optimizer but not optim.lr:
+# one lr for all would favour some of them (adadelta needs ~1.0, adaptive methods ~1e-3). These are
+# the usual defaults of the papers and Keras, with SGD raised for a few-epoch comparison.
+SUGGESTED_LR = {"sgd": 0.05, "momentum": 0.01, "nesterov": 0.01, "adagrad": 0.01, "adadelta": 1.0,
+                "adam": 1e-3, "adamw": 1e-3, "rmsprop": 1e-3}
+PLATEAU_THRESHOLD = 1e-4  # a validation loss counts as better only below best * (1 - this), as in PyTorch
 
 
 @OPTIMIZERS.register("sgd", help="plain stochastic gradient descent")
@@ -89,6 +100,100 @@ def _onecycle(cfg: ScheduleConfig, total_steps: int, steps_per_epoch: int) -> op
          optax.linear_schedule(1.0, cfg.final_fraction, max(total_steps - peak, 1))], [peak])
 
 
+@SCHEDULES.register("multistep", help="multiply by schedule.gamma at each epoch in schedule.milestones")
+def _multistep(cfg: ScheduleConfig, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
+    boundaries = {int(round(m * steps_per_epoch)): cfg.gamma for m in sorted(cfg.milestones)}
+    return optax.piecewise_constant_schedule(1.0, boundaries)
+
+
+@SCHEDULES.register("exponential", help="multiply by schedule.gamma per epoch, smoothly step by step")
+def _exponential(cfg: ScheduleConfig, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
+    return optax.exponential_decay(1.0, transition_steps=steps_per_epoch, decay_rate=cfg.gamma)
+
+
+@SCHEDULES.register("cosine_restarts", help="SGDR: cosine cycles of schedule.cycle_epochs, each "
+                                            "schedule.cycle_mult times longer, restarting at lr")
+def _cosine_restarts(cfg: ScheduleConfig, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
+    first = max(cfg.cycle_epochs * steps_per_epoch, 1.0)
+    return lambda step: sgdr(step, first, cfg.cycle_mult, cfg.final_fraction)
+
+
+@SCHEDULES.register("plateau", help="divide the lr by 1/schedule.factor when the validation loss has not "
+                                    "improved for schedule.patience epochs")
+def _plateau(cfg: ScheduleConfig, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
+    return optax.constant_schedule(1.0)  # the drops come from scale_by_plateau, set by the training loop
+
+
+def sgdr(step, first: float, mult: float, final: float) -> jax.Array:
+    """Warm-restart cosine (Loshchilov & Hutter 2017): cycles of `first` steps, each `mult` times longer.
+
+    Args:
+        step: optimizer step (traced or concrete).
+        first: length of the first cycle in steps.
+        mult: cycle length multiplier (1 = equal cycles).
+        final: value at the end of each cycle; every cycle starts at 1.
+
+    Returns:
+        The multiplier of the learning rate at `step`.
+    """
+    t = jnp.asarray(step, jnp.float32)
+
+    def start(cycle):  # first step of cycle `cycle` (geometric series of cycle lengths)
+        return first * cycle if mult == 1.0 else first * (mult ** cycle - 1.0) / (mult - 1.0)
+
+    cycle = jnp.floor(t / first) if mult == 1.0 else jnp.floor(jnp.log1p(t / first * (mult - 1.0)) / math.log(mult))
+    # the logarithm can land a hair on the wrong side of a restart in float32: settle it exactly
+    cycle = cycle + (t >= start(cycle + 1)) - (t < start(cycle))
+    fraction = (t - start(cycle)) / (first * mult ** cycle)
+    return final + (1.0 - final) * 0.5 * (1.0 + jnp.cos(jnp.pi * fraction))
+
+
+class PlateauState(NamedTuple):
+    """The learning-rate factor of the plateau schedule (the field name is unique in the optimizer state)."""
+
+    plateau_scale: jax.Array
+
+
+def scale_by_plateau() -> optax.GradientTransformation:
+    """Multiply updates by the plateau factor held in the state (1 until the loop lowers it)."""
+
+    def init(params):
+        return PlateauState(jnp.ones((), jnp.float32))
+
+    def update(updates, state, params=None):
+        return jax.tree.map(lambda u: u * state.plateau_scale.astype(u.dtype), updates), state
+
+    return optax.GradientTransformation(init, update)
+
+
+def plateau_scale(val_losses: Sequence[float], factor: float, patience: int) -> float:
+    """The plateau factor after these epochs' validation losses (PyTorch's ReduceLROnPlateau, mode min).
+
+    A pure function of the loss history, so a resumed run (whose metrics are truncated to its checkpoint)
+    reaches the same factor as the uninterrupted one.
+    """
+    scale, best, bad = 1.0, math.inf, 0
+    for loss in val_losses:
+        if loss < best * (1.0 - PLATEAU_THRESHOLD):
+            best, bad = loss, 0
+        else:
+            bad += 1
+        if bad > patience:
+            scale, bad = scale * factor, 0
+    return scale
+
+
+def get_plateau_scale(opt_state) -> float | None:
+    """The plateau factor in an optimizer state, or None when the schedule is not `plateau`."""
+    scale = optax.tree_utils.tree_get(opt_state, "plateau_scale")
+    return None if scale is None else float(scale)
+
+
+def set_plateau_scale(opt_state, scale: float):
+    """A copy of the optimizer state with the plateau factor set to `scale`."""
+    return optax.tree_utils.tree_set(opt_state, plateau_scale=jnp.asarray(scale, jnp.float32))
+
+
 def learning_rate(optim: OptimConfig, schedule: ScheduleConfig, *, epochs: int,
                   steps_per_epoch: int) -> optax.Schedule:
     """The learning rate at each optimizer step: optim.lr x schedule, after an optional linear warmup."""
@@ -108,8 +213,15 @@ def decay_mask(params) -> object:
     return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def build_optimizer(optim: OptimConfig, lr: Callable, params) -> optax.GradientTransformation:
-    """The recipe's optimizer as one Optax transformation (see the module docstring for the order)."""
+def build_optimizer(optim: OptimConfig, lr: Callable, params, *, plateau: bool = False) -> optax.GradientTransformation:
+    """The recipe's optimizer as one Optax transformation (see the module docstring for the order).
+
+    Args:
+        optim: the recipe's optim section.
+        lr: learning rate per step (from `learning_rate`).
+        params: the parameters (for the weight-decay mask).
+        plateau: add the `scale_by_plateau` factor (schedule.name == 'plateau').
+    """
     direction = OPTIMIZERS.get(optim.name)(optim)
     wd = optim.weight_decay or (ADAMW_DEFAULT_DECAY if optim.name == "adamw" else 0.0)
     parts = []
@@ -118,6 +230,8 @@ def build_optimizer(optim: OptimConfig, lr: Callable, params) -> optax.GradientT
     parts.append(direction)
     if wd:
         parts.append(optax.add_decayed_weights(wd, mask=None if optim.decay_all else decay_mask(params)))
+    if plateau:
+        parts.append(scale_by_plateau())
     parts.append(optax.scale_by_learning_rate(lr))
     return optax.chain(*parts)
 

@@ -19,19 +19,31 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cnncli.errors import UserError
+from cnncli.models.googlenet import AUX_WEIGHT, logits_and_aux
+from cnncli.train.toolbox import (
+    COMPUTE_DTYPES,
+    ema_update,
+    flip_tta_logits,
+    layer_dtype,
+    like_dtypes,
+    to_compute_dtype,
+    weighted_cross_entropy,
+)
 
 TOP_K = 5
+PERTURB_STREAM = 1  # adversarial examples draw from fold_in(step key, 1); augmentation uses the step key
 
 
 @jax.tree_util.register_dataclass
 @dataclass
 class TrainState:
-    """Everything a run needs to continue exactly: parameters, model state (BN stats, RNG), optimizer."""
+    """Everything a run needs to continue exactly: parameters, model state (BN stats, RNG), optimizer, EMA."""
 
     params: Any
     rest: Any  # non-trainable model state: batch-norm statistics, dropout RNG, normalization constants
     opt_state: Any
     step: jax.Array
+    ema: Any = None  # {'params', 'rest'}: moving average of the weights when train.ema is set
 
 
 def data_mesh(devices=None) -> Mesh:
@@ -46,10 +58,15 @@ def check_batch(batch_size: int, mesh: Mesh, what: str = "train.batch_size") -> 
         raise UserError(f"{what}={batch_size} does not divide over {n} devices; use a multiple of {n}")
 
 
-def split_model(model: nnx.Module):
-    """(train graphdef, eval graphdef, params, rest): one state, two modes (dropout/BN behave differently)."""
+def split_model(model: nnx.Module, precision: str = "float32"):
+    """(train graphdef, eval graphdef, params, rest): one state, two modes (dropout/BN behave differently).
+
+    With a `precision` other than float32 the train graphdef's Flax layers compute in it (see
+    toolbox.layer_dtype); evaluation always runs the float32 weights in float32.
+    """
     model.train()
-    train_def, params, rest = nnx.split(model, nnx.Param, ...)
+    with layer_dtype(model, precision):
+        train_def, params, rest = nnx.split(model, nnx.Param, ...)
     model.eval()
     eval_def, _, _ = nnx.split(model, nnx.Param, ...)
     return train_def, eval_def, params, rest
@@ -65,14 +82,21 @@ def init_totals() -> dict[str, jax.Array]:
             "count": jnp.zeros((), jnp.float32)}
 
 
-def forward(graphdef, params, rest, x):
-    """Logits and the updated non-trainable state of the model (graphdef fixes train or eval mode)."""
+def forward(graphdef, params, rest, x, *, with_aux: bool = False):
+    """Float32 logits and the updated non-trainable state (graphdef fixes train or eval mode).
+
+    Logits are cast to float32 so that losses and softmaxes are float32 under bfloat16 compute too.
+    Auxiliary classifier outputs (GoogLeNet's heads, sown in training mode) are captured rather than
+    left in the state, and returned as a third value with `with_aux`.
+    """
     # copy=True: fresh Variables at the current trace level, so batch norm may update its
     # statistics inside jax.grad (the caller's Variables belong to the outer jit trace)
     model = nnx.merge(graphdef, params, rest, copy=True)
-    logits = model(x)
+    logits, aux = logits_and_aux(model, x)
     _, _, new_rest = nnx.split(model, nnx.Param, ...)
-    return logits, new_rest
+    if with_aux:
+        return logits.astype(jnp.float32), new_rest, [a.astype(jnp.float32) for a in aux]
+    return logits.astype(jnp.float32), new_rest
 
 
 def to_pixels(batch_uint8: jax.Array) -> jax.Array:
@@ -81,12 +105,21 @@ def to_pixels(batch_uint8: jax.Array) -> jax.Array:
 
 def make_train_step(train_def, tx: optax.GradientTransformation, *, num_classes: int, batch_size: int,
                     mesh: Mesh, augment: Callable | None = None, label_smoothing: float = 0.0,
-                    penalty: Callable | None = None, distill: Callable | None = None) -> Callable:
+                    penalty: Callable | None = None, perturb: Callable | None = None, mix: float = 1.0,
+                    class_weights: jax.Array | None = None, ema_decay: float | None = None,
+                    precision: str = "float32", distill: Callable | None = None) -> Callable:
     """A jitted step(state, totals, xs, ys, epoch_start, key, aux=None) -> (state, totals).
 
     xs/ys are the epoch's shuffled uint8 images and labels on device; the batch is the slice that
     starts at (state.step - epoch_start) * batch_size. state and totals are donated.
 
+    Adversarial training: `perturb(params, rest, x, labels, key) -> x_adv` makes adversarial examples
+    of the (augmented) batch, and the loss is (1 - mix) * loss(clean) + mix * loss(adversarial)
+    (Goodfellow et al.'s alpha = 1 - mix; Madry et al.'s PGD training is mix = 1). The training
+    accuracy is then measured on the clean half, or on the adversarial batch when mix = 1.
+    `class_weights` (k,) weight the loss per class; `ema_decay` updates state.ema after every step;
+    `precision` bfloat16 computes the forward and backward pass in bfloat16 (with a train graphdef
+    from `split_model(model, 'bfloat16')`), the weights staying float32.
     `distill(logits, aux_batch) -> (task_logits, loss)` (Learning without Forgetting) takes extra
     outputs off the logits and adds a loss on them; aux_batch is the batch's slice of `aux`, a
     per-example array shuffled like xs (see `shuffle_like`).
@@ -97,19 +130,35 @@ def make_train_step(train_def, tx: optax.GradientTransformation, *, num_classes:
         start = (state.step - epoch_start) * batch_size
         x = to_pixels(jax.lax.dynamic_slice_in_dim(xs, start, batch_size))
         labels = jax.nn.one_hot(jax.lax.dynamic_slice_in_dim(ys, start, batch_size), num_classes)
+        step_key = jax.random.fold_in(key, state.step)
         if augment is not None:
-            x, labels = augment(x, labels, jax.random.fold_in(key, state.step))
+            x, labels = augment(x, labels, step_key)
         x = jax.lax.with_sharding_constraint(x, batch_sharding)
         targets = optax.smooth_labels(labels, label_smoothing) if label_smoothing else labels
+        inputs, weights = x, None
+        if perturb is not None:
+            x_adv = perturb(state.params, state.rest, x, labels, jax.random.fold_in(step_key, PERTURB_STREAM))
+            inputs, targets, weights = _mix_adversarial(x, jax.lax.stop_gradient(x_adv), targets, mix)
+            inputs = jax.lax.with_sharding_constraint(inputs, batch_sharding)
 
         def loss_fn(params):
-            logits, rest = forward(train_def, params, state.rest, x)
+            # one forward over clean + adversarial examples: one batch-norm update per step
+            if precision == "float32":
+                logits, rest, aux_logits = forward(train_def, params, state.rest, inputs, with_aux=True)
+            else:
+                logits, rest, aux_logits = forward(train_def, to_compute_dtype(params, precision),
+                                                   to_compute_dtype(state.rest, precision),
+                                                   inputs.astype(COMPUTE_DTYPES[precision]), with_aux=True)
+                rest = like_dtypes(rest, state.rest)
             kept = 0.0
-            if distill is not None:
+            if distill is not None:  # Learning without Forgetting: the old head's outputs are kept
                 logits, kept = distill(logits, jax.lax.dynamic_slice_in_dim(aux, start, batch_size))
-            loss = optax.softmax_cross_entropy(logits, targets).mean()
+            loss = weighted_cross_entropy(logits, targets, class_weights, weights)
+            # auxiliary classifiers (GoogLeNet) join the training loss with the paper's weight
+            aux_loss = sum(AUX_WEIGHT * weighted_cross_entropy(a, targets, class_weights, weights)
+                           for a in aux_logits)
             reg = penalty(params) if penalty is not None else 0.0
-            return loss + reg + kept, (loss, logits, rest)
+            return loss + aux_loss + reg + kept, (loss, logits[:batch_size], rest)
 
         grads, (loss, logits, rest) = jax.grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -117,9 +166,19 @@ def make_train_step(train_def, tx: optax.GradientTransformation, *, num_classes:
         correct = jnp.sum(jnp.argmax(logits, -1) == jnp.argmax(labels, -1))
         totals = {"loss": totals["loss"] + loss * batch_size, "correct": totals["correct"] + correct,
                   "count": totals["count"] + batch_size}
-        return TrainState(params, rest, opt_state, state.step + 1), totals
+        ema = state.ema if ema_decay is None else ema_update(state.ema, params, rest, ema_decay, state.step)
+        return TrainState(params, rest, opt_state, state.step + 1, ema), totals
 
     return jax.jit(step, donate_argnums=(0, 1))
+
+
+def _mix_adversarial(x, x_adv, targets, mix: float):
+    """Inputs, targets and per-example loss weights for (1 - mix) * clean + mix * adversarial."""
+    if mix == 1.0:
+        return x_adv, targets, None
+    n = x.shape[0]
+    weights = jnp.concatenate([jnp.full((n,), 1.0 - mix), jnp.full((n,), mix)])
+    return jnp.concatenate([x, x_adv]), jnp.concatenate([targets, targets]), weights
 
 
 @jax.jit
@@ -135,10 +194,11 @@ def shuffle_like(aux: jax.Array, key: jax.Array) -> jax.Array:
     return aux[jax.random.permutation(key, aux.shape[0])]
 
 
-def make_eval_step(eval_def, *, num_classes: int, batch_size: int, mesh: Mesh) -> Callable:
+def make_eval_step(eval_def, *, num_classes: int, batch_size: int, mesh: Mesh, tta: bool = False) -> Callable:
     """A jitted step(params, rest, sums, xs, ys, mask, i) -> sums over batch i of padded eval arrays.
 
     sums holds the summed loss, top-1 and top-k hits and the confusion matrix (rows: true class).
+    With `tta`, predictions average the softmax of each image and its horizontal flip.
     """
     k = min(TOP_K, num_classes)
     batch_sharding = NamedSharding(mesh, P("data"))
@@ -149,7 +209,10 @@ def make_eval_step(eval_def, *, num_classes: int, batch_size: int, mesh: Mesh) -
         x = jax.lax.with_sharding_constraint(x, batch_sharding)
         y = jax.lax.dynamic_slice_in_dim(ys, start, batch_size)
         m = jax.lax.dynamic_slice_in_dim(mask, start, batch_size)
-        logits, _ = forward(eval_def, params, rest, x)
+        def logits_fn(images):
+            return forward(eval_def, params, rest, images)[0]
+
+        logits = flip_tta_logits(logits_fn, x) if tta else logits_fn(x)
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
         pred = jnp.argmax(logits, -1)
         in_top_k = jnp.any(jax.lax.top_k(logits, k)[1] == y[:, None], axis=-1)

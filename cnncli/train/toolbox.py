@@ -1,0 +1,190 @@
+"""The training toolbox: weight EMA, mixed precision, class weights, balanced sampling, early stopping, TTA.
+
+Small pure functions the steps and the loop plug in where a recipe asks for them. Device-side ones
+(EMA update, weighted loss, balanced draw, flip TTA) run inside jit; host-side ones (class weight
+vector, early stopping) are functions of the run's history, so a resumed run decides exactly as the
+uninterrupted one did.
+"""
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cnncli.errors import UserError
+
+# The EMA decay ramps up as min(decay, (1 + step) / (EMA_WARMUP + step)) (as TensorFlow's
+# ExponentialMovingAverage with num_updates): with a fixed 0.999 the average of a short run would
+# still be mostly the random initialization.
+EMA_WARMUP = 10.0
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+# ----------------------------------------------------------------------------- weight EMA
+
+
+def init_ema(params, rest) -> dict:
+    """The EMA of a fresh run: a copy of the weights and of the model state (batch-norm statistics)."""
+    return {"params": jax.tree.map(jnp.copy, params), "rest": jax.tree.map(jnp.copy, rest)}
+
+
+def ema_update(ema: dict, params, rest, decay: float, step: jax.Array) -> dict:
+    """One EMA step after optimizer step `step` (0-based): ema <- d * ema + (1 - d) * new.
+
+    Batch-norm statistics are averaged too, so the EMA weights are evaluated with statistics that
+    match them; integer and key leaves (dropout RNG state) are copied, not averaged.
+
+    Args:
+        ema: {'params', 'rest'} as from `init_ema`.
+        params, rest: the weights and model state after the step.
+        decay: the recipe's train.ema; 0 makes the EMA equal to the raw weights.
+        step: the optimizer step just taken.
+    """
+    d = jnp.minimum(decay, (1.0 + step) / (EMA_WARMUP + step))
+
+    def average(old, new):
+        if not jnp.issubdtype(new.dtype, jnp.floating):
+            return new
+        return (d * old + (1.0 - d) * new).astype(new.dtype)
+
+    return {"params": jax.tree.map(average, ema["params"], params), "rest": jax.tree.map(average, ema["rest"], rest)}
+
+
+# ----------------------------------------------------------------------------- mixed precision
+# bfloat16 training keeps float32 master weights: the train step casts the weights, the normalization
+# constants and the images to bfloat16 inside the loss (gradients flow back to the float32 weights
+# through the cast) and the logits back to float32 for the loss. Batch-norm running statistics stay
+# float32, because an EMA with momentum 0.9 updated from a bfloat16-rounded value drifts by up to
+# 10x bfloat16's rounding error; `layer_dtype` makes Flax's batch norm compute in bfloat16 anyway
+# (else its float32 statistics would promote every later activation back to float32).
+
+
+@contextmanager
+def layer_dtype(model: nnx.Module, precision: str) -> Iterator[None]:
+    """Within the block, Flax layers of `model` that have a computation `dtype` compute in `precision`.
+
+    Split the model inside the block to get a graphdef with that setting; the model is restored after.
+    """
+    modules = [m for _, m in nnx.iter_modules(model) if hasattr(m, "dtype")]
+    before = [m.dtype for m in modules]
+    for m in modules:
+        m.dtype = COMPUTE_DTYPES[precision]
+    try:
+        yield
+    finally:
+        for m, dtype in zip(modules, before):
+            m.dtype = dtype
+
+
+def to_compute_dtype(tree, precision: str):
+    """A copy of an nnx.State with its floating arrays in `precision`, batch-norm statistics excepted."""
+    dtype = COMPUTE_DTYPES[precision]
+
+    def cast(v):
+        if isinstance(v, nnx.BatchStat) or not jnp.issubdtype(v.get_value().dtype, jnp.floating):
+            return v
+        return v.replace(v.get_value().astype(dtype))
+
+    return jax.tree.map(cast, tree, is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+
+def like_dtypes(tree, reference):
+    """`tree` with every floating leaf cast back to the dtype of the same leaf in `reference`."""
+    return jax.tree.map(lambda x, ref: x.astype(ref.dtype) if jnp.issubdtype(ref.dtype, jnp.floating) else x,
+                        tree, reference)
+
+
+# ----------------------------------------------------------------------------- imbalanced data
+
+
+def class_weight_vector(spec: str | Sequence[float] | None, labels: np.ndarray, num_classes: int) -> np.ndarray | None:
+    """Per-class loss weights from the recipe's train.class_weights.
+
+    Args:
+        spec: None, 'balanced' (n / (k * n_c), scikit-learn's definition: 1 on a balanced set) or one
+            weight per class.
+        labels: the training labels (for 'balanced').
+        num_classes: k.
+
+    Returns:
+        A float32 (k,) vector, or None for no weighting.
+
+    Raises:
+        UserError: a list whose length is not the class count.
+    """
+    if spec is None:
+        return None
+    if spec == "balanced":
+        counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+        # a class absent from training has no examples to weight: 0 keeps the vector finite
+        weights = np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1.0)), 0.0)
+        return weights.astype(np.float32)
+    if len(spec) != num_classes:
+        raise UserError(f"train.class_weights has {len(spec)} weights, the data has {num_classes} classes")
+    return np.asarray(spec, np.float32)
+
+
+def weighted_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array | None,
+                           example_weights: jax.Array | None = None) -> jax.Array:
+    """Mean softmax cross-entropy; with weights, the weighted mean sum(w_i ce_i) / sum(w_i).
+
+    With class weights, each example's weight is its target distribution dotted with them (mixup and
+    label smoothing give soft targets); `example_weights` (e.g. the clean/adversarial mix) multiply
+    in. Normalizing by the summed weights (PyTorch's convention) keeps the loss scale independent of
+    the weights' overall scale.
+    """
+    import optax
+
+    ce = optax.softmax_cross_entropy(logits, targets)
+    if weights is None and example_weights is None:
+        return ce.mean()
+    w = jnp.ones_like(ce) if example_weights is None else example_weights
+    if weights is not None:
+        w = w * (targets @ weights)
+    return jnp.sum(w * ce) / jnp.maximum(jnp.sum(w), 1e-12)
+
+
+@partial(jax.jit, static_argnames="num_classes")
+def balanced_shuffle(xs: jax.Array, ys: jax.Array, key: jax.Array, num_classes: int):
+    """An epoch of len(xs) images drawn with replacement, each class equally likely.
+
+    Image i is drawn with probability proportional to 1 / count(class of i), made on device once per
+    epoch like `steps.shuffle`.
+    """
+    counts = jnp.bincount(ys, length=num_classes)
+    p = 1.0 / counts[ys].astype(jnp.float32)
+    order = jax.random.choice(key, xs.shape[0], (xs.shape[0],), replace=True, p=p / p.sum())
+    return xs[order], ys[order]
+
+
+# ----------------------------------------------------------------------------- early stopping
+
+
+def epochs_without_improvement(val_accs: Sequence[float], min_delta: float) -> int:
+    """Epochs since validation accuracy last rose by more than `min_delta` over the best so far."""
+    best, since = -np.inf, 0
+    for acc in val_accs:
+        if acc > best + min_delta:
+            best, since = acc, 0
+        else:
+            since += 1
+    return since
+
+
+# ----------------------------------------------------------------------------- test-time augmentation
+
+
+def flip_tta_logits(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
+    """Log of the mean softmax over the images and their horizontal flips (NHWC).
+
+    The result is used as logits: its argmax, top-k and cross-entropy are those of the averaged
+    probabilities. It is computed as a log-mean-exp of log-probabilities, which stays finite where a
+    probability underflows to 0.
+    """
+    log_probs = jnp.stack([jax.nn.log_softmax(logits_fn(x)), jax.nn.log_softmax(logits_fn(x[:, :, ::-1, :]))])
+    return jax.nn.logsumexp(log_probs, axis=0) - jnp.log(2.0)
