@@ -196,7 +196,7 @@ def save_both(model, directory):
     return directory / "weights.pth", directory / "weights.safetensors"
 
 
-@pytest.mark.parametrize("arch,size", [("resnet18", 224), ("resnet50", 64), ("vgg11_bn", 64)])
+@pytest.mark.parametrize("arch,size", [("resnet18", 224), ("resnet50", 64), ("vgg11_bn", 64), ("alexnet", 64)])
 def test_imported_weights_give_torch_logits(arch, size, tmp_path):
     model = randomized(arch, size)
     pth, safetensors = save_both(model, tmp_path)

@@ -28,7 +28,8 @@ def read_class_names(path: Path, count: int) -> list[str]:
 
 @app.command("import-weights")
 def import_weights(
-    arch: str = typer.Argument(..., help="resnet18/34/50/101/152, vgg11/13/16/19 (+_bn), alexnet."),
+    arch: str = typer.Argument(..., help="torchvision's name: resnet18/34/50/101/152, vgg11/13/16/19 (+_bn), alexnet "
+                                                 "(cnncli's alexnet_tv)."),
     path: Path = typer.Argument(..., help="State dict: .safetensors, or .pth/.pt (reading those needs torch)."),
     out: Path = typer.Option(..., "--out", help="Run directory to write (eval, fine-tune, adversarial, summary "
                                                 "read it)."),
