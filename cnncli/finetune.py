@@ -204,14 +204,16 @@ def scale_by_tree(factors) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def build_optimizer(optim: OptimConfig, lr: Callable, params, labels, multipliers) -> optax.GradientTransformation:
-    """The recipe's optimizer on the trainable parameters, zero updates for the frozen ones."""
+def build_optimizer(optim: OptimConfig, lr: Callable, params, labels, multipliers, *,
+                    plateau: bool = False) -> optax.GradientTransformation:
+    """The recipe's optimizer on the trainable parameters (with the plateau factor if the schedule is
+    `plateau`), zero updates for the frozen ones."""
     from cnncli.train.optim import build_optimizer as recipe_optimizer
 
     def only_trainable(tree):  # the view optax.partition gives the trainable group
         return jax.tree.map(lambda x, label: x if label == TRAIN else optax.MaskedNode(), tree, labels)
 
-    trainable = recipe_optimizer(optim, lr, only_trainable(params))
+    trainable = recipe_optimizer(optim, lr, only_trainable(params), plateau=plateau)
     if any(m != 1.0 for m in jax.tree.leaves(multipliers)):
         trainable = optax.chain(trainable, scale_by_tree(only_trainable(multipliers)))
     return optax.partition({TRAIN: trainable, FROZEN: optax.set_to_zero()}, labels)
@@ -394,8 +396,8 @@ class FineTuning:
     old: OldTask | None = None
     notes: list[str] = field(default_factory=list)  # things the user should know before training
 
-    def optimizer(self, optim: OptimConfig, lr: Callable) -> optax.GradientTransformation:
-        return build_optimizer(optim, lr, self.model.params, self.labels, self.multipliers)
+    def optimizer(self, optim: OptimConfig, lr: Callable, *, plateau: bool = False) -> optax.GradientTransformation:
+        return build_optimizer(optim, lr, self.model.params, self.labels, self.multipliers, plateau=plateau)
 
     def counts(self) -> tuple[int, int]:
         """(trainable, frozen) parameter counts."""
@@ -447,6 +449,7 @@ def prepare(source, recipe: Recipe, splits) -> FineTuning:
             in shape, or the finetune section asks for something the model does not have.
     """
     from cnncli.train.loop import Model
+    from cnncli.train.toolbox import layer_dtype
 
     cfg = recipe.finetune or FinetuneConfig()
     _check_input(source.image_shape, splits.image_shape)
@@ -485,7 +488,8 @@ def prepare(source, recipe: Recipe, splits) -> FineTuning:
     set_inference_where_frozen(model, plan)
     if cfg.mode == "lwf":
         module_at(model.net, head).output = "both"
-    train_def, params, rest = nnx.split(model, nnx.Param, ...)
+    with layer_dtype(model, recipe.train.precision):  # bfloat16 training, as train.steps.split_model does
+        train_def, params, rest = nnx.split(model, nnx.Param, ...)
     model.eval()
     if keep_old:
         module_at(model.net, head).output = "new"
