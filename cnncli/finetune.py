@@ -32,12 +32,13 @@ import numpy as np
 import optax
 from flax import nnx
 
-from cnncli.errors import UserError
+from cnncli.errors import UserError, suggest
 from cnncli.recipe import DataConfig, FinetuneConfig, OptimConfig, Recipe
 from cnncli.trees import flatten, unflatten
 
 TRAIN, FROZEN = "train", "frozen"
 HEAD = "head"  # the name lr_mult uses for the head
+OLD_HEAD = "old_head"  # the source's head kept beside the new one (its lr multiplier is the head's)
 NET = "net"  # a Classifier's network attribute: every parameter path starts with it
 RECORD_BATCH = 500  # images per forward pass when recording the old head's outputs
 BLOCK_SUFFIX = re.compile(r"_\d+$")  # conv3_2 -> conv3: VGG's convolutions grouped by block
@@ -139,23 +140,23 @@ class Plan:
     multipliers: dict[str, float]  # stage name or HEAD -> lr multiplier
 
     def region(self, path: tuple) -> str | None:
-        """HEAD, 'old_head', a stage name, or None for a path outside the network (normalization)."""
+        """HEAD, OLD_HEAD, a stage name, or None for a path outside the network (the input normalization)."""
         if len(path) < 2 or path[0] != NET:
             return None
         inner = path[1:]
         if inner[: len(self.head)] == self.head:
-            return "old_head" if self.old_head and inner[len(self.head): len(self.head) + 1] == ("old",) else HEAD
+            return OLD_HEAD if self.old_head and inner[len(self.head): len(self.head) + 1] == ("old",) else HEAD
         return stage_of(inner)
 
     def trains(self, region: str | None) -> bool:
         if region == HEAD:
             return True
-        if region == "old_head":
-            return self.mode == "lwf"
+        if region == OLD_HEAD:
+            return self.mode == "lwf"  # LwF trains the old head to keep its recorded outputs
         return region in self.trainable_stages
 
     def multiplier(self, region: str | None) -> float:
-        return self.multipliers.get(HEAD if region == "old_head" else region, 1.0)
+        return self.multipliers.get(HEAD if region == OLD_HEAD else region, 1.0)
 
 
 def make_plan(cfg: FinetuneConfig, head: tuple, stages: list[str], old_head: bool) -> Plan:
@@ -172,8 +173,6 @@ def make_plan(cfg: FinetuneConfig, head: tuple, stages: list[str], old_head: boo
     known = [HEAD, *stages]
     for name in cfg.lr_mult:
         if name not in known:
-            from cnncli.errors import suggest
-
             raise UserError(f"finetune.lr_mult: no stage '{name}'{suggest(name, known)}; stages: {', '.join(known)}")
     # discriminative fine-tuning: the stage d places below the head gets lr_decay ** d
     multipliers = {HEAD: 1.0, **{s: cfg.lr_decay ** (len(stages) - i) for i, s in enumerate(stages)}}
@@ -205,14 +204,16 @@ def scale_by_tree(factors) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def build_optimizer(optim: OptimConfig, lr: Callable, params, labels, multipliers) -> optax.GradientTransformation:
-    """The recipe's optimizer on the trainable parameters, zero updates for the frozen ones."""
+def build_optimizer(optim: OptimConfig, lr: Callable, params, labels, multipliers, *,
+                    plateau: bool = False) -> optax.GradientTransformation:
+    """The recipe's optimizer on the trainable parameters (with the plateau factor if the schedule is
+    `plateau`), zero updates for the frozen ones."""
     from cnncli.train.optim import build_optimizer as recipe_optimizer
 
     def only_trainable(tree):  # the view optax.partition gives the trainable group
         return jax.tree.map(lambda x, label: x if label == TRAIN else optax.MaskedNode(), tree, labels)
 
-    trainable = recipe_optimizer(optim, lr, only_trainable(params))
+    trainable = recipe_optimizer(optim, lr, only_trainable(params), plateau=plateau)
     if any(m != 1.0 for m in jax.tree.leaves(multipliers)):
         trainable = optax.chain(trainable, scale_by_tree(only_trainable(multipliers)))
     return optax.partition({TRAIN: trainable, FROZEN: optax.set_to_zero()}, labels)
@@ -395,8 +396,8 @@ class FineTuning:
     old: OldTask | None = None
     notes: list[str] = field(default_factory=list)  # things the user should know before training
 
-    def optimizer(self, optim: OptimConfig, lr: Callable) -> optax.GradientTransformation:
-        return build_optimizer(optim, lr, self.model.params, self.labels, self.multipliers)
+    def optimizer(self, optim: OptimConfig, lr: Callable, *, plateau: bool = False) -> optax.GradientTransformation:
+        return build_optimizer(optim, lr, self.model.params, self.labels, self.multipliers, plateau=plateau)
 
     def counts(self) -> tuple[int, int]:
         """(trainable, frozen) parameter counts."""
@@ -414,12 +415,9 @@ class FineTuning:
         trainable, frozen = self.counts()
         plan = self.plan
         head = ".".join(map(str, plan.head))
-        if not self.head_replaced:
-            head_text = f"head {head} kept"
-        else:
-            kept = "" if self.old is None else (", old head kept" + (" (trains)" if plan.mode == "lwf" else
-                                                                     " (frozen)"))
-            head_text = f"head {head} replaced{kept}"
+        head_text = f"head {head} {'replaced' if self.head_replaced else 'loaded'}"
+        if self.old is not None:
+            head_text += f", old head kept ({'trains' if plan.mode == 'lwf' else 'frozen'})"
         frozen_stages = [s for s in plan.stages if s not in plan.trainable_stages]
         stages = (f"trains: {', '.join([HEAD, *plan.trainable_stages])}"
                   + (f"; frozen: {', '.join(frozen_stages)}" if frozen_stages else ""))
@@ -451,6 +449,7 @@ def prepare(source, recipe: Recipe, splits) -> FineTuning:
             in shape, or the finetune section asks for something the model does not have.
     """
     from cnncli.train.loop import Model
+    from cnncli.train.toolbox import layer_dtype
 
     cfg = recipe.finetune or FinetuneConfig()
     _check_input(source.image_shape, splits.image_shape)
@@ -489,7 +488,8 @@ def prepare(source, recipe: Recipe, splits) -> FineTuning:
     set_inference_where_frozen(model, plan)
     if cfg.mode == "lwf":
         module_at(model.net, head).output = "both"
-    train_def, params, rest = nnx.split(model, nnx.Param, ...)
+    with layer_dtype(model, recipe.train.precision):  # bfloat16 training, as train.steps.split_model does
+        train_def, params, rest = nnx.split(model, nnx.Param, ...)
     model.eval()
     if keep_old:
         module_at(model.net, head).output = "new"

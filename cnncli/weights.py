@@ -43,17 +43,17 @@ SECTIONS = ("features", "pre_logits", "classifier", "head")  # order of the part
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 VGGS = tuple(f"{n}{bn}" for n in ("vgg11", "vgg13", "vgg16", "vgg19") for bn in ("", "_bn"))
-# model args that make cnncli's preset torchvision's architecture at any input size
-MODEL_ARGS = {**{n: {"stem": "imagenet"} for n in RESNETS}, **{n: {"classifier": "paper"} for n in VGGS}}
+# torchvision's name -> (cnncli's model, the args that make it torchvision's architecture at any input size)
+ARCHS = {**{n: (n, {"stem": "imagenet"}) for n in RESNETS}, **{n: (n, {"classifier": "paper"}) for n in VGGS},
+         "alexnet": ("alexnet_tv", {})}  # cnncli's `alexnet` is the paper's (96 filters, LRN, two towers)
 SEQUENTIAL_FAMILIES = ("vgg", "alexnet")
 
 
 def architectures() -> list[str]:
-    """The architectures import-weights maps (alexnet once the zoo registers it)."""
+    """The (torchvision) architecture names import-weights maps."""
     from cnncli.models import registered_models
 
-    known = [*RESNETS, *VGGS, "alexnet"]
-    return [a for a in known if a in registered_models()]
+    return [name for name, (model, _) in ARCHS.items() if model in registered_models()]
 
 
 # ----------------------------------------------------------------------------- reading
@@ -306,7 +306,8 @@ def import_state_dict(arch: str, tensors: dict[str, np.ndarray], *, source: str,
     if input_shape[2] not in (1, 3):
         raise UserError(f"--input must have 1 or 3 channels, got {input_shape[2]}")
     num_classes = num_classes_of(arch, tensors)
-    cfg = ModelConfig(name=arch, args=MODEL_ARGS.get(arch, {}))
+    model_name, args = ARCHS[arch]
+    cfg = ModelConfig(name=model_name, args=args)
     def build():
         return build_model(cfg, input_shape=input_shape, num_classes=num_classes, mean=mean, std=std)
 
@@ -358,7 +359,7 @@ def write_run(run, imported: Imported, *, source: Path, class_names: list[str], 
 
     h, w, c = imported.input_shape
     recipe = Recipe(name=run.path.name, description=f"{imported.arch} imported from {Path(source).name}",
-                    model=ModelConfig(name=imported.arch, args=MODEL_ARGS.get(imported.arch, {})),
+                    model=ModelConfig(name=ARCHS[imported.arch][0], args=ARCHS[imported.arch][1]),
                     data=DataConfig(source=data_source, image_size=(h, w), channels=c))
     if overwrite and run.path.exists():
         shutil.rmtree(run.path)

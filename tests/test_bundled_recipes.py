@@ -13,7 +13,8 @@ from tests.conftest import cli
 # image shape and classes of each source the recipes use, for a stand-in of the same shape
 SOURCE_SHAPES = {"fashion_mnist": "28x28x1:10", "digits": "8x8x1:10", "tfds:cifar10": "32x32x3:10"}
 SMOKE = ["--set", "train.epochs=1", "--set", "data.limit=64", "--set", "train.batch_size=32",
-         "--set", "data.val_fraction=0.25", "--set", "data.train_per_class=null", "--set", "schedule.warmup_epochs=0"]
+         "--set", "data.val_fraction=0.25", "--set", "data.train_per_class=null", "--set", "schedule.warmup_epochs=0",
+         "--set", "data.classes=null"]
 
 
 # fine-tune recipes need a source model: tests/test_finetune.py runs them

@@ -12,7 +12,7 @@ from flax import nnx
 from safetensors.torch import save_file
 
 from cnncli import finetune
-from cnncli.recipe import FinetuneConfig, OptimConfig
+from cnncli.recipe import FinetuneConfig, OptimConfig, bundled_recipes, read_yaml
 from cnncli.trained import load_trained
 from cnncli.trees import flatten
 from cnncli.weights import IMAGENET_MEAN, IMAGENET_STD, import_state_dict, read_state_dict
@@ -86,6 +86,11 @@ def test_head_mode_leaves_every_frozen_parameter_and_statistic_bit_identical(sou
     old = json.loads(cli("eval", tmp_path / "head", "--head", "old", "--json").stdout)
     source_test = json.loads((source_run / "source" / "summary.json").read_text())["test"]
     assert old["top1"] == pytest.approx(source_test["top1"]) and len(old["class_names"]) == 4
+
+    rows = metric_rows(tmp_path / "head")  # a finished run resumes to the same place, via fine-tune only
+    result = cli("fine-tune", "--resume", "--run-dir", tmp_path / "head")
+    assert result.exit_code == 0 and "resuming" in result.stderr and metric_rows(tmp_path / "head") == rows
+    assert_one_line_error(cli("train", "--resume", "--run-dir", tmp_path / "head"), "cnncli fine-tune --resume")
 
 
 def test_partial_trains_only_the_last_stages(source_run, tmp_path):
@@ -168,6 +173,13 @@ def test_lwf_reports_both_tasks_each_epoch_and_keeps_the_old_head_evaluable(lene
     assert new["n"] == 5000 and new["class_names"][0] == "Sandal"
 
 
+@pytest.mark.parametrize("path", [p for p in bundled_recipes() if "finetune" in read_yaml(p)], ids=lambda p: p.stem)
+def test_bundled_fine_tune_recipes_run(path, lenet_run, tmp_path):
+    result = cli("fine-tune", lenet_run, path, "--run-dir", tmp_path / "run", "--set", "train.epochs=1")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["test"]["n"] > 0
+
+
 # ----------------------------------------------------------------------------- PyTorch weights
 
 
@@ -184,7 +196,7 @@ def save_both(model, directory):
     return directory / "weights.pth", directory / "weights.safetensors"
 
 
-@pytest.mark.parametrize("arch,size", [("resnet18", 224), ("resnet50", 64), ("vgg11_bn", 64)])
+@pytest.mark.parametrize("arch,size", [("resnet18", 224), ("resnet50", 64), ("vgg11_bn", 64), ("alexnet", 64)])
 def test_imported_weights_give_torch_logits(arch, size, tmp_path):
     model = randomized(arch, size)
     pth, safetensors = save_both(model, tmp_path)

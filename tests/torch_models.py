@@ -1,8 +1,8 @@
 """PyTorch models with torchvision's exact module names (torchvision itself is not installed here).
 
-ResNet follows torchvision.models.resnet (v1.5: the stride on the bottleneck's 3x3 conv), VGG
-torchvision.models.vgg (features / avgpool / classifier); only what the state dict and the forward
-pass need is kept.
+ResNet follows torchvision.models.resnet (v1.5: the stride on the bottleneck's 3x3 conv), VGG and
+AlexNet torchvision.models.vgg / .alexnet (features / avgpool / classifier); only what the state dict
+and the forward pass need is kept.
 """
 
 import torch
@@ -103,6 +103,24 @@ class VGG(nn.Module):
         return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
+class AlexNet(nn.Module):
+    def __init__(self, num_classes=1000):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 64, 11, 4, 2), nn.ReLU(True), nn.MaxPool2d(3, 2),
+            nn.Conv2d(64, 192, 5, padding=2), nn.ReLU(True), nn.MaxPool2d(3, 2),
+            nn.Conv2d(192, 384, 3, padding=1), nn.ReLU(True),
+            nn.Conv2d(384, 256, 3, padding=1), nn.ReLU(True),
+            nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(True), nn.MaxPool2d(3, 2))
+        self.avgpool = nn.AdaptiveAvgPool2d((6, 6))
+        self.classifier = nn.Sequential(nn.Dropout(), nn.Linear(256 * 6 * 6, 4096), nn.ReLU(True),
+                                        nn.Dropout(), nn.Linear(4096, 4096), nn.ReLU(True),
+                                        nn.Linear(4096, num_classes))
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
 def resnet18(num_classes=1000):
     return ResNet(BasicBlock, [2, 2, 2, 2], num_classes)
 
@@ -115,7 +133,7 @@ def vgg11_bn(num_classes=1000):
     return VGG(VGG_CONFIGS["vgg11"], batch_norm=True, num_classes=num_classes)
 
 
-BUILDERS = {"resnet18": resnet18, "resnet50": resnet50, "vgg11_bn": vgg11_bn}
+BUILDERS = {"resnet18": resnet18, "resnet50": resnet50, "vgg11_bn": vgg11_bn, "alexnet": AlexNet}
 
 
 @torch.no_grad()

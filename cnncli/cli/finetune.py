@@ -16,23 +16,25 @@ def fine_tune(
                                              "`cnncli import-weights` output."),
     recipe: str = typer.Argument(None, help="Recipe for the new data (file or bundled name); its model section "
                                             "may be left out, its finetune section says how to adapt."),
-    mode: str = typer.Option(None, "--mode", help="head, partial, full or lwf [default: the recipe's, else full]."),
+    mode: str = typer.Option(None, "--mode", help="head, partial, full or lwf (default: the recipe's, else full)."),
     unfreeze_last: int = typer.Option(None, "--unfreeze-last", min=0,
                                       help="Train the last N stages below the head too (implies --mode partial)."),
     overrides: list[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE",
                                         help="Override a recipe key, e.g. --set finetune.lwf_lambda=2 (repeatable)."),
-    run_dir: Path = typer.Option(None, "--run-dir", help="Where to write the run [default: runs/<recipe name>]."),
+    run_dir: Path = typer.Option(None, "--run-dir", help="Where to write the run (default: runs/<recipe name>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the fine-tuning in --run-dir from its last "
                                                         "checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over in a run directory that holds a run."),
 ) -> None:
     """Fine-tune a trained model on a recipe's data.
 
-    The head is replaced when the class count changes (or finetune.new_head is set) and the source's head is
-    kept to report old-task accuracy; everything else is loaded from the source. Modes: head trains only the
-    new head (frozen layers stay in inference mode), partial also the last --unfreeze-last stages, full
-    everything (finetune.lr_mult / lr_decay for layer-wise rates), lwf everything while distilling the old
-    head's recorded outputs (Learning without Forgetting).
+    The head is replaced when the class count changes (or finetune.new_head),
+    the rest is loaded; the source's head is kept to report old-task accuracy.
+
+    Modes: head trains the new head only (frozen layers in inference mode);
+    partial also the last --unfreeze-last stages; full everything
+    (finetune.lr_mult, lr_decay: layer-wise rates); lwf everything, distilling
+    the old head's recorded outputs (Learning without Forgetting).
     """
     from cnncli import recipe as recipe_lib
     from cnncli.runs import DEFAULT_ROOT, RunDir

@@ -28,24 +28,26 @@ def read_class_names(path: Path, count: int) -> list[str]:
 
 @app.command("import-weights")
 def import_weights(
-    arch: str = typer.Argument(..., help="resnet18/34/50/101/152, vgg11/13/16/19 (+_bn), alexnet."),
+    arch: str = typer.Argument(..., help="torchvision's name: resnet18/34/50/101/152, vgg11/13/16/19 (+_bn), alexnet "
+                                                 "(cnncli's alexnet_tv)."),
     path: Path = typer.Argument(..., help="State dict: .safetensors, or .pth/.pt (reading those needs torch)."),
     out: Path = typer.Option(..., "--out", help="Run directory to write (eval, fine-tune, adversarial, summary "
                                                 "read it)."),
     mean: str = typer.Option(None, "--mean", help="Per-channel mean of the pixels in [0, 1] the weights expect "
-                                                  "[default: ImageNet's 0.485,0.456,0.406]."),
-    std: str = typer.Option(None, "--std", help="Per-channel std [default: ImageNet's 0.229,0.224,0.225]."),
+                                                  "(default: ImageNet's 0.485,0.456,0.406)."),
+    std: str = typer.Option(None, "--std", help="Per-channel std (default: ImageNet's 0.229,0.224,0.225)."),
     input_shape: str = typer.Option("224x224x3", "--input", help="Image size the run records, HxWxC."),
     class_names: Path = typer.Option(None, "--class-names", help="Text file, one class name per line "
-                                                                 "[default: class_000, class_001, ...]."),
-    data: str = typer.Option(None, "--data", help="Dataset source the weights were trained on [default: "
-                                                  "tfds:imagenet2012 for 1000 classes]."),
+                                                                 "(default: class_000, class_001, ...)."),
+    data: str = typer.Option(None, "--data", help="Dataset source the weights were trained on (default: "
+                                                  "tfds:imagenet2012 for 1000 classes)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out."),
 ) -> None:
-    """Import PyTorch weights (torchvision or timm names) into a cnncli run directory.
+    """Import PyTorch weights (torchvision or timm names) as a cnncli run.
 
-    Layouts are converted (OIHW -> HWIO, linear transposed, BN running statistics); since cnncli models take
-    pixels in [0, 1], the weights' normalization (ImageNet's unless --mean/--std) becomes the model's first op.
+    Layouts are converted (OIHW to HWIO, linear layers transposed, batch-norm
+    running statistics kept). cnncli models take pixels in [0, 1], so the
+    weights' normalization (ImageNet's unless --mean/--std) is the first op.
     """
     from cnncli.cli.summary import parse_shape
     from cnncli.console import console

@@ -146,7 +146,7 @@ def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, 
     model = tune.model if tune else build(recipe, splits.image_shape, splits.num_classes, splits.mean, splits.std)
     lr = optim_lib.learning_rate(recipe.optim, recipe.schedule, epochs=epochs, steps_per_epoch=spe)
     plateau = recipe.schedule.name == "plateau"
-    tx = (tune.optimizer(recipe.optim, lr) if tune
+    tx = (tune.optimizer(recipe.optim, lr, plateau=plateau) if tune
           else optim_lib.build_optimizer(recipe.optim, lr, model.params, plateau=plateau))
     ema = toolbox.init_ema(model.params, model.rest) if recipe.train.ema is not None else None
     state = TrainState(model.params, model.rest, tx.init(model.params), jnp.zeros((), jnp.int32), ema)
