@@ -30,7 +30,7 @@ test: setup data  ## the whole test suite (what .ci/run runs)
 lint: setup
 	$(BIN)/ruff check cnncli tests
 
-bench: setup  ## cnncli vs the PyTorch peer, side by side (needs `pip install torch==2.13.0` in .venv)
+bench: setup  ## cnncli vs the PyTorch peer, side by side (torch comes with the dev extra)
 	@for m in lenet5 resnet18 vgg16; do \
 	  $(BIN)/python ../shared/peers/side_by_side.py --rounds 3 \
 	    --a "$(BIN)/cnncli benchmark --model $$m --json" \

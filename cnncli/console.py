@@ -51,6 +51,8 @@ class TrainDisplay:
             val += f" robust {row['val_robust_acc']:.2%}"
         if "val_ema_acc" in row:
             val += f" (EMA {row['val_ema_acc']:.2%})"
+        if "old_val_acc" in row:  # fine-tuning that kept the old head: how much of the old task remains
+            val += f"  old-task val acc {row['old_val_acc']:.2%}"
         line = (f"epoch {row['epoch']}/{self.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.2%}"
                 f"{val}  lr {row['lr']:.2e}  {row['img_per_s']:,.0f} img/s  {row['seconds']:.1f}s")
         if self._progress is not None:

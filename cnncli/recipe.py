@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator
 
 from cnncli.errors import UserError, suggest
 
@@ -140,6 +140,25 @@ class TrainConfig(Section):
         return value
 
 
+class FinetuneConfig(Section):
+    """How `cnncli fine-tune` adapts a trained model (the source) to this recipe's data."""
+
+    mode: Literal["head", "partial", "full", "lwf"] = Field(
+        "full", description="head: train only the new classifier; partial: also the last unfreeze_last stages; "
+                            "full: everything; lwf: everything, plus distillation that keeps the old head's outputs")
+    unfreeze_last: int = Field(1, ge=0, description="partial: how many stages below the head train")
+    new_head: bool = Field(False, description="replace the head even when the class count is unchanged")
+    keep_old_head: bool = Field(True, description="keep a replaced head (frozen unless lwf) to report old-task "
+                                                  "accuracy; lwf needs it")
+    lr_mult: dict[str, PositiveFloat] = Field(default_factory=dict,
+                                      description="learning-rate multiplier per stage name ('head' for the head)")
+    lr_decay: float = Field(1.0, gt=0.0, le=1.0, description="discriminative fine-tuning: each stage below the "
+                                                             "head gets this times the lr of the stage above it")
+    lwf_lambda: float = Field(1.0, ge=0.0, description="lwf: weight lambda_o of the distillation loss")
+    lwf_temperature: float = Field(2.0, gt=0.0, description="lwf: temperature T of the distillation")
+    source: str | None = Field(None, description="the source run (written by `cnncli fine-tune`)")
+
+
 class Recipe(Section):
     name: str
     description: str = ""
@@ -150,6 +169,7 @@ class Recipe(Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    finetune: FinetuneConfig | None = Field(None, description="set by fine-tune recipes (`cnncli fine-tune`)")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -222,11 +242,19 @@ def _list_index(node: list, part: str, path: list[str]) -> int:
     return int(part)
 
 
-def load(path_or_name: str | Path, overrides: list[str] = ()) -> Recipe:
-    """Load, override and validate a recipe; every problem is a UserError naming the key."""
+def load(path_or_name: str | Path, overrides: list[str] = (), defaults: dict[str, Any] | None = None) -> Recipe:
+    """Load, override and validate a recipe; every problem is a UserError naming the key.
+
+    `defaults` fill top-level sections the file leaves out (a fine-tune recipe takes its model from the source).
+    """
     path = resolve_path(path_or_name)
     raw = read_yaml(path)
     raw.setdefault("name", path.stem)
+    for key, value in (defaults or {}).items():
+        raw.setdefault(key, value)
+    if "finetune" in raw and "model" not in raw:
+        raise UserError(f"{path} is a fine-tune recipe (its model comes from the source): run it with "
+                        f"`cnncli fine-tune SOURCE {path_or_name}`")
     for assignment in overrides:
         apply_override(raw, assignment)
     return validate(raw, source=str(path))

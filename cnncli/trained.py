@@ -47,7 +47,6 @@ def load_trained(path: str | Path, which: str = "best", *, ema: bool = False) ->
     train.ema; otherwise a UserError).
     """
     from cnncli import recipe as recipe_lib
-    from cnncli.train.loop import build
     from cnncli.train.steps import TrainState
 
     path = Path(path)
@@ -58,13 +57,24 @@ def load_trained(path: str | Path, which: str = "best", *, ema: bool = False) ->
     ckpt, meta = (path, {}) if is_single else checkpoint.find(run.path, which)
     recipe = recipe_lib.load(run.recipe)
     data = run.read_json(run.data)
-    model = build(recipe, tuple(data["image_shape"]), len(data["class_names"]), data["mean"], data["std"])
+    model = _build(recipe, data)
     template = TrainState(model.params, model.rest, None, None,
                           {"params": model.params, "rest": model.rest} if ema else None)
     state, _ = checkpoint.restore(ckpt, template, with_optimizer=False)
     weights = state.ema if ema else {"params": state.params, "rest": state.rest}
     model = replace(model, params=weights["params"], rest=weights["rest"])
     return Trained(run=run, recipe=recipe, data=data, model=model, checkpoint=ckpt, meta=meta)
+
+
+def _build(recipe: Recipe, data: dict[str, Any]):
+    """The run's model (a train.loop.Model); a fine-tuned run that kept its old head carries it too."""
+    if "old_task" in data:
+        from cnncli.finetune import build_with_old_head
+
+        return build_with_old_head(recipe, data)
+    from cnncli.train.loop import build
+
+    return build(recipe, tuple(data["image_shape"]), len(data["class_names"]), data["mean"], data["std"])
 
 
 def eval_data(trained: Trained, split: str = "test", source: str | None = None):

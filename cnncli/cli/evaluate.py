@@ -16,6 +16,8 @@ def eval_command(
     split: str = typer.Option("test", "--split", help="train, val or test."),
     data: str = typer.Option(None, "--data", help="Evaluate on another dataset source with the same classes."),
     which: str = typer.Option("best", "--checkpoint", help="best or latest checkpoint of the run."),
+    head: str = typer.Option("new", "--head", help="new, or old: the head a fine-tuned run kept from its source, "
+                                                   "evaluated on the source's data."),
     batch_size: int = typer.Option(1000, "--batch-size", min=1, help="Evaluation batch size."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
     ema: bool = typer.Option(False, "--ema", help="Use the EMA weights (runs trained with train.ema)."),
@@ -29,6 +31,14 @@ def eval_command(
     from cnncli.trained import eval_data, load_trained
 
     trained = load_trained(path, which, ema=ema)
+    if head == "old":
+        from cnncli.finetune import old_head_view
+
+        trained = old_head_view(trained)
+    elif head != "new":
+        from cnncli.errors import UserError
+
+        raise UserError(f"--head must be new or old, got '{head}'")
     x, y, names = eval_data(trained, split, data)
     with progress_bar(f"eval {split}", disable=as_json) as advance:
         result = evaluate(trained.model.eval_def, trained.model.params, trained.model.rest, x, y,

@@ -90,15 +90,12 @@ def summary(
     names = registered_models()
     # A model name wins over a bundled recipe of the same name (`cnncli summary vgg16` is the
     # architecture); a path to an existing file is always a recipe.
-    run_data = Path(target) / "data.json"
     if Path(target).is_dir() and (Path(target) / "recipe.yaml").is_file():
         # A run directory: its resolved recipe, and the image shape and classes it was trained on.
         recipe = load(Path(target) / "recipe.yaml", overrides)
+        data = json.loads((Path(target) / "data.json").read_text())
         name, options = recipe.model.name, model_options(recipe.model)
-        shape, n_classes = _recipe_input(recipe)
-        if run_data.is_file():
-            data = json.loads(run_data.read_text())
-            shape, n_classes = tuple(data["image_shape"]), len(data["class_names"])
+        shape, n_classes = tuple(data["image_shape"]), len(data["class_names"])
         run_batch = recipe.train.batch_size
     elif target in names and not Path(target).is_file():
         name, options = target, _parse_options(overrides)

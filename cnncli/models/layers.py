@@ -621,10 +621,20 @@ class GlobalPool(Layer):
         return f"global {self.pool_kind}pool"
 
 
+def adaptive_pool_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) averaging weights of torchvision's adaptive pooling along one axis: output i averages
+    inputs floor(i * n_in / n_out) .. ceil((i + 1) * n_in / n_out) - 1 (bins overlap or repeat when needed)."""
+    m = np.zeros((n_out, n_in), np.float32)
+    for i in range(n_out):
+        start, end = (i * n_in) // n_out, -(-(i + 1) * n_in // n_out)
+        m[i, start:end] = 1.0 / (end - start)
+    return m
+
+
 class AdaptiveAvgPool(Layer):
-    """Average pooling to a fixed output size (torchvision's AdaptiveAvgPool2d) for inputs that are a
-    multiple of it, or that it is a multiple of (small maps are then repeated, as torchvision does);
-    the identity when the sizes already match (the usual 224-pixel case)."""
+    """Average pooling to a fixed output size, as torchvision's AdaptiveAvgPool2d: the identity when the
+    sizes already match (the usual 224-pixel case), plain pooling for multiples of the size, and
+    torchvision's overlapping or repeating bins otherwise (so imported VGGs take any input size)."""
 
     kind = "pool"
 
@@ -632,22 +642,20 @@ class AdaptiveAvgPool(Layer):
         self.size = size
 
     def output_shape(self, shape):
-        n, h, w, c = _spatial(shape, "adaptive pooling")
-        if h != w or (h % self.size and self.size % h):
-            raise UserError(f"adaptive pooling to {self.size}x{self.size} needs a square map that divides or is "
-                            f"divided by {self.size}, got {h}x{w}")
+        n, _, _, c = _spatial(shape, "adaptive pooling")
         return (n, self.size, self.size, c)
 
     def forward(self, x):
-        h = x.shape[1]
-        if h >= self.size:
-            return x if h == self.size else avg_pool(x, h // self.size)
-        r = self.size // h
-        return jnp.repeat(jnp.repeat(x, r, axis=1), r, axis=2)
+        h, w = x.shape[1:3]
+        if (h, w) == (self.size, self.size):
+            return x
+        if h == w and h % self.size == 0:
+            return avg_pool(x, h // self.size)
+        rows, cols = adaptive_pool_matrix(h, self.size), adaptive_pool_matrix(w, self.size)
+        return jnp.einsum("ih,jw,nhwc->nijc", rows, cols, x)
 
     def windows(self, in_shape):
-        k = max(in_shape[1] // self.size, 1)
-        return Window(k, k, 0), Window(k, k, 0)
+        return tuple(Window(-(-n // self.size), max(n // self.size, 1), 0) for n in in_shape[1:3])
 
     def describe(self):
         return f"adaptive avgpool {self.size}x{self.size}"

@@ -35,6 +35,7 @@ from cnncli.train.steps import (
     make_train_step,
     replicate,
     shuffle,
+    shuffle_like,
     split_model,
 )
 
@@ -70,11 +71,15 @@ def build(recipe: Recipe, image_shape, num_classes: int, mean=None, std=None) ->
     return Model(*split_model(model, recipe.train.precision))
 
 
-def check_recipe(recipe: Recipe) -> None:
-    """Fail early (before loading data) on unknown names and on options that need a validation split."""
+def check_recipe(recipe: Recipe, *, fine_tuning: bool = False) -> None:
+    """Fail early (before loading data) on unknown names, on options that need a validation split,
+    and on a fine-tune recipe given to `cnncli train`."""
     optim_lib.OPTIMIZERS.get(recipe.optim.name)
     optim_lib.SCHEDULES.get(recipe.schedule.name)
     _augment(recipe)
+    if recipe.finetune is not None and not fine_tuning:
+        raise UserError(f"recipe '{recipe.name}' has a finetune section: run it with `cnncli fine-tune SOURCE RECIPE` "
+                        "(a fine-tuned run resumes with `cnncli fine-tune --resume --run-dir DIR`)")
     needs_val = {"train.early_stopping": recipe.train.early_stopping is not None,
                  "train.keep_checkpoints": recipe.train.keep_checkpoints is not None,
                  "schedule.name=plateau": recipe.schedule.name == "plateau"}
@@ -125,18 +130,24 @@ def start_run(recipe: Recipe, splits: Splits, run: RunDir) -> None:
                               "n_train": len(splits.train_x), "n_val": len(splits.val_x)})
 
 
-def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, display=None) -> dict[str, Any]:
-    """Train `recipe` on `splits`, writing metrics and checkpoints into `run`; returns the summary."""
+def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, display=None,
+          tune=None) -> dict[str, Any]:
+    """Train `recipe` on `splits`, writing metrics and checkpoints into `run`; returns the summary.
+
+    `tune` (a `cnncli.finetune.FineTuning`) starts from its prepared model instead of a fresh one and
+    brings its optimizer (freezing masks, lr multipliers), distillation targets and old-task metrics.
+    """
     display = display or _NullDisplay()
     run.path.mkdir(parents=True, exist_ok=True)
     mesh = data_mesh()
     check_batch(recipe.train.batch_size, mesh)
     spe = steps_per_epoch(recipe, len(splits.train_x))
     epochs = recipe.train.epochs
-    model = build(recipe, splits.image_shape, splits.num_classes, splits.mean, splits.std)
+    model = tune.model if tune else build(recipe, splits.image_shape, splits.num_classes, splits.mean, splits.std)
     lr = optim_lib.learning_rate(recipe.optim, recipe.schedule, epochs=epochs, steps_per_epoch=spe)
     plateau = recipe.schedule.name == "plateau"
-    tx = optim_lib.build_optimizer(recipe.optim, lr, model.params, plateau=plateau)
+    tx = (tune.optimizer(recipe.optim, lr, plateau=plateau) if tune
+          else optim_lib.build_optimizer(recipe.optim, lr, model.params, plateau=plateau))
     ema = toolbox.init_ema(model.params, model.rest) if recipe.train.ema is not None else None
     state = TrainState(model.params, model.rest, tx.init(model.params), jnp.zeros((), jnp.int32), ema)
     totals = init_totals()
@@ -174,7 +185,8 @@ def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, 
                                  label_smoothing=recipe.train.label_smoothing, penalty=penalty,
                                  perturb=perturb, mix=adversarial.mix if adversarial else 1.0,
                                  class_weights=None if weights is None else replicate(jnp.asarray(weights), mesh),
-                                 ema_decay=recipe.train.ema, precision=recipe.train.precision)
+                                 ema_decay=recipe.train.ema, precision=recipe.train.precision,
+                                 distill=tune.distill if tune else None)
     draw = (partial(toolbox.balanced_shuffle, num_classes=splits.num_classes) if recipe.data.balanced_sampling
             else shuffle)
     has_val = len(splits.val_x) > 0
@@ -190,6 +202,7 @@ def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, 
     # an adversarially trained run keeps its most robust epoch: the cleanest one is often less robust
     select = "val_robust_acc" if val_robust is not None else "val_acc"
     xs_all, ys_all = replicate((jnp.asarray(splits.train_x), jnp.asarray(splits.train_y)), mesh)
+    aux_all = replicate(jnp.asarray(tune.aux), mesh) if tune and tune.aux is not None else None
     key = jax.random.key(recipe.seed)
     shuffle_key, augment_key = jax.random.fold_in(key, SHUFFLE_STREAM), jax.random.fold_in(key, AUGMENT_STREAM)
 
@@ -217,11 +230,13 @@ def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, 
                 display.message(f"early stopping after epoch {epoch}: no validation accuracy gain for "
                                 f"{recipe.train.early_stopping.patience} epochs (best: epoch {best['epoch']})")
                 break
-            xs, ys = draw(xs_all, ys_all, jax.random.fold_in(shuffle_key, epoch))
+            epoch_key = jax.random.fold_in(shuffle_key, epoch)
+            xs, ys = draw(xs_all, ys_all, epoch_key)
+            aux = None if aux_all is None else shuffle_like(aux_all, epoch_key)
             epoch_start = jnp.int32(epoch * spe)
             t0, first = time.perf_counter(), (start_step if epoch == start_epoch else 0)
             for i in range(first, spe):
-                state, totals = train_step(state, totals, xs, ys, epoch_start, augment_key)
+                state, totals = train_step(state, totals, xs, ys, epoch_start, augment_key, aux)
                 if stop.set and i + 1 < spe:
                     save(epoch, i + 1, is_best=False)
                     raise interrupted(f"epoch {epoch + 1}, step {i + 1}/{spe}")
@@ -248,6 +263,8 @@ def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, 
                     val = evaluate(model.eval_def, state.ema["params"], state.ema["rest"], splits.val_x, splits.val_y,
                                    splits.class_names, batch_size=val_batch, mesh=mesh, step_fn=val_step)
                     row.update(val_ema_loss=val["loss"], val_ema_acc=val["top1"])
+            if tune is not None:
+                row.update(tune.epoch_metrics(state.params, state.rest))
             is_best = has_val and row[select] > best.get("score", best["val_top1"])
             if is_best or not has_val:
                 best = {"val_top1": row.get("val_acc", -1.0), "epoch": epoch + 1, "score": row.get(select, -1.0)}
@@ -263,7 +280,8 @@ def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, 
             if stop.set and epoch + 1 < epochs:
                 raise interrupted(f"end of epoch {epoch + 1}")
     display.finish()
-    return finish(recipe, splits, run, model, state, mesh, best, stopped="early" if stopped_early else None)
+    return finish(recipe, splits, run, model, state, mesh, best, stopped="early" if stopped_early else None,
+                  tune=tune)
 
 
 def _stalled(recipe: Recipe, run: RunDir) -> bool:
@@ -281,11 +299,12 @@ def _restores_best(recipe: Recipe) -> bool:
 
 
 def finish(recipe: Recipe, splits: Splits, run: RunDir, model: Model, state, mesh, best,
-           stopped: str | None = None) -> dict[str, Any]:
+           stopped: str | None = None, tune=None) -> dict[str, Any]:
     """Evaluate the reported checkpoint on the test split and write summary.json.
 
     The reported checkpoint is the best one, except with early_stopping.restore_best false: then it is
-    the latest. `stopped` ('early' or 'user') records why a run ended before train.epochs.
+    the latest. `stopped` ('early' or 'user') records why a run ended before train.epochs. `tune`
+    (fine-tuning) adds its old-task metrics.
     """
     rule = recipe.train.early_stopping
     which = "latest" if rule is not None and not rule.restore_best else "best"
@@ -307,6 +326,10 @@ def finish(recipe: Recipe, splits: Splits, run: RunDir, model: Model, state, mes
         summary["test"] = test(params=reported.params, rest=reported.rest)
         if reported.ema is not None:
             summary["test_ema"] = test(params=reported.ema["params"], rest=reported.ema["rest"])
+    if tune is not None:
+        ckpt, _ = checkpoint.find(run.path, which)
+        reported, _ = checkpoint.restore(ckpt, state, with_optimizer=False)
+        summary.update(tune.final_metrics(reported.params, reported.rest))
     run.write_json(run.summary, summary)
     return summary
 

@@ -107,8 +107,8 @@ def make_train_step(train_def, tx: optax.GradientTransformation, *, num_classes:
                     mesh: Mesh, augment: Callable | None = None, label_smoothing: float = 0.0,
                     penalty: Callable | None = None, perturb: Callable | None = None, mix: float = 1.0,
                     class_weights: jax.Array | None = None, ema_decay: float | None = None,
-                    precision: str = "float32") -> Callable:
-    """A jitted step(state, totals, xs, ys, epoch_start, key) -> (state, totals).
+                    precision: str = "float32", distill: Callable | None = None) -> Callable:
+    """A jitted step(state, totals, xs, ys, epoch_start, key, aux=None) -> (state, totals).
 
     xs/ys are the epoch's shuffled uint8 images and labels on device; the batch is the slice that
     starts at (state.step - epoch_start) * batch_size. state and totals are donated.
@@ -120,10 +120,13 @@ def make_train_step(train_def, tx: optax.GradientTransformation, *, num_classes:
     `class_weights` (k,) weight the loss per class; `ema_decay` updates state.ema after every step;
     `precision` bfloat16 computes the forward and backward pass in bfloat16 (with a train graphdef
     from `split_model(model, 'bfloat16')`), the weights staying float32.
+    `distill(logits, aux_batch) -> (task_logits, loss)` (Learning without Forgetting) takes extra
+    outputs off the logits and adds a loss on them; aux_batch is the batch's slice of `aux`, a
+    per-example array shuffled like xs (see `shuffle_like`).
     """
     batch_sharding = NamedSharding(mesh, P("data"))
 
-    def step(state: TrainState, totals, xs, ys, epoch_start, key):
+    def step(state: TrainState, totals, xs, ys, epoch_start, key, aux=None):
         start = (state.step - epoch_start) * batch_size
         x = to_pixels(jax.lax.dynamic_slice_in_dim(xs, start, batch_size))
         labels = jax.nn.one_hot(jax.lax.dynamic_slice_in_dim(ys, start, batch_size), num_classes)
@@ -141,17 +144,21 @@ def make_train_step(train_def, tx: optax.GradientTransformation, *, num_classes:
         def loss_fn(params):
             # one forward over clean + adversarial examples: one batch-norm update per step
             if precision == "float32":
-                logits, rest, aux = forward(train_def, params, state.rest, inputs, with_aux=True)
+                logits, rest, aux_logits = forward(train_def, params, state.rest, inputs, with_aux=True)
             else:
-                logits, rest, aux = forward(train_def, to_compute_dtype(params, precision),
-                                            to_compute_dtype(state.rest, precision),
-                                            inputs.astype(COMPUTE_DTYPES[precision]), with_aux=True)
+                logits, rest, aux_logits = forward(train_def, to_compute_dtype(params, precision),
+                                                   to_compute_dtype(state.rest, precision),
+                                                   inputs.astype(COMPUTE_DTYPES[precision]), with_aux=True)
                 rest = like_dtypes(rest, state.rest)
+            kept = 0.0
+            if distill is not None:  # Learning without Forgetting: the old head's outputs are kept
+                logits, kept = distill(logits, jax.lax.dynamic_slice_in_dim(aux, start, batch_size))
             loss = weighted_cross_entropy(logits, targets, class_weights, weights)
             # auxiliary classifiers (GoogLeNet) join the training loss with the paper's weight
-            aux_loss = sum(AUX_WEIGHT * weighted_cross_entropy(a, targets, class_weights, weights) for a in aux)
+            aux_loss = sum(AUX_WEIGHT * weighted_cross_entropy(a, targets, class_weights, weights)
+                           for a in aux_logits)
             reg = penalty(params) if penalty is not None else 0.0
-            return loss + aux_loss + reg, (loss, logits[:batch_size], rest)
+            return loss + aux_loss + reg + kept, (loss, logits[:batch_size], rest)
 
         grads, (loss, logits, rest) = jax.grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -179,6 +186,12 @@ def shuffle(xs: jax.Array, ys: jax.Array, key: jax.Array):
     """The epoch's shuffled copy of the training set, made once per epoch on device."""
     order = jax.random.permutation(key, xs.shape[0])
     return xs[order], ys[order]
+
+
+@jax.jit
+def shuffle_like(aux: jax.Array, key: jax.Array) -> jax.Array:
+    """A per-example array in the order `shuffle` gives the training set for the same key."""
+    return aux[jax.random.permutation(key, aux.shape[0])]
 
 
 def make_eval_step(eval_def, *, num_classes: int, batch_size: int, mesh: Mesh, tta: bool = False) -> Callable:
