@@ -26,6 +26,7 @@ def evaluate(eval_def, params, rest, x: np.ndarray, y: np.ndarray, class_names: 
     step = step_fn or make_eval_step(eval_def, num_classes=num_classes, batch_size=batch_size, mesh=mesh, tta=tta)
     xp, yp, mask = pad_for_eval(x, y.astype(np.int32), batch_size)
     xs, ys, ms = replicate((jnp.asarray(xp), jnp.asarray(yp), jnp.asarray(mask)), mesh)
+    params, rest = replicate((params, rest), mesh)  # a restored model lives on one device until now
     sums = init_eval_sums(num_classes)
     n_batches = len(xp) // batch_size
     for i in range(n_batches):

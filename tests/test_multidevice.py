@@ -34,3 +34,17 @@ def test_batch_must_divide_over_devices(tmp_path):
     result = _train(tmp_path / "bad", 4, "--set", "train.batch_size=62")
     assert result.returncode == 2
     assert "train.batch_size=62 does not divide over 4 devices" in result.stderr
+
+
+def test_eval_on_four_devices_matches_one(tmp_path):
+    assert _train(tmp_path / "run", 1).returncode == 0
+    results = []
+    for devices in (1, 4):
+        env = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+        out = subprocess.run([sys.executable, "-m", "cnncli", "eval", tmp_path / "run", "--json"], env=env,
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        results.append(json.loads(out.stdout))
+    assert results[0]["n"] == results[1]["n"] == 500
+    assert results[0]["top1"] == results[1]["top1"]
+    assert abs(results[0]["loss"] - results[1]["loss"]) < 1e-5
