@@ -16,7 +16,7 @@ def sweep(
     overrides: list[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE",
                                         help="Override a recipe key for every point (repeatable)."),
     epochs: int = typer.Option(None, "--epochs", min=1, help="Train each point for this many epochs."),
-    out: Path = typer.Option(None, "--out", help="Sweep directory [default: runs/sweep_<recipe name>]."),
+    out: Path = typer.Option(None, "--out", help="Sweep directory (default: runs/sweep_<recipe name>)."),
 ) -> None:
     """Train every combination of the --grid values, one run after the other, then rank them.
 
