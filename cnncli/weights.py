@@ -113,8 +113,8 @@ def conv_kernel(w: np.ndarray) -> np.ndarray:
 
 
 def linear_kernel(w: np.ndarray) -> np.ndarray:
-    """(out, in) -> (in, out)."""
-    return np.transpose(w)
+    """(out, in) -> (in, out); a 1x1 convolution used as a linear layer (timm's VGG fc2) as (out, in)."""
+    return np.transpose(w.reshape(w.shape[0], -1))
 
 
 def flattened_map_kernel(channels: int) -> Callable[[np.ndarray], np.ndarray]:
@@ -125,7 +125,7 @@ def flattened_map_kernel(channels: int) -> Callable[[np.ndarray], np.ndarray]:
         spatial = w.size // (out * channels)
         side = int(round(spatial ** 0.5))
         if side * side * channels * out != w.size:
-            return linear_kernel(w.reshape(out, -1))  # not a square map: let the shape check report it
+            return linear_kernel(w)  # not a square map: let the shape check report it
         return np.transpose(w.reshape(out, channels, side, side), (2, 3, 1, 0)).reshape(-1, out)
 
     return convert

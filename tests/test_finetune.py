@@ -205,7 +205,23 @@ def test_imported_weights_give_torch_logits(arch, size, tmp_path):
     assert all(np.array_equal(from_pth[k], from_safetensors[k]) for k in from_pth)
     x = np.random.default_rng(0).uniform(size=(2, size, size, 3)).astype(np.float32)
     imported = import_state_dict(arch, from_safetensors, source=str(safetensors), input_shape=(size, size, 3))
-    assert_same_logits(imported.model(x), torch_logits(model, x))
+    reference = torch_logits(model, x)
+    assert_same_logits(imported.model(x), reference)
+    if arch == "vgg11_bn":  # timm's VGG: the same layers, its head as convolutions under other names
+        timm = import_state_dict(arch, timm_vgg_names(from_safetensors), source="timm", input_shape=(size, size, 3))
+        assert_same_logits(timm.model(x), reference)
+
+
+def timm_vgg_names(tensors: dict) -> dict:
+    """A torchvision VGG state dict as timm names it: pre_logits.fc1 (7x7 conv), pre_logits.fc2 (1x1), head.fc."""
+    renamed = {k: v for k, v in tensors.items() if k.startswith("features.")}
+    for torchvision, timm, shape in (("classifier.0", "pre_logits.fc1", (4096, 512, 7, 7)),
+                                     ("classifier.3", "pre_logits.fc2", (4096, 4096, 1, 1)),
+                                     ("classifier.6", "head.fc", None)):
+        weight = tensors[f"{torchvision}.weight"]
+        renamed[f"{timm}.weight"] = weight if shape is None else weight.reshape(shape)
+        renamed[f"{timm}.bias"] = tensors[f"{torchvision}.bias"]
+    return renamed
 
 
 @pytest.fixture(scope="module")

@@ -37,6 +37,7 @@ def fine_tune(
     the old head's recorded outputs (Learning without Forgetting).
     """
     from cnncli import recipe as recipe_lib
+    from cnncli.recipe import FinetuneConfig
     from cnncli.runs import DEFAULT_ROOT, RunDir
     from cnncli.trained import load_trained
 
@@ -55,9 +56,10 @@ def fine_tune(
             raise UserError("give the SOURCE run and the RECIPE of the new data, e.g. "
                             "`cnncli fine-tune runs/base recipes/my_finetune.yaml`")
         trained = load_trained(source)
-        flags = [*overrides, *_mode_overrides(mode, unfreeze_last), f"finetune.source={trained.run.path.resolve()}"]
         defaults = {"model": trained.recipe.model.model_dump(mode="json")}
-        resolved = recipe_lib.load(recipe, flags, defaults=defaults)
+        resolved = recipe_lib.load(recipe, [*overrides, *_mode_overrides(mode, unfreeze_last)], defaults=defaults)
+        # the resolved recipe names its source, so that --resume can rebuild the same fine-tuning
+        resolved.finetune = (resolved.finetune or FinetuneConfig()).model_copy(update={"source": str(source.resolve())})
         run = RunDir(run_dir or DEFAULT_ROOT / resolved.name)
         if run.has_run() and not overwrite:
             raise UserError(f"{run.path} already holds a run: --resume to continue it, --overwrite to start over, "
