@@ -64,8 +64,10 @@ def test_every_bundled_recipe_validates():
     paths = recipe_lib.bundled_recipes()
     assert paths
     for path in paths:
-        assert recipe_lib.load(path).name == path.stem
         assert path.read_text().startswith("# cnncli "), f"{path.name} lacks its header command"
+        if "finetune:" in path.read_text():  # its model comes from a source run: tests/test_finetune.py
+            continue
+        assert recipe_lib.load(path).name == path.stem
 
 
 @pytest.mark.parametrize("override, expected", [
