@@ -33,7 +33,9 @@ CASES = [
     (4, 16, 16, 3, 2, (1, 1), 1, 1),    # tiny through stride
     (16, 16, 32, 3, 2, (1, 1), 1, 1),   # ResNet downsampling
     (16, 16, 16, 3, 2, (0, 1), 1, 1),   # asymmetric 'same' for stride 2
-    (28, 1, 6, 5, 1, (2, 2), 1, 1),     # LeNet-5 conv1
+    (28, 1, 6, 5, 1, (2, 2), 1, 1),     # LeNet-5 conv1: a single input channel
+    (28, 1, 24, 3, 2, (1, 1), 1, 1),    # single channel, strided
+    (12, 1, 8, 3, 1, (2, 2), 2, 1),     # single channel, dilated
     (14, 6, 16, 5, 1, (0, 0), 1, 1),    # LeNet-5 conv2
     (32, 3, 16, 7, 2, (3, 3), 1, 1),    # ResNet stem
     (67, 3, 16, 11, 4, (2, 2), 1, 1),   # AlexNet conv1
@@ -80,6 +82,8 @@ def test_each_fast_formulation_is_used_where_intended():
     assert not conv_ops.winograd_applies(large, (3, 3, 3, 64))  # an RGB stem: too narrow
     assert not conv_ops.winograd_applies(strided, (3, 3, 32, 64))
     assert not conv_ops.winograd_applies(pointwise, (1, 1, 32, 64))
+    assert conv_ops.is_single_channel((5, 5, 1, 6), Geometry())
+    assert not conv_ops.is_single_channel((3, 3, 1, 16), Geometry(groups=16))  # depthwise: XLA's
 
 
 def test_the_plain_mode_is_selectable_and_a_bad_mode_is_an_error(monkeypatch):

@@ -8,6 +8,10 @@ figures in docs/performance.md):
   CPU convolution falls off a cliff there (a 3x3 512->512 layer on 2x2 maps took 1.9 s forward,
   1 GFLOP/s); written as a sum of shifted matrix products (every tap of the kernel is one slice of
   the padded input times one (C, O) matrix) it takes 18 ms, and its gradients are matmuls too;
+- single-channel inputs (the first layer of every grayscale model): XLA's convolution of a 1-channel
+  image runs at a few GFLOP/s (LeNet-5's conv1: 5.9 ms forward at batch 128); as shifted matmuls,
+  which over one channel are broadcast multiply-adds, 0.6 ms; the input gradient (adversarial
+  attacks need it) takes the same form, the weight gradient stays XLA's (faster there);
 - the weight gradient of a 3x3 stride-1 layer: Winograd F(m x m, 3 x 3) (see `cnncli.ops.winograd`),
   fewer multiplications than the direct form, which XLA computes at under half its forward rate;
 - the weight gradient of a 1x1 layer: one matrix product of the (subsampled) input and the output
@@ -100,6 +104,10 @@ def is_tiny(x_shape, w_shape, geom: Geometry) -> bool:
     return geom.groups == 1 and min(geom.output_hw(x_shape[1:3], w_shape[:2])) <= TINY_MAP
 
 
+def is_single_channel(w_shape, geom: Geometry) -> bool:
+    return geom.groups == 1 and w_shape[2] == 1
+
+
 def winograd_applies(geom: Geometry, w_shape: tuple[int, ...]) -> bool:
     """Whether the layer is a 3x3 stride-1 convolution whose weight gradient Winograd computes."""
     kh, kw, cin, cout = w_shape
@@ -108,7 +116,7 @@ def winograd_applies(geom: Geometry, w_shape: tuple[int, ...]) -> bool:
 
 
 def _forward(x, w, geom):
-    if is_tiny(x.shape, w.shape, geom):
+    if is_tiny(x.shape, w.shape, geom) or is_single_channel(w.shape, geom):
         return shifted_matmul_conv(x, w, geom)
     return xla_conv(x, w, geom)
 
@@ -134,6 +142,8 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 
 def input_grad(x, w, g, geom: Geometry) -> jax.Array:
     """d(sum(conv * g)) / dx: XLA's own (its transposed convolution runs at the forward's rate)."""
+    if is_single_channel(w.shape, geom):
+        return jax.vjp(lambda x_: shifted_matmul_conv(x_, w, geom), x)[1](g)[0]
     return jax.vjp(lambda x_: xla_conv(x_, w, geom), x)[1](g)[0]
 
 
