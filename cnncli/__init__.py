@@ -9,3 +9,9 @@ __version__ = "0.1.0"
 # most of its compilation. JAX reads this variable when it is imported; a user's setting wins.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cnncli" / "jax"))
+
+# XLA's CPU convolution library for the convolution mode in CNNCLI_CONV (see cnncli.runtime);
+# like the cache directory, it must be in the environment before JAX starts its CPU backend.
+from cnncli.runtime import configure_xla  # noqa: E402
+
+configure_xla()

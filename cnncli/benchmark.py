@@ -6,8 +6,11 @@ classes; training is one SGD step (lr 0.1, Nesterov momentum 0.9, weight decay 5
 FGSM example per image at eps 0.1 with the model in inference mode.
 """
 
+import json
 import os
 import time
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -27,6 +30,8 @@ PEER_MODELS: dict[str, tuple[dict[str, Any], tuple[int, int, int]]] = {
 }
 MODES = ("train", "eval", "fgsm")
 FGSM_EPS = 0.1  # the peer's fgsm mode
+FORWARD_PASSES = {"train": 3, "eval": 1, "fgsm": 2}  # work per image in forward passes
+PEAK_SIZES = (1024, 2048, 4096)  # square float32 matmuls; the fastest is the machine's peak
 
 
 def benchmark_recipe(model: str, batch: int):
@@ -38,14 +43,14 @@ def benchmark_recipe(model: str, batch: int):
                      "train": {"batch_size": batch, "epochs": 1}}, source="benchmark")
 
 
-def _time(step, warmup: int, steps: int) -> tuple[float, int]:
-    """Seconds for `steps` calls of step() after `warmup`; steps <= 0 calibrates to BENCH_SECONDS."""
+def _time(step, warmup: int, steps: int, budget: float = BENCH_SECONDS) -> tuple[float, int]:
+    """Seconds for `steps` calls of step() after `warmup`; steps <= 0 calibrates to `budget` seconds."""
     for _ in range(warmup):
         jax.block_until_ready(step())
     if steps <= 0:
         t = time.perf_counter()
         jax.block_until_ready(step())
-        steps = max(3, int(BENCH_SECONDS / max(time.perf_counter() - t, 1e-4)))
+        steps = max(3, int(budget / max(time.perf_counter() - t, 1e-4)))
     t = time.perf_counter()
     out = None
     for _ in range(steps):
@@ -116,8 +121,53 @@ def run(model: str = "lenet5", batch: int = 128, mode: str = "train", steps: int
             return carry["sums"]["top1"]
 
     seconds, n = _time(step, warmup, steps)
-    return {"impl": "cnncli", "model": model, "mode": mode, "batch": batch, "img_per_s": round(n * batch / seconds, 2),
-            "steps": n, "threads": os.cpu_count(), "device": jax.default_backend(), "dtype": "float32"}
+    img_per_s = n * batch / seconds
+    gflops = img_per_s * FORWARD_PASSES[mode] * forward_flops(recipe, shape) / 1e9
+    peak = stored_peak()
+    return {"impl": "cnncli", "model": model, "mode": mode, "batch": batch, "img_per_s": round(img_per_s, 2),
+            "steps": n, "threads": os.cpu_count(), "device": jax.default_backend(), "dtype": "float32",
+            "gflops": round(gflops, 1), "peak_gflops": peak, "peak_fraction": round(gflops / peak, 3) if peak else None}
+
+
+def forward_flops(recipe, shape) -> int:
+    """FLOPs of one image's forward pass (2 x multiply-accumulates), from the model's per-layer table."""
+    from cnncli.analysis import summarize
+    from cnncli.models import build_model
+
+    return summarize(build_model(recipe.model, input_shape=shape, num_classes=NUM_CLASSES), shape).total_flops
+
+
+def peak_file() -> Path:
+    """Where `--peak` stores its measurement (next to the compilation cache), one entry per device kind."""
+    return Path(os.environ["JAX_COMPILATION_CACHE_DIR"]).parent / "peak.json"
+
+
+def _device_key() -> str:
+    device = jax.devices()[0]
+    return f"{device.platform}:{device.device_kind}:{os.cpu_count()} threads"
+
+
+def measure_peak(seconds: float = 2.0) -> float:
+    """This machine's float32 matmul rate in GFLOP/s (the best of a few square sizes), stored for later runs."""
+    matmul = jax.jit(lambda a: a @ a)
+    best = 0.0
+    for size in PEAK_SIZES:
+        a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+        total, calls = _time(partial(matmul, a), warmup=1, steps=0, budget=seconds)
+        best = max(best, calls * 2 * size**3 / total / 1e9)
+    store = json.loads(peak_file().read_text()) if peak_file().exists() else {}
+    store[_device_key()] = round(best, 1)
+    peak_file().parent.mkdir(parents=True, exist_ok=True)
+    peak_file().write_text(json.dumps(store, indent=1))
+    return round(best, 1)
+
+
+def stored_peak() -> float | None:
+    """The peak `measure_peak` stored for this device, if any."""
+    try:
+        return json.loads(peak_file().read_text()).get(_device_key())
+    except (OSError, ValueError):
+        return None
 
 
 def _fgsm_step(eval_def, batch: int, mesh):

@@ -64,4 +64,7 @@ for _module in pkgutil.iter_modules(__path__):
 
 def main() -> None:
     """Entry point of the `cnncli` script."""
+    from cnncli.runtime import keep_freed_memory
+
+    keep_freed_memory()  # before JAX allocates anything: large step buffers stay mapped between steps
     app()

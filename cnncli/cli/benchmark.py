@@ -16,13 +16,26 @@ def benchmark(
     steps: int = typer.Option(0, "--steps", min=0, help="Timed steps (0: about 10 s of work)."),
     warmup: int = typer.Option(3, "--warmup", min=1, help="Untimed steps first (compilation happens here)."),
     as_json: bool = typer.Option(False, "--json", help="Print only the JSON line (the peer's schema)."),
+    peak: bool = typer.Option(False, "--peak",
+                              help="First measure this machine's float32 matmul rate (stored for later runs), "
+                                   "the reference of peak_fraction."),
 ) -> None:
-    """Time the jitted train, eval or fgsm step on synthetic data after compilation."""
+    """Time the jitted train, eval or fgsm step on synthetic data after compilation.
+
+    The JSON line has the PyTorch peer's fields plus gflops (achieved, from the model's FLOP count),
+    peak_gflops and peak_fraction (once `--peak` has measured the peak on this machine).
+    """
     from cnncli import benchmark as bench
     from cnncli.console import console
 
+    if peak:
+        rate = bench.measure_peak()
+        if not as_json:
+            console.print(f"float32 matmul peak: [bold]{rate:,.0f} GFLOP/s[/] (stored in {bench.peak_file()})")
     result = bench.run(model=model, batch=batch, mode=mode, steps=steps, warmup=warmup)
     if not as_json:
-        console.print(f"{model} {mode} batch {batch}: [bold]{result['img_per_s']:,.0f} img/s[/] "
-                      f"({result['steps']} steps on {result['device']})")
+        fraction = (f", {result['peak_fraction']:.0%} of the matmul peak" if result["peak_fraction"]
+                    else " (run with --peak once for the fraction of this machine's peak)")
+        console.print(f"{model} {mode} batch {batch}: [bold]{result['img_per_s']:,.0f} img/s[/], "
+                      f"{result['gflops']:,.0f} GFLOP/s{fraction} ({result['steps']} steps on {result['device']})")
     print(json.dumps(result))

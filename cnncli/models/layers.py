@@ -33,6 +33,7 @@ from flax import nnx
 from jax import lax
 
 from cnncli.errors import UserError
+from cnncli.ops.conv import conv2d
 from cnncli.registry import Registry
 
 BN_MOMENTUM = 0.9  # flax's momentum is PyTorch's 1 - 0.1
@@ -360,9 +361,7 @@ class Conv(Layer):
 
     def forward(self, x):
         (_, ph0, ph1), (_, pw0, pw1) = self._resolve(x.shape)
-        y = lax.conv_general_dilated(x, self.kernel[...], self.stride, ((ph0, ph1), (pw0, pw1)),
-                                     rhs_dilation=self.dilation, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                     feature_group_count=self.groups)
+        y = conv2d(x, self.kernel[...], self.stride, ((ph0, ph1), (pw0, pw1)), self.dilation, self.groups)
         if self.bias is not None:
             y = y + self.bias[...]
         if self.bn is not None:

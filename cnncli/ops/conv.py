@@ -1,0 +1,168 @@
+"""The models' 2-D convolution (NHWC input, HWIO kernel) with a custom gradient that is fast on CPU.
+
+`conv2d` is `lax.conv_general_dilated` with a `jax.custom_vjp` that picks, per layer and per
+pass, the formulation that measured fastest on the 2-core CPU (one thread per core, batch 128,
+figures in docs/performance.md):
+
+- tiny outputs (a side of at most `TINY_MAP` pixels, e.g. VGG's last block on 32x32 images): XLA's
+  CPU convolution falls off a cliff there (a 3x3 512->512 layer on 2x2 maps took 1.9 s forward,
+  1 GFLOP/s); written as a sum of shifted matrix products (every tap of the kernel is one slice of
+  the padded input times one (C, O) matrix) it takes 18 ms, and its gradients are matmuls too;
+- single-channel inputs (the first layer of every grayscale model): XLA's convolution of a 1-channel
+  image runs at a few GFLOP/s (LeNet-5's conv1: 5.9 ms forward at batch 128); as shifted matmuls,
+  which over one channel are broadcast multiply-adds, 0.6 ms; the input gradient (adversarial
+  attacks need it) takes the same form, the weight gradient stays XLA's (faster there);
+- the weight gradient of a 3x3 stride-1 layer: Winograd F(m x m, 3 x 3) (see `cnncli.ops.winograd`),
+  fewer multiplications than the direct form, which XLA computes at under half its forward rate;
+- the weight gradient of a 1x1 layer: one matrix product of the (subsampled) input and the output
+  gradient;
+- everything else (the forward pass and input gradient of larger maps, strided, dilated, grouped
+  layers): XLA's own convolution, already near this machine's matmul rate.
+
+`CNNCLI_CONV=xla` selects the plain `lax` convolution everywhere, differentiated by JAX, with XLA's
+default CPU library (see `cnncli.runtime`): the baseline the fast path is measured and tested
+against. The fast path is float32 only; other dtypes (bfloat16 training) take the plain
+convolution, as do devices other than the CPU, whose libraries (cuDNN, TPU) choose their own
+algorithms.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from cnncli.errors import UserError
+from cnncli.ops import winograd
+from cnncli.runtime import CONV_MODE_ENV as MODE_ENV
+
+MODES = ("fast", "xla")
+DIMENSIONS = ("NHWC", "HWIO", "NHWC")
+TINY_MAP = 2  # output sides up to this take the shifted-matmul form (4x4 maps are faster in XLA)
+# Narrower layers (an RGB stem) leave Winograd's per-position products too small to pay for its
+# transforms; XLA's direct weight gradient is as fast there.
+WINOGRAD_MIN_CHANNELS = 16
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Everything about a convolution but its arrays (hashable: it is a static argument of the VJP)."""
+
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+
+    def output_hw(self, in_hw, kernel_hw) -> tuple[int, int]:
+        return tuple((size + lo + hi - d * (k - 1) - 1) // s + 1 for size, (lo, hi), d, k, s
+                     in zip(in_hw, self.padding, self.dilation, kernel_hw, self.stride, strict=True))
+
+
+def conv_mode() -> str:
+    """'fast' (default) or 'xla', from the CNNCLI_CONV environment variable."""
+    mode = os.environ.get(MODE_ENV, "fast")
+    if mode not in MODES:
+        raise UserError(f"{MODE_ENV}={mode} is not a convolution mode; use one of {', '.join(MODES)}")
+    return mode
+
+
+def conv2d(x: jax.Array, w: jax.Array, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1),
+           groups: int = 1) -> jax.Array:
+    """Cross-correlation of x (N, H, W, C) with w (KH, KW, C / groups, O); padding is ((low, high), (low, high))."""
+    geom = Geometry(tuple(stride), tuple(tuple(p) for p in padding), tuple(dilation), groups)
+    if conv_mode() == "xla" or x.dtype != jnp.float32 or w.dtype != jnp.float32 or jax.default_backend() != "cpu":
+        return xla_conv(x, w, geom)
+    return _conv(x, w, geom)
+
+
+def xla_conv(x: jax.Array, w: jax.Array, geom: Geometry) -> jax.Array:
+    """The plain convolution, differentiated by JAX."""
+    return lax.conv_general_dilated(x, w, geom.stride, geom.padding, rhs_dilation=geom.dilation,
+                                    dimension_numbers=DIMENSIONS, feature_group_count=geom.groups)
+
+
+def shifted_matmul_conv(x: jax.Array, w: jax.Array, geom: Geometry) -> jax.Array:
+    """The convolution as sum over kernel taps (i, j) of the input window the tap sees times w[i, j]."""
+    kh, kw, _, out = w.shape
+    oh, ow = geom.output_hw(x.shape[1:3], (kh, kw))
+    (sh, sw), (dh, dw) = geom.stride, geom.dilation
+    xp = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (*geom.padding[0], 0), (*geom.padding[1], 0), (0, 0, 0)])
+    y = None
+    for i in range(kh):
+        for j in range(kw):
+            seen = xp[:, i * dh: i * dh + (oh - 1) * sh + 1: sh, j * dw: j * dw + (ow - 1) * sw + 1: sw]
+            tap = seen @ w[i, j]
+            y = tap if y is None else y + tap
+    return y.reshape(x.shape[0], oh, ow, out)
+
+
+def is_tiny(x_shape, w_shape, geom: Geometry) -> bool:
+    return geom.groups == 1 and min(geom.output_hw(x_shape[1:3], w_shape[:2])) <= TINY_MAP
+
+
+def is_single_channel(w_shape, geom: Geometry) -> bool:
+    return geom.groups == 1 and w_shape[2] == 1
+
+
+def winograd_applies(geom: Geometry, w_shape: tuple[int, ...]) -> bool:
+    """Whether the layer is a 3x3 stride-1 convolution whose weight gradient Winograd computes."""
+    kh, kw, cin, cout = w_shape
+    return ((kh, kw) == (3, 3) and geom.stride == (1, 1) and geom.dilation == (1, 1) and geom.groups == 1
+            and min(cin, cout) >= WINOGRAD_MIN_CHANNELS and all(0 <= p <= 2 for pair in geom.padding for p in pair))
+
+
+def _forward(x, w, geom):
+    if is_tiny(x.shape, w.shape, geom) or is_single_channel(w.shape, geom):
+        return shifted_matmul_conv(x, w, geom)
+    return xla_conv(x, w, geom)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv(x, w, geom):
+    return _forward(x, w, geom)
+
+
+def _conv_fwd(x, w, geom):
+    return _forward(x, w, geom), (x, w)
+
+
+def _conv_bwd(geom, residuals, g):
+    x, w = residuals
+    if is_tiny(x.shape, w.shape, geom):
+        return jax.vjp(lambda x_, w_: shifted_matmul_conv(x_, w_, geom), x, w)[1](g)
+    return input_grad(x, w, g, geom), weight_grad(x, w, g, geom)
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def input_grad(x, w, g, geom: Geometry) -> jax.Array:
+    """d(sum(conv * g)) / dx: XLA's own (its transposed convolution runs at the forward's rate)."""
+    if is_single_channel(w.shape, geom):
+        return jax.vjp(lambda x_: shifted_matmul_conv(x_, w, geom), x)[1](g)[0]
+    return jax.vjp(lambda x_: xla_conv(x_, w, geom), x)[1](g)[0]
+
+
+def weight_grad(x, w, g, geom: Geometry) -> jax.Array:
+    """d(sum(conv * g)) / dw."""
+    if winograd_applies(geom, w.shape):
+        return winograd.weight_grad3x3(x, g, geom.padding)
+    if w.shape[:2] == (1, 1) and geom.groups == 1:
+        return _pointwise_weight_grad(x, g, geom).reshape(w.shape)
+    return jax.vjp(lambda w_: xla_conv(x, w_, geom), w)[1](g)[0]
+
+
+def _pointwise_weight_grad(x, g, geom: Geometry) -> jax.Array:
+    """A 1x1 kernel's gradient: the input pixels the kernel saw, transposed, times the output gradient.
+
+    XLA computes it as a convolution over a transposed copy of x; one matrix product reads x once.
+    """
+    (ph0, ph1), (pw0, pw1) = geom.padding
+    (sh, sw), (_, oh, ow, _) = geom.stride, g.shape
+    xp = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (ph0, ph1, 0), (pw0, pw1, 0), (0, 0, 0)])
+    seen = xp[:, : (oh - 1) * sh + 1: sh, : (ow - 1) * sw + 1: sw]
+    return lax.dot_general(seen.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), (((0,), (0,)), ((), ())))

@@ -1,0 +1,106 @@
+"""The fast convolution (cnncli.ops.conv) against jax.grad of the plain lax convolution.
+
+Every geometry the zoo's models use is covered: 1x1 (ResNet bottlenecks and shortcuts, GoogLeNet,
+NiN), 3x3 stride 1 on maps of every tile remainder (Winograd weight gradient), 3x3 and 1x1 stride 2
+(ResNet downsampling), 5x5 (LeNet-5, GoogLeNet), 7x7 stride 2 (ResNet stem), 11x11 stride 4
+(AlexNet), dilation 2, grouped and depthwise layers, asymmetric 'same' padding, and the tiny maps
+(1x1, 2x2 outputs) that take the shifted-matmul form.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cnncli.errors import UserError
+from cnncli.ops import conv as conv_ops
+from cnncli.ops.conv import Geometry, conv2d, xla_conv
+
+# (input H=W, C in, C out, kernel, stride, padding per side (lo, hi), dilation, groups)
+CASES = [
+    (8, 16, 24, 1, 1, (0, 0), 1, 1),
+    (9, 16, 32, 1, 2, (0, 0), 1, 1),
+    (32, 16, 16, 3, 1, (1, 1), 1, 1),   # F(2x2) weight gradient
+    (16, 16, 32, 3, 1, (1, 1), 1, 1),   # F(4x4)
+    (14, 32, 16, 3, 1, (1, 1), 1, 1),   # 14 = 3 tiles of 4 + remainder
+    (7, 16, 16, 3, 1, (1, 1), 1, 1),
+    (4, 16, 32, 3, 1, (1, 1), 1, 1),
+    (10, 16, 16, 3, 1, (0, 0), 1, 1),   # 'valid'
+    (10, 16, 16, 3, 1, (2, 2), 1, 1),   # padding 2 (dilated 'same' without dilation)
+    (3, 16, 16, 3, 1, (1, 1), 1, 1),    # tiny: 3x3 output is Winograd, but fine
+    (2, 32, 48, 3, 1, (1, 1), 1, 1),    # tiny: VGG's last block on 32x32 inputs
+    (1, 32, 16, 3, 1, (1, 1), 1, 1),    # tiny: 1x1 map, only the centre tap sees data
+    (4, 16, 16, 3, 2, (1, 1), 1, 1),    # tiny through stride
+    (16, 16, 32, 3, 2, (1, 1), 1, 1),   # ResNet downsampling
+    (16, 16, 16, 3, 2, (0, 1), 1, 1),   # asymmetric 'same' for stride 2
+    (28, 1, 6, 5, 1, (2, 2), 1, 1),     # LeNet-5 conv1: a single input channel
+    (28, 1, 24, 3, 2, (1, 1), 1, 1),    # single channel, strided
+    (12, 1, 8, 3, 1, (2, 2), 2, 1),     # single channel, dilated
+    (14, 6, 16, 5, 1, (0, 0), 1, 1),    # LeNet-5 conv2
+    (32, 3, 16, 7, 2, (3, 3), 1, 1),    # ResNet stem
+    (67, 3, 16, 11, 4, (2, 2), 1, 1),   # AlexNet conv1
+    (12, 16, 16, 3, 1, (2, 2), 2, 1),   # dilation 2
+    (12, 16, 32, 3, 1, (1, 1), 1, 4),   # grouped
+    (12, 16, 16, 3, 1, (1, 1), 1, 16),  # depthwise
+    (6, 16, 16, 3, 1, (1, 1), 1, 16),   # depthwise on a small map
+]
+
+
+def _case_arrays(hw, cin, cout, k, groups, seed=0):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((2, hw, hw, cin)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((k, k, cin // groups, cout)) / np.sqrt(k * k * cin), jnp.float32)
+    return x, w
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "hw{}_{}to{}_k{}s{}p{}d{}g{}".format(*c))
+def test_fast_conv_matches_plain_values_and_gradients(case):
+    hw, cin, cout, k, stride, pad, dil, groups = case
+    x, w = _case_arrays(hw, cin, cout, k, groups)
+    geom = Geometry((stride, stride), (pad, pad), (dil, dil), groups)
+    args = ((stride, stride), (pad, pad), (dil, dil), groups)
+    y_fast = jax.jit(lambda x, w: conv2d(x, w, *args))(x, w)
+    y_ref = xla_conv(x, w, geom)
+    assert y_fast.shape == y_ref.shape
+    probe = jnp.asarray(np.random.default_rng(1).standard_normal(y_ref.shape), jnp.float32)
+
+    def loss(conv):
+        return lambda x, w: jnp.sum(conv(x, w) * probe)
+
+    gx_fast, gw_fast = jax.jit(jax.grad(loss(lambda x, w: conv2d(x, w, *args)), argnums=(0, 1)))(x, w)
+    gx_ref, gw_ref = jax.grad(loss(lambda x, w: xla_conv(x, w, geom)), argnums=(0, 1))(x, w)
+    for fast, ref in ((y_fast, y_ref), (gx_fast, gx_ref), (gw_fast, gw_ref)):
+        scale = float(jnp.max(jnp.abs(ref)))
+        np.testing.assert_allclose(np.asarray(fast), np.asarray(ref), atol=2e-5 * scale + 1e-6, rtol=0)
+
+
+def test_each_fast_formulation_is_used_where_intended():
+    tiny, large, pointwise, strided = (Geometry(padding=((1, 1), (1, 1))),) * 2 + (Geometry(), Geometry((2, 2)))
+    assert conv_ops.is_tiny((8, 2, 2, 32), (3, 3, 32, 32), tiny)
+    assert not conv_ops.is_tiny((8, 4, 4, 32), (3, 3, 32, 32), large)
+    assert conv_ops.winograd_applies(large, (3, 3, 32, 64))
+    assert not conv_ops.winograd_applies(large, (3, 3, 3, 64))  # an RGB stem: too narrow
+    assert not conv_ops.winograd_applies(strided, (3, 3, 32, 64))
+    assert not conv_ops.winograd_applies(pointwise, (1, 1, 32, 64))
+    assert conv_ops.is_single_channel((5, 5, 1, 6), Geometry())
+    assert not conv_ops.is_single_channel((3, 3, 1, 16), Geometry(groups=16))  # depthwise: XLA's
+
+
+def test_the_plain_mode_is_selectable_and_a_bad_mode_is_an_error(monkeypatch):
+    x, w = _case_arrays(2, 16, 16, 3, 1)
+    monkeypatch.setenv("CNNCLI_CONV", "xla")
+    jaxpr = str(jax.make_jaxpr(lambda x, w: conv2d(x, w, padding=((1, 1), (1, 1))))(x, w))
+    assert "conv_general_dilated" in jaxpr and "custom_vjp" not in jaxpr
+    monkeypatch.setenv("CNNCLI_CONV", "fast")
+    jaxpr = str(jax.make_jaxpr(lambda x, w: conv2d(x, w, padding=((1, 1), (1, 1))))(x, w))
+    assert "custom_vjp" in jaxpr
+    monkeypatch.setenv("CNNCLI_CONV", "winograd")
+    with pytest.raises(UserError, match="CNNCLI_CONV=winograd is not a convolution mode; use one of fast, xla"):
+        conv2d(x, w)
+
+
+def test_bfloat16_takes_the_plain_convolution():
+    x, w = _case_arrays(8, 16, 16, 3, 1)
+    jaxpr = str(jax.make_jaxpr(lambda x, w: conv2d(x, w, padding=((1, 1), (1, 1))))(x.astype(jnp.bfloat16),
+                                                                                   w.astype(jnp.bfloat16)))
+    assert "custom_vjp" not in jaxpr
