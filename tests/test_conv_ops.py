@@ -20,14 +20,14 @@ from cnncli.ops.conv import Geometry, conv2d, xla_conv
 CASES = [
     (8, 16, 24, 1, 1, (0, 0), 1, 1),
     (9, 16, 32, 1, 2, (0, 0), 1, 1),
-    (32, 16, 16, 3, 1, (1, 1), 1, 1),   # F(2x2) weight gradient
-    (16, 16, 32, 3, 1, (1, 1), 1, 1),   # F(4x4)
+    (32, 16, 16, 3, 1, (1, 1), 1, 1),   # a large map: XLA's weight gradient
+    (16, 16, 32, 3, 1, (1, 1), 1, 1),   # F(4x4) weight gradient
     (14, 32, 16, 3, 1, (1, 1), 1, 1),   # 14 = 3 tiles of 4 + remainder
     (7, 16, 16, 3, 1, (1, 1), 1, 1),
-    (4, 16, 32, 3, 1, (1, 1), 1, 1),
+    (4, 16, 32, 3, 1, (1, 1), 1, 1),    # F(2x2) weight gradient
     (10, 16, 16, 3, 1, (0, 0), 1, 1),   # 'valid'
     (10, 16, 16, 3, 1, (2, 2), 1, 1),   # padding 2 (dilated 'same' without dilation)
-    (3, 16, 16, 3, 1, (1, 1), 1, 1),    # tiny: 3x3 output is Winograd, but fine
+    (3, 16, 16, 3, 1, (1, 1), 1, 1),    # 3x3 output: F(2x2) over a partial tile
     (2, 32, 48, 3, 1, (1, 1), 1, 1),    # tiny: VGG's last block on 32x32 inputs
     (1, 32, 16, 3, 1, (1, 1), 1, 1),    # tiny: 1x1 map, only the centre tap sees data
     (4, 16, 16, 3, 2, (1, 1), 1, 1),    # tiny through stride
@@ -78,10 +78,11 @@ def test_each_fast_formulation_is_used_where_intended():
     tiny, large, pointwise, strided = (Geometry(padding=((1, 1), (1, 1))),) * 2 + (Geometry(), Geometry((2, 2)))
     assert conv_ops.is_tiny((8, 2, 2, 32), (3, 3, 32, 32), tiny)
     assert not conv_ops.is_tiny((8, 4, 4, 32), (3, 3, 32, 32), large)
-    assert conv_ops.winograd_applies(large, (3, 3, 32, 64))
-    assert not conv_ops.winograd_applies(large, (3, 3, 3, 64))  # an RGB stem: too narrow
-    assert not conv_ops.winograd_applies(strided, (3, 3, 32, 64))
-    assert not conv_ops.winograd_applies(pointwise, (1, 1, 32, 64))
+    assert conv_ops.winograd_applies(large, (3, 3, 32, 64), (16, 16))
+    assert not conv_ops.winograd_applies(large, (3, 3, 32, 64), (32, 32))  # XLA's is faster on large maps
+    assert not conv_ops.winograd_applies(large, (3, 3, 3, 64), (16, 16))  # an RGB stem: too narrow
+    assert not conv_ops.winograd_applies(strided, (3, 3, 32, 64), (8, 8))
+    assert not conv_ops.winograd_applies(pointwise, (1, 1, 32, 64), (16, 16))
     assert conv_ops.is_single_channel((5, 5, 1, 6), Geometry())
     assert not conv_ops.is_single_channel((3, 3, 1, 16), Geometry(groups=16))  # depthwise: XLA's
 

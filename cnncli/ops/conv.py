@@ -12,8 +12,9 @@ figures in docs/performance.md):
   image runs at a few GFLOP/s (LeNet-5's conv1: 5.9 ms forward at batch 128); as shifted matmuls,
   which over one channel are broadcast multiply-adds, 0.6 ms; the input gradient (adversarial
   attacks need it) takes the same form, the weight gradient stays XLA's (faster there);
-- the weight gradient of a 3x3 stride-1 layer: Winograd F(m x m, 3 x 3) (see `cnncli.ops.winograd`),
-  fewer multiplications than the direct form, which XLA computes at under half its forward rate;
+- the weight gradient of a 3x3 stride-1 layer on maps below 24x24: Winograd F(m x m, 3 x 3) (see
+  `cnncli.ops.winograd`), fewer multiplications than the direct form, which XLA computes slower
+  than its forward pass;
 - the weight gradient of a 1x1 layer: one matrix product of the (subsampled) input and the output
   gradient;
 - everything else (the forward pass and input gradient of larger maps, strided, dilated, grouped
@@ -46,6 +47,9 @@ TINY_MAP = 2  # output sides up to this take the shifted-matmul form (4x4 maps a
 # Narrower layers (an RGB stem) leave Winograd's per-position products too small to pay for its
 # transforms; XLA's direct weight gradient is as fast there.
 WINOGRAD_MIN_CHANNELS = 16
+# On large maps (32x32) XLA's own weight gradient was faster than Winograd's (126 against 55 GFLOP/s
+# for 64 channels, docs/conv_layers.py); from 16x16 down Winograd is as fast or faster.
+WINOGRAD_MAX_MAP = 24
 
 
 @dataclass(frozen=True)
@@ -108,10 +112,11 @@ def is_single_channel(w_shape, geom: Geometry) -> bool:
     return geom.groups == 1 and w_shape[2] == 1
 
 
-def winograd_applies(geom: Geometry, w_shape: tuple[int, ...]) -> bool:
+def winograd_applies(geom: Geometry, w_shape: tuple[int, ...], out_hw: tuple[int, int]) -> bool:
     """Whether the layer is a 3x3 stride-1 convolution whose weight gradient Winograd computes."""
     kh, kw, cin, cout = w_shape
     return ((kh, kw) == (3, 3) and geom.stride == (1, 1) and geom.dilation == (1, 1) and geom.groups == 1
+            and min(out_hw) < WINOGRAD_MAX_MAP
             and min(cin, cout) >= WINOGRAD_MIN_CHANNELS and all(0 <= p <= 2 for pair in geom.padding for p in pair))
 
 
@@ -149,7 +154,7 @@ def input_grad(x, w, g, geom: Geometry) -> jax.Array:
 
 def weight_grad(x, w, g, geom: Geometry) -> jax.Array:
     """d(sum(conv * g)) / dw."""
-    if winograd_applies(geom, w.shape):
+    if winograd_applies(geom, w.shape, g.shape[1:3]):
         return winograd.weight_grad3x3(x, g, geom.padding)
     if w.shape[:2] == (1, 1) and geom.groups == 1:
         return _pointwise_weight_grad(x, g, geom).reshape(w.shape)

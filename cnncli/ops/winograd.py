@@ -8,12 +8,12 @@ outputs where direct convolution needs 36; F(4x4, 3x3) needs 36 per 16 outputs i
 The weight gradient is the same algorithm transposed: dU[u, v] = sum over tiles of V[u, v]^T dM[u, v],
 with dM the output gradient through the adjoint of the output transform, then dW = G^T dU G.
 
-Why only the weight gradient (measured on the 2-core CPU, batch 128): XLA's direct convolution
-runs its forward pass and input gradient near the machine's fp32 matmul rate (150-180 GFLOP/s), but
-its weight gradient at 60-150 (40 with XLA's default YNNPACK library); a Winograd forward made whole
-ResNet-18 steps slower, the Winograd weight gradient made them 1.2x faster. On 32x32 maps the
-F(4x4) transforms cost about what they save (narrow products, much memory traffic), so F(2x2) is
-used there, and on 4x4 maps, where F(4x4)'s tile would be mostly padding.
+Why only the weight gradient, and only below 24x24 maps (measured on the 2-core CPU, batch 128,
+`docs/conv_layers.py`): XLA's direct convolution runs its forward pass and input gradient near the
+machine's fp32 matmul rate, and a Winograd forward pass made whole ResNet-18 steps slower. XLA's
+weight gradient is slower than its forward pass; Winograd's matched or beat it on 16x16, 8x8 and
+4x4 maps (205 against 195, 355 against 330, 370 against 361 GFLOP/s) but lost on 32x32 maps (55
+against 126), where the transforms' memory traffic outweighs the saved multiplications.
 
 Everything is written as strided slices, signed sums and per-position matrix products, so XLA
 fuses each transform into a few loops and calls its matmul for the products; the transforms'
@@ -60,15 +60,13 @@ TRANSFORMS = {
                  at=np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0],
                               [0, 1, -1, 8, -8, 1]], np.float64)),
 }
-# Output sides from which the smaller tile is faster (measured, see the module docstring): on large
-# maps F(2x2)'s cheaper transforms win; on 4x4 maps F(4x4)'s tile is mostly padding.
-LARGE_MAP = 24
+# Output sides up to which the smaller tile is faster: on 4x4 maps F(4x4)'s tile is mostly padding.
 SMALL_MAP = 4
 
 
 def weight_grad_tile(out_hw: tuple[int, int]) -> int:
     """The tile size m for the weight gradient of an output of this size."""
-    return 2 if min(out_hw) >= LARGE_MAP or min(out_hw) <= SMALL_MAP else 4
+    return 2 if min(out_hw) <= SMALL_MAP else 4
 
 
 def _signed_sum(rows: np.ndarray, cols: np.ndarray, part: Callable[[int, int], jax.Array]) -> jax.Array:
