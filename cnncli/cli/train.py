@@ -13,7 +13,7 @@ def train(
     recipe: str = typer.Argument(None, help="Recipe file, or the name of a bundled recipe (see `cnncli recipes`)."),
     overrides: list[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE",
                                         help="Override a recipe key, e.g. --set optim.lr=0.05 (repeatable)."),
-    run_dir: Path = typer.Option(None, "--run-dir", help="Where to write the run [default: runs/<recipe name>]."),
+    run_dir: Path = typer.Option(None, "--run-dir", help="Where to write the run (default: runs/<recipe name>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --run-dir from its last checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over in a run directory that holds a run."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and model size; train nothing."),
