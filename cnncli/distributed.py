@@ -72,35 +72,21 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         where = f" at {coordinator} as process {process_id} of {num_processes}" if explicit else ""
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"could not join the process group{where}: {reason}") from None
-    _connect_quietly()
+    _native_stdout_to_stderr()
 
 
-def _connect_quietly() -> None:
-    """Open the cross-process connections with stdout sent to stderr: on CPU, Gloo announces each
-    group of devices it connects on stdout ("[Gloo] Rank 0 is connected to ..."), and stdout belongs
-    to the command's results. The groups: all devices (the steps' reductions) and, with several
-    devices per process, the same local device of every process (the broadcasts here)."""
+def _native_stdout_to_stderr() -> None:
+    """Send what native code writes to stdout to stderr, keeping Python's sys.stdout on the real stdout.
+
+    On CPU, Gloo announces every group of devices it connects on stdout ("[Gloo] Rank 0 is connected
+    to ..."), when the first collective over it runs; stdout belongs to the command's results.
+    """
     import sys
 
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from jax.experimental import multihost_utils
-    from jax.sharding import Mesh, NamedSharding
-    from jax.sharding import PartitionSpec as P
-
     sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        os.dup2(2, 1)
-        mesh = Mesh(np.asarray(jax.devices()), ("all",))
-        ones = jax.make_array_from_process_local_data(NamedSharding(mesh, P("all")),
-                                                      np.ones(jax.local_device_count(), np.int32))
-        jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))(ones).block_until_ready()
-        multihost_utils.process_allgather(np.int32(0))
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
+    results = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = open(results, "w", buffering=1, encoding=sys.stdout.encoding or "utf-8", errors=sys.stdout.errors)
 
 
 def _cluster_detected() -> bool:
