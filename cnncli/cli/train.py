@@ -92,7 +92,7 @@ def _train(recipe, run, *, resume: bool, overwrite: bool, dry_run: bool) -> None
 
     splits = distributed.together(load)  # every host loads the data itself; a failure on one stops all
     if distributed.multiprocess():
-        distributed.check_same("data", _fingerprint(splits))
+        distributed.check_same("recipe or data", _fingerprint(recipe, splits))
     model = build(recipe, splits.image_shape, splits.num_classes, splits.mean, splits.std)
     h, w, c = splits.image_shape
     model_line = (f"{recipe.model.name}: {model.num_params:,} parameters, input {h}x{w}x{c}, "
@@ -131,13 +131,14 @@ def _train(recipe, run, *, resume: bool, overwrite: bool, dry_run: bool) -> None
         _print_summary(summary, console)
 
 
-def _fingerprint(splits) -> dict:
-    """What must be equal on every process of a multi-process run: sizes, classes and a checksum of the data."""
+def _fingerprint(recipe, splits) -> dict:
+    """What must be equal on every process of a multi-process run: the recipe, and the data's sizes,
+    classes and checksum."""
     import zlib
 
     sizes = [len(splits.train_x), len(splits.val_x), 0 if splits.test_x is None else len(splits.test_x)]
-    checksum = zlib.crc32(splits.train_y.tobytes(), zlib.crc32(splits.train_x.tobytes()))
-    return {"sizes": sizes, "classes": splits.num_classes, "train checksum": checksum}
+    return {"recipe checksum": zlib.crc32(recipe.to_yaml().encode()), "sizes": sizes, "classes": splits.num_classes,
+            "train checksum": zlib.crc32(splits.train_y.tobytes(), zlib.crc32(splits.train_x.tobytes()))}
 
 
 def _print_summary(summary: dict, console) -> None:
