@@ -6,6 +6,11 @@ train.keep_checkpoints = k, the `top` k by validation accuracy) and is replaced 
 checkpoint is complete, so a run killed at any moment leaves a consistent, restorable index;
 directories no pointer names are removed afterwards. A run with train.ema stores its EMA weights in
 the same checkpoint as the raw ones.
+
+Checkpoints hold host (NumPy) arrays, so a run trained on any number of devices restores on any
+other. In a multi-process run the parameters are replicated, so process 0's copy is the whole model:
+process 0 alone writes checkpoints and reads them back, and `restore` broadcasts what it read to the
+other processes (which need not see the run directory at all).
 """
 
 import json
@@ -18,9 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cnncli import distributed
 from cnncli.errors import UserError
 
 INDEX = "index.json"
+TOTALS = ("loss", "correct", "count")  # the running training sums a checkpoint carries
 
 
 def _is_key(x) -> bool:
@@ -91,9 +98,10 @@ def save(ckpt_dir: Path, *, state, totals: dict, meta: dict[str, Any], best: boo
         keep_top: keep the `keep_top` checkpoints of highest `score` (listed as 'top' in the index).
         score: validation accuracy of this checkpoint (None for a mid-epoch checkpoint: never in 'top').
     """
-    import orbax.checkpoint as ocp
     from flax import nnx
 
+    if not distributed.is_main():  # its replica of the state is process 0's: one writer suffices
+        return
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     name = f"step_{int(meta['global_step'])}"
     tree = {"params": _saveable(nnx.to_pure_dict(state.params)), "rest": _saveable(nnx.to_pure_dict(state.rest)),
@@ -102,8 +110,8 @@ def save(ckpt_dir: Path, *, state, totals: dict, meta: dict[str, Any], best: boo
         tree["ema"] = {part: _saveable(nnx.to_pure_dict(state.ema[part])) for part in ("params", "rest")}
     target = ckpt_dir / name
     if not target.exists():
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(target.absolute(), tree)
+        checkpointer = _checkpointer()
+        checkpointer.save(target.absolute(), jax.device_get(tree))
         checkpointer.wait_until_finished()
         checkpointer.close()
     index = read_index(ckpt_dir) or {}
@@ -161,15 +169,39 @@ def restore(ckpt: Path, template_state, *, with_optimizer: bool = True):
 
     The EMA weights are restored when the template has an EMA (a UserError if the checkpoint has none).
     """
+    if distributed.multiprocess():
+        totals = {k: np.zeros((), np.float32) for k in TOTALS}
+        return distributed.from_main(lambda: _restore(ckpt, template_state, with_optimizer), (template_state, totals))
+    return _restore(ckpt, template_state, with_optimizer)
+
+
+def _checkpointer():
+    """An Orbax checkpointer that, in a multi-process run, involves process 0 only (no cross-process barriers)."""
     import orbax.checkpoint as ocp
 
-    from cnncli.train.steps import TrainState
+    if not distributed.multiprocess():
+        return ocp.StandardCheckpointer()
+    only_main = ocp.options.MultiprocessingOptions(primary_host=distributed.MAIN, active_processes={distributed.MAIN})
+    return ocp.StandardCheckpointer(multiprocessing_options=only_main)
 
-    checkpointer = ocp.StandardCheckpointer()
+
+def _read(ckpt: Path) -> dict:
+    """The raw tree of a checkpoint as NumPy arrays, whatever devices it was saved from."""
+    checkpointer = _checkpointer()
     try:
-        raw = checkpointer.restore(ckpt.absolute())
+        # a NumPy target: checkpoints saved from device arrays (older runs) would otherwise ask
+        # for the devices they were saved on, and fail on another device count
+        layout = checkpointer.metadata(ckpt.absolute()).item_metadata.tree
+        target = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), layout)
+        return checkpointer.restore(ckpt.absolute(), target)
     finally:
         checkpointer.close()
+
+
+def _restore(ckpt: Path, template_state, with_optimizer: bool):
+    from cnncli.train.steps import TrainState
+
+    raw = _read(ckpt)
     params = _like(template_state.params, raw["params"])
     rest = _like(template_state.rest, raw["rest"])
     opt_state = _like(template_state.opt_state, raw["opt_state"]) if with_optimizer else template_state.opt_state

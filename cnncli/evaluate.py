@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cnncli.data.pipeline import pad_for_eval
-from cnncli.train.steps import TOP_K, check_batch, init_eval_sums, make_eval_step, replicate
+from cnncli.distributed import multiprocess
+from cnncli.train.steps import TOP_K, check_batch, init_eval_sums, make_eval_step, replicate, stack_batches
 
 
 def evaluate(eval_def, params, rest, x: np.ndarray, y: np.ndarray, class_names: list[str], *, batch_size: int,
@@ -23,9 +24,15 @@ def evaluate(eval_def, params, rest, x: np.ndarray, y: np.ndarray, class_names: 
     """
     num_classes = len(class_names)
     batch_size = eval_batch(len(x), batch_size, mesh)
-    step = step_fn or make_eval_step(eval_def, num_classes=num_classes, batch_size=batch_size, mesh=mesh, tta=tta)
+    stacked = multiprocess()
+    step = step_fn or make_eval_step(eval_def, num_classes=num_classes, batch_size=batch_size, mesh=mesh, tta=tta,
+                                     stacked=stacked)
     xp, yp, mask = pad_for_eval(x, y.astype(np.int32), batch_size)
-    xs, ys, ms = replicate((jnp.asarray(xp), jnp.asarray(yp), jnp.asarray(mask)), mesh)
+    if stacked:  # several processes: each puts only its rows of every batch on its devices
+        order = np.arange(len(xp))
+        xs, ys, ms = (stack_batches(a, order, batch_size, mesh) for a in (xp, yp, mask))
+    else:
+        xs, ys, ms = replicate((jnp.asarray(xp), jnp.asarray(yp), jnp.asarray(mask)), mesh)
     params, rest = replicate((params, rest), mesh)  # a restored model lives on one device until now
     sums = init_eval_sums(num_classes)
     n_batches = len(xp) // batch_size

@@ -20,6 +20,8 @@ DEFAULT_ROOT = Path("runs")
 
 
 class RunDir:
+    writes = True  # this process writes the run directory (see FollowerRun)
+
     def __init__(self, path: Path | str):
         self.path = Path(path)
 
@@ -62,6 +64,37 @@ class RunDir:
 
     def read_json(self, path: Path) -> Any:
         return json.loads(path.read_text())
+
+
+class FollowerRun(RunDir):
+    """A run as the processes other than 0 of a multi-process run see it: they write nothing.
+
+    Process 0 writes the run directory (which the others may not even see). Every process computes
+    the same metrics rows, so the followers keep theirs in memory: decisions taken from the history
+    (early stopping, plateau lr drops) come out alike on every process.
+    """
+
+    writes = False
+
+    def __init__(self, path: Path | str):
+        super().__init__(path)
+        self._rows: list[dict[str, Any]] = []
+
+    def set_metrics(self, rows: list[dict[str, Any]]) -> None:
+        """Start from the rows process 0 read (a resumed run)."""
+        self._rows = list(rows)
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        self._rows.append(row)
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        return list(self._rows)
+
+    def truncate_metrics(self, last_epoch: int) -> None:
+        self._rows = [r for r in self._rows if r.get("epoch", 0) <= last_epoch]
+
+    def write_json(self, path: Path, obj: Any) -> None:
+        pass
 
 
 def resolve(path: Path | str) -> RunDir:

@@ -7,38 +7,68 @@ import typer
 from cnncli.cli import app
 from cnncli.errors import UserError
 
+MANY_HOSTS = "Many hosts"  # the help panel of the multi-process flags
+
 
 @app.command()
 def train(
     recipe: str = typer.Argument(None, help="Recipe file, or the name of a bundled recipe (see `cnncli recipes`)."),
     overrides: list[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE",
                                         help="Override a recipe key, e.g. --set optim.lr=0.05 (repeatable)."),
-    run_dir: Path = typer.Option(None, "--run-dir", help="Where to write the run [default: runs/<recipe name>]."),
+    run_dir: Path = typer.Option(None, "--run-dir", help="Where to write the run (default: runs/<recipe name>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --run-dir from its last checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over in a run directory that holds a run."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and model size; train nothing."),
+    coordinator: str = typer.Option(
+        None, "--coordinator", metavar="HOST:PORT", rich_help_panel=MANY_HOSTS,
+        help="Address where process 0 listens for the others; the same on every process."),
+    num_processes: int = typer.Option(
+        None, "--num-processes", metavar="N", rich_help_panel=MANY_HOSTS,
+        help="How many processes (typically one per host) train together; the same on every process."),
+    process_id: int = typer.Option(
+        None, "--process-id", metavar="I", rich_help_panel=MANY_HOSTS,
+        help="This process's number, 0 to N-1. Process 0 writes the run directory and prints progress."),
 ) -> None:
     """Train a CNN from a recipe: progress, validation each epoch, checkpoints, test accuracy at the end.
 
     Ctrl-C saves a checkpoint and stops; `--resume` continues exactly where it stopped.
+
+    Many hosts: start the same command on every host with the same --coordinator and --num-processes
+    and each host's own --process-id; the batch (train.batch_size, the global batch) is sharded over
+    all their devices. Under Slurm, Open MPI or on a TPU pod, JAX finds these values by itself.
     """
+    from cnncli import distributed
     from cnncli import recipe as recipe_lib
     from cnncli.runs import DEFAULT_ROOT, RunDir
 
+    distributed.initialize(coordinator, num_processes, process_id)  # before anything touches a device
     if resume:
         run = RunDir(run_dir or (DEFAULT_ROOT / recipe_lib.load(_require(recipe), overrides).name))
-        if not run.recipe.is_file():
-            raise UserError(f"nothing to resume in {run.path}: it holds no run; start the run without --resume")
-        if overrides:
-            raise UserError("--set cannot change a run being resumed; start a new run (--run-dir) instead")
-        resolved = recipe_lib.load(run.recipe)
+        # process 0 reads the run directory (the other hosts need not see it) and hands out the recipe
+        raw = distributed.agree(lambda: _resumable(run, overrides).model_dump(mode="json"))
+        resolved = recipe_lib.validate(raw, source=str(run.recipe))
     else:
         resolved = recipe_lib.load(_require(recipe), overrides)
         run = RunDir(run_dir or DEFAULT_ROOT / resolved.name)
-        if run.has_run() and not (overwrite or dry_run):
-            raise UserError(f"{run.path} already holds a run: --resume to continue it, --overwrite to start over, "
-                            "or --run-dir for another directory")
+        distributed.agree(lambda: _check_new(run, overwrite or dry_run))
     _train(resolved, run, resume=resume, overwrite=overwrite, dry_run=dry_run)
+
+
+def _resumable(run, overrides: list[str]):
+    """The recipe of the run to resume in `run`."""
+    from cnncli import recipe as recipe_lib
+
+    if not run.recipe.is_file():
+        raise UserError(f"nothing to resume in {run.path}: it holds no run; start the run without --resume")
+    if overrides:
+        raise UserError("--set cannot change a run being resumed; start a new run (--run-dir) instead")
+    return recipe_lib.load(run.recipe)
+
+
+def _check_new(run, replacing: bool) -> None:
+    if run.has_run() and not replacing:
+        raise UserError(f"{run.path} already holds a run: --resume to continue it, --overwrite to start over, "
+                        "or --run-dir for another directory")
 
 
 def _require(recipe: str | None) -> str:
@@ -50,35 +80,65 @@ def _require(recipe: str | None) -> str:
 def _train(recipe, run, *, resume: bool, overwrite: bool, dry_run: bool) -> None:
     import shutil
 
+    from cnncli import distributed
     from cnncli.console import TrainDisplay, console, err_console
     from cnncli.data.pipeline import load_splits
+    from cnncli.runs import FollowerRun
     from cnncli.train.loop import Interrupted, build, check_recipe, start_run, train
 
-    check_recipe(recipe)
-    splits = load_splits(recipe.data, recipe.seed)
+    def load():
+        check_recipe(recipe)
+        return load_splits(recipe.data, recipe.seed)
+
+    splits = distributed.together(load)  # every host loads the data itself; a failure on one stops all
+    if distributed.multiprocess():
+        distributed.check_same("recipe or data", _fingerprint(recipe, splits))
     model = build(recipe, splits.image_shape, splits.num_classes, splits.mean, splits.std)
     h, w, c = splits.image_shape
     model_line = (f"{recipe.model.name}: {model.num_params:,} parameters, input {h}x{w}x{c}, "
                   f"{splits.num_classes} classes; data {recipe.data.source}: {len(splits.train_x):,} train / "
                   f"{len(splits.val_x):,} val / {0 if splits.test_x is None else len(splits.test_x):,} test")
+    main = distributed.is_main()  # the other processes of a multi-process run stay quiet
     if dry_run:
-        console.print(recipe.to_yaml(), highlight=False, markup=False)
-        console.print(model_line, highlight=False)
+        if main:
+            console.print(recipe.to_yaml(), highlight=False, markup=False)
+            console.print(model_line, highlight=False)
         return
-    if overwrite and run.path.exists() and not resume:
-        shutil.rmtree(run.path)
-    run.path.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        start_run(recipe, splits, run)
-    err_console.print(model_line, highlight=False)
-    err_console.print(f"run directory: {run.path}", highlight=False)
+    if main:
+        if overwrite and run.path.exists() and not resume:
+            shutil.rmtree(run.path)
+        run.path.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            start_run(recipe, splits, run)
+        err_console.print(model_line, highlight=False)
+        if distributed.multiprocess():
+            import jax
+
+            err_console.print(f"{jax.process_count()} processes, {jax.device_count()} devices: "
+                              f"{recipe.train.batch_size // jax.process_count()} images of each batch per process",
+                              highlight=False)
+        err_console.print(f"run directory: {run.path}", highlight=False)
+    else:
+        run = FollowerRun(run.path)
     try:
-        summary = train(recipe, splits, run, resume=resume, display=TrainDisplay())
+        summary = train(recipe, splits, run, resume=resume, display=TrainDisplay() if main else None)
     except Interrupted as e:
-        err_console.print(f"interrupted at {e}: checkpoint saved; continue with "
-                          f"`cnncli train --resume --run-dir {run.path}`", highlight=False)
+        if main:
+            err_console.print(f"interrupted at {e}: checkpoint saved; continue with "
+                              f"`cnncli train --resume --run-dir {run.path}`", highlight=False)
         raise typer.Exit(130) from None
-    _print_summary(summary, console)
+    if main:
+        _print_summary(summary, console)
+
+
+def _fingerprint(recipe, splits) -> dict:
+    """What must be equal on every process of a multi-process run: the recipe, and the data's sizes,
+    classes and checksum."""
+    import zlib
+
+    sizes = [len(splits.train_x), len(splits.val_x), 0 if splits.test_x is None else len(splits.test_x)]
+    return {"recipe checksum": zlib.crc32(recipe.to_yaml().encode()), "sizes": sizes, "classes": splits.num_classes,
+            "train checksum": zlib.crc32(splits.train_y.tobytes(), zlib.crc32(splits.train_x.tobytes()))}
 
 
 def _print_summary(summary: dict, console) -> None:

@@ -5,6 +5,13 @@ fold_in(seed, global step), and dropout RNG is part of the checkpointed model st
 resumed from any checkpoint (even mid-epoch after Ctrl-C) reproduces the uninterrupted run. The
 host-side decisions (early stopping, plateau lr drops) are functions of the metrics history, which a
 resume truncates to its checkpoint, so they replay exactly too.
+
+Several processes (cnncli.distributed) run this same loop over one mesh of all their devices. The
+single-process way of holding the whole uint8 training set on the devices gives way to a per-epoch
+array of which each process holds only its own rows of every batch (steps.stack_batches): all of them
+compute the epoch's shuffled order, each gathers its slice on the host. Process 0 alone writes the
+run directory; the others keep the metrics rows (which every process computes alike) in memory
+(runs.FollowerRun), so early stopping and plateau decisions agree.
 """
 
 import math
@@ -12,12 +19,14 @@ import signal
 import time
 from dataclasses import dataclass, replace
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from cnncli import checkpoint
+from cnncli import checkpoint, distributed
 from cnncli.data.pipeline import Splits
 from cnncli.errors import UserError
 from cnncli.evaluate import eval_batch, evaluate
@@ -36,7 +45,9 @@ from cnncli.train.steps import (
     replicate,
     shuffle,
     shuffle_like,
+    shuffle_order,
     split_model,
+    stack_batches,
 )
 
 SHUFFLE_STREAM, AUGMENT_STREAM, ROBUST_STREAM = 1, 2, 3  # independent random streams from the recipe's seed
@@ -116,6 +127,13 @@ class _StopFlag:
             raise KeyboardInterrupt
         self.set = True
 
+    def requested(self, in_sync: bool) -> bool:
+        """Whether to stop here. With several processes, all must stop at the same step, so the flag
+        is only consulted where they compare it (`in_sync`: a progress update or the end of an epoch)."""
+        if not distributed.multiprocess():
+            return self.set
+        return in_sync and distributed.any_process(self.set)
+
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
@@ -138,7 +156,8 @@ def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, 
     brings its optimizer (freezing masks, lr multipliers), distillation targets and old-task metrics.
     """
     display = display or _NullDisplay()
-    run.path.mkdir(parents=True, exist_ok=True)
+    if run.writes:
+        run.path.mkdir(parents=True, exist_ok=True)
     mesh = data_mesh()
     check_batch(recipe.train.batch_size, mesh)
     spe = steps_per_epoch(recipe, len(splits.train_x))
@@ -153,13 +172,16 @@ def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, 
     totals = init_totals()
 
     start_epoch, start_step, best = 0, 0, {"val_top1": -1.0, "epoch": 0}
-    if resume and checkpoint.read_index(run.checkpoints) is None:  # killed before its first checkpoint
+    point = distributed.agree(lambda: _resume_point(run)) if resume else None
+    if resume and not run.writes:
+        run.set_metrics(point["metrics"] if point else [])
+    if resume and point is None:  # killed before its first checkpoint
         run.truncate_metrics(0)
         display.message(f"{run.path} has no checkpoint yet: starting it from the beginning")
     elif resume:
         # meta says where to continue: epoch index (= epochs completed) and steps done within it
-        ckpt, meta = checkpoint.find(run.path, "latest")
-        state, totals = checkpoint.restore(ckpt, state)
+        meta = point["meta"]
+        state, totals = checkpoint.restore(Path(point["checkpoint"]), state)
         start_epoch, start_step, best = meta["epoch"], meta["step_in_epoch"], meta.get("best", best)
         if start_step == 0:
             totals = init_totals()
@@ -179,6 +201,7 @@ def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, 
             display.message(f"warning: train.adversarial.step_size={adversarial.step_size:g} is larger than "
                             f"eps={adversarial.eps:g}: every step overshoots the ball and is projected back")
     weights = toolbox.class_weight_vector(recipe.train.class_weights, splits.train_y, splits.num_classes)
+    stacked = distributed.multiprocess()  # batches as (steps, batch, ...) arrays: see stack_batches
     train_step = make_train_step(model.train_def, tx, num_classes=splits.num_classes,
                                  batch_size=recipe.train.batch_size, mesh=mesh,
                                  augment=_augment(recipe),
@@ -186,13 +209,11 @@ def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, 
                                  perturb=perturb, mix=adversarial.mix if adversarial else 1.0,
                                  class_weights=None if weights is None else replicate(jnp.asarray(weights), mesh),
                                  ema_decay=recipe.train.ema, precision=recipe.train.precision,
-                                 distill=tune.distill if tune else None)
-    draw = (partial(toolbox.balanced_shuffle, num_classes=splits.num_classes) if recipe.data.balanced_sampling
-            else shuffle)
+                                 distill=tune.distill if tune else None, stacked=stacked)
     has_val = len(splits.val_x) > 0
     val_batch = eval_batch(len(splits.val_x), recipe.train.eval_batch_size, mesh) if has_val else 0
     val_step = make_eval_step(model.eval_def, num_classes=splits.num_classes, batch_size=val_batch,
-                              mesh=mesh) if has_val else None
+                              mesh=mesh, stacked=stacked) if has_val else None
     val_robust = None
     if has_val and adversarial is not None:
         from cnncli.robustness import make_robust_accuracy
@@ -201,8 +222,7 @@ def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, 
                                           batch_size=val_batch, mesh=mesh)
     # an adversarially trained run keeps its most robust epoch: the cleanest one is often less robust
     select = "val_robust_acc" if val_robust is not None else "val_acc"
-    xs_all, ys_all = replicate((jnp.asarray(splits.train_x), jnp.asarray(splits.train_y)), mesh)
-    aux_all = replicate(jnp.asarray(tune.aux), mesh) if tune and tune.aux is not None else None
+    epoch_data = (_sharded_epochs if stacked else _device_epochs)(recipe, splits, mesh, tune)
     key = jax.random.key(recipe.seed)
     shuffle_key, augment_key = jax.random.fold_in(key, SHUFFLE_STREAM), jax.random.fold_in(key, AUGMENT_STREAM)
 
@@ -230,17 +250,16 @@ def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, 
                 display.message(f"early stopping after epoch {epoch}: no validation accuracy gain for "
                                 f"{recipe.train.early_stopping.patience} epochs (best: epoch {best['epoch']})")
                 break
-            epoch_key = jax.random.fold_in(shuffle_key, epoch)
-            xs, ys = draw(xs_all, ys_all, epoch_key)
-            aux = None if aux_all is None else shuffle_like(aux_all, epoch_key)
+            xs, ys, aux = epoch_data(jax.random.fold_in(shuffle_key, epoch), spe)
             epoch_start = jnp.int32(epoch * spe)
             t0, first = time.perf_counter(), (start_step if epoch == start_epoch else 0)
             for i in range(first, spe):
                 state, totals = train_step(state, totals, xs, ys, epoch_start, augment_key, aux)
-                if stop.set and i + 1 < spe:
+                log = (i + 1) % recipe.train.log_every == 0 or i + 1 == spe
+                if i + 1 < spe and stop.requested(in_sync=log):
                     save(epoch, i + 1, is_best=False)
                     raise interrupted(f"epoch {epoch + 1}, step {i + 1}/{spe}")
-                if (i + 1) % recipe.train.log_every == 0 or i + 1 == spe:
+                if log:
                     row = _train_row(totals)
                     _check_finite(row, epoch, i + 1, run)
                     elapsed = time.perf_counter() - t0
@@ -277,11 +296,62 @@ def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, 
             save(epoch + 1, 0, is_best=is_best or not has_val, score=row.get("val_acc"))
             display.epoch_done(row)
             totals = replicate(init_totals(), mesh)
-            if stop.set and epoch + 1 < epochs:
+            if epoch + 1 < epochs and stop.requested(in_sync=True):
                 raise interrupted(f"end of epoch {epoch + 1}")
     display.finish()
     return finish(recipe, splits, run, model, state, mesh, best, stopped="early" if stopped_early else None,
                   tune=tune)
+
+
+def _device_epochs(recipe: Recipe, splits: Splits, mesh, tune):
+    """One process: the training set lives on the devices; each epoch is a shuffled copy made there."""
+    draw = (partial(toolbox.balanced_shuffle, num_classes=splits.num_classes) if recipe.data.balanced_sampling
+            else shuffle)
+    xs_all, ys_all = replicate((jnp.asarray(splits.train_x), jnp.asarray(splits.train_y)), mesh)
+    aux_all = replicate(jnp.asarray(tune.aux), mesh) if tune and tune.aux is not None else None
+
+    def epoch_data(epoch_key, steps: int):
+        xs, ys = draw(xs_all, ys_all, epoch_key)
+        return xs, ys, None if aux_all is None else shuffle_like(aux_all, epoch_key)
+
+    return epoch_data
+
+
+def _sharded_epochs(recipe: Recipe, splits: Splits, mesh, tune):
+    """Several processes: every process draws the epoch's order (the same one `_device_epochs` would),
+    and puts only its own rows of every batch on its devices, as (steps, batch, ...) arrays."""
+    batch = recipe.train.batch_size
+    aux = None if tune is None or tune.aux is None else np.asarray(tune.aux)
+    if recipe.data.balanced_sampling:  # drawn from the labels, on this process's first device
+        order = partial(toolbox.balanced_order, jnp.asarray(splits.train_y), num_classes=splits.num_classes)
+    else:
+        order = partial(shuffle_order, n=len(splits.train_y))
+
+    def epoch_data(epoch_key, steps: int):
+        idx = np.asarray(order(epoch_key))[: steps * batch]
+        return (stack_batches(splits.train_x, idx, batch, mesh), stack_batches(splits.train_y, idx, batch, mesh),
+                None if aux is None else stack_batches(aux, idx, batch, mesh))
+
+    return epoch_data
+
+
+def _resume_point(run: RunDir) -> dict | None:
+    """Where a resumed run continues (as process 0 reads it): the latest checkpoint, its position and
+    the metrics written so far; None when the run was stopped before its first checkpoint."""
+    if checkpoint.read_index(run.checkpoints) is None:
+        return None
+    ckpt, meta = checkpoint.find(run.path, "latest")
+    return {"checkpoint": str(ckpt), "meta": meta, "metrics": run.read_metrics()}
+
+
+def _find_checkpoint(run: RunDir, which: str) -> tuple[Path, dict]:
+    """checkpoint.find as process 0 sees it, on every process."""
+    def read():
+        ckpt, meta = checkpoint.find(run.path, which)
+        return [str(ckpt), meta]
+
+    ckpt, meta = distributed.agree(read)
+    return Path(ckpt), meta
 
 
 def _stalled(recipe: Recipe, run: RunDir) -> bool:
@@ -318,7 +388,7 @@ def finish(recipe: Recipe, splits: Splits, run: RunDir, model: Model, state, mes
     if stopped:
         summary["stopped"] = stopped
     if splits.test_x is not None and len(splits.test_x):
-        ckpt, meta = checkpoint.find(run.path, which)
+        ckpt, meta = _find_checkpoint(run, which)
         summary["reported"] = {"checkpoint": which, "epoch": meta.get("epoch")}
         reported, _ = checkpoint.restore(ckpt, state, with_optimizer=False)
         test = partial(evaluate, model.eval_def, x=splits.test_x, y=splits.test_y, class_names=splits.class_names,
@@ -327,7 +397,7 @@ def finish(recipe: Recipe, splits: Splits, run: RunDir, model: Model, state, mes
         if reported.ema is not None:
             summary["test_ema"] = test(params=reported.ema["params"], rest=reported.ema["rest"])
     if tune is not None:
-        ckpt, _ = checkpoint.find(run.path, which)
+        ckpt, _ = _find_checkpoint(run, which)
         reported, _ = checkpoint.restore(ckpt, state, with_optimizer=False)
         summary.update(tune.final_metrics(reported.params, reported.rest))
     run.write_json(run.summary, summary)

@@ -8,6 +8,7 @@ the step, with randomness from fold_in(key, step). Steps never print and never t
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import jax
@@ -47,7 +48,11 @@ class TrainState:
 
 
 def data_mesh(devices=None) -> Mesh:
-    """A 1-D mesh over all local devices (or `devices`); the batch is sharded along `data`."""
+    """A 1-D mesh over all devices (or `devices`); the batch is sharded along `data`.
+
+    jax.devices() lists every process's devices in a multi-process run, so there the mesh spans all
+    hosts.
+    """
     devices = jax.devices() if devices is None else devices
     return Mesh(np.asarray(devices), ("data",))
 
@@ -103,15 +108,53 @@ def to_pixels(batch_uint8: jax.Array) -> jax.Array:
     return batch_uint8.astype(jnp.float32) * (1.0 / 255.0)
 
 
+def take_batch(arrays: jax.Array, index, batch_size: int, stacked: bool) -> jax.Array:
+    """Batch `index` of per-example `arrays`: a contiguous slice, or with `stacked` the index-th row
+    of (batches, batch_size, ...) arrays (the layout of a multi-process run: see `stack_batches`)."""
+    if stacked:
+        return jax.lax.dynamic_index_in_dim(arrays, index, keepdims=False)
+    return jax.lax.dynamic_slice_in_dim(arrays, index * batch_size, batch_size)
+
+
+def stacked_sharding(mesh: Mesh) -> NamedSharding:
+    """(batches, batch, ...) arrays with each batch sharded along `data`: taking one batch needs no communication."""
+    return NamedSharding(mesh, P(None, "data"))
+
+
+def local_rows(mesh: Mesh, batch_size: int) -> slice:
+    """The rows of a `data`-sharded global batch that this process's devices hold (a contiguous block)."""
+    index = NamedSharding(mesh, P("data")).addressable_devices_indices_map((batch_size,))
+    rows = sorted(ix[0].indices(batch_size)[:2] for ix in index.values())
+    start, stop = rows[0][0], rows[-1][1]
+    if sum(b - a for a, b in rows) != stop - start:
+        raise ValueError(f"this process's devices do not hold one block of the batch: {rows}")
+    return slice(start, stop)
+
+
+def stack_batches(arrays: np.ndarray, order: np.ndarray, batch_size: int, mesh: Mesh) -> jax.Array:
+    """A global (len(order) // batch_size, batch_size, ...) array of arrays[order], batch by batch,
+    each process putting only its own rows of every batch on its own devices.
+
+    Every process passes the same `order` (the epoch's shuffle, or the padded evaluation order) and
+    its own host copy of `arrays`; none gathers or transfers the other processes' rows.
+    """
+    batches = len(order) // batch_size
+    mine = order[: batches * batch_size].reshape(batches, batch_size)[:, local_rows(mesh, batch_size)]
+    local = arrays[mine.reshape(-1)].reshape(mine.shape + arrays.shape[1:])
+    return jax.make_array_from_process_local_data(stacked_sharding(mesh), local,
+                                                  (batches, batch_size, *arrays.shape[1:]))
+
+
 def make_train_step(train_def, tx: optax.GradientTransformation, *, num_classes: int, batch_size: int,
                     mesh: Mesh, augment: Callable | None = None, label_smoothing: float = 0.0,
                     penalty: Callable | None = None, perturb: Callable | None = None, mix: float = 1.0,
                     class_weights: jax.Array | None = None, ema_decay: float | None = None,
-                    precision: str = "float32", distill: Callable | None = None) -> Callable:
+                    precision: str = "float32", distill: Callable | None = None, stacked: bool = False) -> Callable:
     """A jitted step(state, totals, xs, ys, epoch_start, key, aux=None) -> (state, totals).
 
     xs/ys are the epoch's shuffled uint8 images and labels on device; the batch is the slice that
-    starts at (state.step - epoch_start) * batch_size. state and totals are donated.
+    starts at (state.step - epoch_start) * batch_size, or with `stacked` (several processes) row
+    state.step - epoch_start of (steps, batch_size, ...) arrays. state and totals are donated.
 
     Adversarial training: `perturb(params, rest, x, labels, key) -> x_adv` makes adversarial examples
     of the (augmented) batch, and the loss is (1 - mix) * loss(clean) + mix * loss(adversarial)
@@ -127,9 +170,9 @@ def make_train_step(train_def, tx: optax.GradientTransformation, *, num_classes:
     batch_sharding = NamedSharding(mesh, P("data"))
 
     def step(state: TrainState, totals, xs, ys, epoch_start, key, aux=None):
-        start = (state.step - epoch_start) * batch_size
-        x = to_pixels(jax.lax.dynamic_slice_in_dim(xs, start, batch_size))
-        labels = jax.nn.one_hot(jax.lax.dynamic_slice_in_dim(ys, start, batch_size), num_classes)
+        i = state.step - epoch_start
+        x = to_pixels(take_batch(xs, i, batch_size, stacked))
+        labels = jax.nn.one_hot(take_batch(ys, i, batch_size, stacked), num_classes)
         step_key = jax.random.fold_in(key, state.step)
         if augment is not None:
             x, labels = augment(x, labels, step_key)
@@ -152,7 +195,7 @@ def make_train_step(train_def, tx: optax.GradientTransformation, *, num_classes:
                 rest = like_dtypes(rest, state.rest)
             kept = 0.0
             if distill is not None:  # Learning without Forgetting: the old head's outputs are kept
-                logits, kept = distill(logits, jax.lax.dynamic_slice_in_dim(aux, start, batch_size))
+                logits, kept = distill(logits, take_batch(aux, i, batch_size, stacked))
             loss = weighted_cross_entropy(logits, targets, class_weights, weights)
             # auxiliary classifiers (GoogLeNet) join the training loss with the paper's weight
             aux_loss = sum(AUX_WEIGHT * weighted_cross_entropy(a, targets, class_weights, weights)
@@ -188,14 +231,23 @@ def shuffle(xs: jax.Array, ys: jax.Array, key: jax.Array):
     return xs[order], ys[order]
 
 
+@partial(jax.jit, static_argnames="n")
+def shuffle_order(key: jax.Array, n: int) -> jax.Array:
+    """The order `shuffle` puts n examples in for the same key (for arrays that stay on the host)."""
+    return jax.random.permutation(key, n)
+
+
 @jax.jit
 def shuffle_like(aux: jax.Array, key: jax.Array) -> jax.Array:
     """A per-example array in the order `shuffle` gives the training set for the same key."""
     return aux[jax.random.permutation(key, aux.shape[0])]
 
 
-def make_eval_step(eval_def, *, num_classes: int, batch_size: int, mesh: Mesh, tta: bool = False) -> Callable:
+def make_eval_step(eval_def, *, num_classes: int, batch_size: int, mesh: Mesh, tta: bool = False,
+                   stacked: bool = False) -> Callable:
     """A jitted step(params, rest, sums, xs, ys, mask, i) -> sums over batch i of padded eval arrays.
+
+    With `stacked` (several processes) the arrays are (batches, batch_size, ...) and batch i is row i.
 
     sums holds the summed loss, top-1 and top-k hits and the confusion matrix (rows: true class).
     With `tta`, predictions average the softmax of each image and its horizontal flip.
@@ -204,11 +256,10 @@ def make_eval_step(eval_def, *, num_classes: int, batch_size: int, mesh: Mesh, t
     batch_sharding = NamedSharding(mesh, P("data"))
 
     def step(params, rest, sums, xs, ys, mask, i):
-        start = i * batch_size
-        x = to_pixels(jax.lax.dynamic_slice_in_dim(xs, start, batch_size))
+        x = to_pixels(take_batch(xs, i, batch_size, stacked))
         x = jax.lax.with_sharding_constraint(x, batch_sharding)
-        y = jax.lax.dynamic_slice_in_dim(ys, start, batch_size)
-        m = jax.lax.dynamic_slice_in_dim(mask, start, batch_size)
+        y = take_batch(ys, i, batch_size, stacked)
+        m = take_batch(mask, i, batch_size, stacked)
         def logits_fn(images):
             return forward(eval_def, params, rest, images)[0]
 

@@ -156,10 +156,15 @@ def balanced_shuffle(xs: jax.Array, ys: jax.Array, key: jax.Array, num_classes: 
     Image i is drawn with probability proportional to 1 / count(class of i), made on device once per
     epoch like `steps.shuffle`.
     """
+    order = balanced_order(ys, key, num_classes)
+    return xs[order], ys[order]
+
+
+def balanced_order(ys: jax.Array, key: jax.Array, num_classes: int) -> jax.Array:
+    """The indices `balanced_shuffle` draws for labels `ys` and `key`."""
     counts = jnp.bincount(ys, length=num_classes)
     p = 1.0 / counts[ys].astype(jnp.float32)
-    order = jax.random.choice(key, xs.shape[0], (xs.shape[0],), replace=True, p=p / p.sum())
-    return xs[order], ys[order]
+    return jax.random.choice(key, ys.shape[0], (ys.shape[0],), replace=True, p=p / p.sum())
 
 
 # ----------------------------------------------------------------------------- early stopping
