@@ -27,7 +27,7 @@ ARGS = ["lenet5_fashion_mnist", "--run-dir", "run", "--set", "data.source=digits
 
 def _free_port() -> int:
     with socket.socket() as s:
-        s.bind(("localhost", 0))
+        s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
@@ -48,7 +48,7 @@ def _launch(cwds, *args: str) -> list[subprocess.CompletedProcess]:
     for i, cwd in enumerate(cwds):
         cwd.mkdir(exist_ok=True)
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "cnncli", "train", *args, "--coordinator", f"localhost:{port}",
+            [sys.executable, "-m", "cnncli", "train", *args, "--coordinator", f"127.0.0.1:{port}",
              "--num-processes", str(len(cwds)), "--process-id", str(i)],
             cwd=cwd, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     deadline = time.monotonic() + TIMEOUT

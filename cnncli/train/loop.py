@@ -114,6 +114,7 @@ class _StopFlag:
     def __init__(self):
         self.set = False
         self._previous = None
+        self._multiprocess = distributed.multiprocess()
 
     def __enter__(self):
         try:
@@ -130,7 +131,7 @@ class _StopFlag:
     def requested(self, in_sync: bool) -> bool:
         """Whether to stop here. With several processes, all must stop at the same step, so the flag
         is only consulted where they compare it (`in_sync`: a progress update or the end of an epoch)."""
-        if not distributed.multiprocess():
+        if not self._multiprocess:
             return self.set
         return in_sync and distributed.any_process(self.set)
 
