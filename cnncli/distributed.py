@@ -129,6 +129,16 @@ def is_main() -> bool:
     return jax.process_index() == MAIN
 
 
+def _on_main(fn: Callable[[], Any]) -> tuple[Any, str | None]:
+    """(fn(), None) on process 0, or (None, message) if it raised a UserError; (None, None) elsewhere."""
+    if not is_main():
+        return None, None
+    try:
+        return fn(), None
+    except UserError as e:
+        return None, str(e)
+
+
 def agree(fn: Callable[[], Any]) -> Any:
     """fn() evaluated by process 0 and handed to every process; its value must be JSON-ready.
 
@@ -137,13 +147,7 @@ def agree(fn: Callable[[], Any]) -> Any:
     """
     if not multiprocess():
         return fn()
-    value, error = None, None
-    if is_main():
-        try:
-            value = fn()
-        except UserError as e:
-            error = str(e)
-    value, error = _broadcast_json([value, error])
+    value, error = _broadcast_json(list(_on_main(fn)))
     if error is not None:
         raise UserError(error)
     return value
@@ -188,12 +192,7 @@ def from_main(fn: Callable[[], Any], like: Any) -> Any:
 
     if not multiprocess():
         return fn()
-    tree, error = None, None
-    if is_main():
-        try:
-            tree = fn()
-        except UserError as e:
-            error = str(e)
+    tree, error = _on_main(fn)
     (error,) = _broadcast_json([error])
     if error is not None:
         raise UserError(error)
