@@ -195,7 +195,8 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
 def input_grad(x, w, g, geom: Geometry) -> jax.Array:
-    """d(sum(conv * g)) / dx: XLA's own (its transposed convolution runs at the forward's rate)."""
+    """d(sum(conv * g)) / dx: XLA's own (its transposed convolution runs at the forward's rate), but for
+    single-channel inputs."""
     if is_single_channel(w.shape, geom):
         return single_channel_input_grad(x.shape, w, g, geom)
     return jax.vjp(lambda x_: xla_conv(x_, w, geom), x)[1](g)[0]
