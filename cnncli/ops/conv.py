@@ -91,18 +91,25 @@ def xla_conv(x: jax.Array, w: jax.Array, geom: Geometry) -> jax.Array:
                                     dimension_numbers=DIMENSIONS, feature_group_count=geom.groups)
 
 
+def tap_windows(x: jax.Array, geom: Geometry, kernel_hw, out_hw):
+    """(i, j, the part of the padded x that kernel tap (i, j) sees) for every tap; x is (N, H, W, ...)."""
+    (kh, kw), (oh, ow) = kernel_hw, out_hw
+    (sh, sw), (dh, dw) = geom.stride, geom.dilation
+    xp = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (*geom.padding[0], 0), (*geom.padding[1], 0)]
+                 + [(0, 0, 0)] * (x.ndim - 3))
+    for i in range(kh):
+        for j in range(kw):
+            yield i, j, xp[:, i * dh: i * dh + (oh - 1) * sh + 1: sh, j * dw: j * dw + (ow - 1) * sw + 1: sw]
+
+
 def shifted_matmul_conv(x: jax.Array, w: jax.Array, geom: Geometry) -> jax.Array:
     """The convolution as sum over kernel taps (i, j) of the input window the tap sees times w[i, j]."""
     kh, kw, _, out = w.shape
     oh, ow = geom.output_hw(x.shape[1:3], (kh, kw))
-    (sh, sw), (dh, dw) = geom.stride, geom.dilation
-    xp = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (*geom.padding[0], 0), (*geom.padding[1], 0), (0, 0, 0)])
     y = None
-    for i in range(kh):
-        for j in range(kw):
-            seen = xp[:, i * dh: i * dh + (oh - 1) * sh + 1: sh, j * dw: j * dw + (ow - 1) * sw + 1: sw]
-            tap = seen @ w[i, j]
-            y = tap if y is None else y + tap
+    for i, j, seen in tap_windows(x, geom, (kh, kw), (oh, ow)):
+        tap = seen @ w[i, j]
+        y = tap if y is None else y + tap
     return y.reshape(x.shape[0], oh, ow, out)
 
 
@@ -115,14 +122,10 @@ def single_channel_conv(x: jax.Array, w: jax.Array, geom: Geometry) -> jax.Array
     """
     kh, kw, _, out = w.shape
     oh, ow = geom.output_hw(x.shape[1:3], (kh, kw))
-    (sh, sw), (dh, dw) = geom.stride, geom.dilation
-    xp = lax.pad(x[..., 0], jnp.zeros((), x.dtype), [(0, 0, 0), (*geom.padding[0], 0), (*geom.padding[1], 0)])
     y = None
-    for i in range(kh):
-        for j in range(kw):
-            seen = xp[:, i * dh: i * dh + (oh - 1) * sh + 1: sh, j * dw: j * dw + (ow - 1) * sw + 1: sw]
-            tap = seen[None] * w[i, j, 0][:, None, None, None]
-            y = tap if y is None else y + tap
+    for i, j, seen in tap_windows(x[..., 0], geom, (kh, kw), (oh, ow)):
+        tap = seen[None] * w[i, j, 0][:, None, None, None]
+        y = tap if y is None else y + tap
     return y.transpose(1, 2, 3, 0)
 
 
@@ -216,8 +219,5 @@ def _pointwise_weight_grad(x, g, geom: Geometry) -> jax.Array:
 
     XLA computes it as a convolution over a transposed copy of x; one matrix product reads x once.
     """
-    (ph0, ph1), (pw0, pw1) = geom.padding
-    (sh, sw), (_, oh, ow, _) = geom.stride, g.shape
-    xp = lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), (ph0, ph1, 0), (pw0, pw1, 0), (0, 0, 0)])
-    seen = xp[:, : (oh - 1) * sh + 1: sh, : (ow - 1) * sw + 1: sw]
+    ((_, _, seen),) = tap_windows(x, geom, (1, 1), g.shape[1:3])
     return lax.dot_general(seen.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), (((0,), (0,)), ((), ())))
