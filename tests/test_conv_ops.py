@@ -105,3 +105,24 @@ def test_bfloat16_takes_the_plain_convolution():
     jaxpr = str(jax.make_jaxpr(lambda x, w: conv2d(x, w, padding=((1, 1), (1, 1))))(x.astype(jnp.bfloat16),
                                                                                    w.astype(jnp.bfloat16)))
     assert "custom_vjp" not in jaxpr
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0], ids=["true branch", "false branch"])
+def test_stored_returns_its_input_bit_for_bit_whichever_branch_runs(sign):
+    x = jnp.array([[0.5, -0.0, jnp.inf], [-jnp.inf, jnp.nan, 1e-45]], jnp.float32)  # signed zero, inf, nan, denormal
+    w = jnp.full((3, 3), sign, jnp.float32)  # the predicate reads the first weight
+    out = jax.jit(conv_ops.stored)(x, w)
+    np.testing.assert_array_equal(np.asarray(out).view(np.uint32), np.asarray(x).view(np.uint32))
+
+
+def test_the_weight_gradient_reads_a_stored_input():
+    """The fusion barrier is still in XLA's compiled program: if an XLA upgrade resolves or removes the
+    conditional, the weight gradient recomputes the layer's input inside its transposed copy again."""
+    x, w = _case_arrays(32, 16, 16, 3, 1)
+    scale = jnp.linspace(0.5, 1.5, 16)
+
+    def loss(w, x):  # the input is elementwise work, as a batch-norm + ReLU output is
+        return jnp.sum(conv2d(jax.nn.relu(x * scale + 1.0), w, padding=((1, 1), (1, 1))) ** 2)
+
+    hlo = jax.jit(jax.grad(loss)).lower(w, x).compile().as_text()
+    assert " conditional(" in hlo
