@@ -57,6 +57,18 @@ def _case_arrays(hw, cin, cout, k, groups, seed=0):
 def test_fast_conv_matches_plain_values_and_gradients(case):
     hw, cin, cout, k, stride, pad, dil, groups = case
     x, w = _case_arrays(hw, cin, cout, k, groups)
+    _assert_matches_plain(x, w, stride, pad, dil, groups)
+
+
+def test_a_large_input_read_through_stored_matches_plain():
+    """Inputs from STORE_MIN_ELEMENTS up reach the weight gradient through `stored`."""
+    x, w = _case_arrays(32, 16, 16, 3, 1)
+    x = jnp.tile(x, (32, 1, 1, 1))
+    assert x.size >= conv_ops.STORE_MIN_ELEMENTS
+    _assert_matches_plain(x, w, 1, (1, 1), 1, 1)
+
+
+def _assert_matches_plain(x, w, stride, pad, dil, groups):
     geom = Geometry((stride, stride), (pad, pad), (dil, dil), groups)
     args = ((stride, stride), (pad, pad), (dil, dil), groups)
     y_fast = jax.jit(lambda x, w: conv2d(x, w, *args))(x, w)
@@ -115,14 +127,20 @@ def test_stored_returns_its_input_bit_for_bit_whichever_branch_runs(sign):
     np.testing.assert_array_equal(np.asarray(out).view(np.uint32), np.asarray(x).view(np.uint32))
 
 
-def test_the_weight_gradient_reads_a_stored_input():
+def test_the_weight_gradient_reads_a_stored_input_on_large_maps():
     """The fusion barrier is still in XLA's compiled program: if an XLA upgrade resolves or removes the
-    conditional, the weight gradient recomputes the layer's input inside its transposed copy again."""
-    x, w = _case_arrays(32, 16, 16, 3, 1)
+    conditional, the weight gradient recomputes the layer's input inside its transposed copy again.
+    Small inputs (below STORE_MIN_ELEMENTS) go without it."""
+    w = jax.random.normal(jax.random.key(1), (3, 3, 16, 16), jnp.float32)
     scale = jnp.linspace(0.5, 1.5, 16)
 
     def loss(w, x):  # the input is elementwise work, as a batch-norm + ReLU output is
         return jnp.sum(conv2d(jax.nn.relu(x * scale + 1.0), w, padding=((1, 1), (1, 1))) ** 2)
 
-    hlo = jax.jit(jax.grad(loss)).lower(w, x).compile().as_text()
-    assert " conditional(" in hlo
+    def compiled(batch):
+        x = jnp.zeros((batch, 32, 32, 16), jnp.float32)
+        return jax.jit(jax.grad(loss)).lower(w, x).compile().as_text()
+
+    assert 64 * 32 * 32 * 16 >= conv_ops.STORE_MIN_ELEMENTS > 2 * 32 * 32 * 16
+    assert " conditional(" in compiled(64)
+    assert " conditional(" not in compiled(2)

@@ -56,6 +56,9 @@ WINOGRAD_MIN_CHANNELS = 16
 # On large maps (32x32) XLA's own weight gradient was faster than Winograd's (126 against 55 GFLOP/s
 # for 64 channels, docs/conv_layers.py); from 16x16 down Winograd is as fast or faster.
 WINOGRAD_MAX_MAP = 24
+# Below this many input elements (LeNet-5's layers: 150,000) recomputing a layer's input inside its
+# weight gradient costs less than the conditional that prevents it (`stored`).
+STORE_MIN_ELEMENTS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -195,7 +198,9 @@ def _conv_bwd(geom, residuals, g):
     x, w = residuals
     if is_tiny(x.shape, w.shape, geom):
         return jax.vjp(lambda x_, w_: shifted_matmul_conv(x_, w_, geom), x, w)[1](g)
-    return input_grad(x, w, g, geom), weight_grad(stored(x, w), w, g, geom)
+    if x.size >= STORE_MIN_ELEMENTS:
+        x = stored(x, w)
+    return input_grad(x, w, g, geom), weight_grad(x, w, g, geom)
 
 
 def stored(x: jax.Array, w: jax.Array) -> jax.Array:
