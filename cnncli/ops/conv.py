@@ -22,9 +22,9 @@ figures in docs/performance.md):
 - everything else (the forward pass and input gradient of larger maps, strided, dilated, grouped
   layers): XLA's own convolution, already near this machine's matmul rate.
 
-Every weight gradient reads the layer's input as the forward pass stored it (`stored`), rather than
-letting XLA recompute the batch norm, ReLU and residual sums before it inside its transposed copy
-(ResNet-18 trained 1.2x faster).
+The weight gradient of a layer with a large input reads that input as the forward pass stored it
+(`stored`), rather than letting XLA recompute the batch norm, ReLU and residual sums before it inside
+its transposed copy (ResNet-18 trained 1.2x faster).
 
 `CNNCLI_CONV=xla` selects the plain `lax` convolution everywhere, differentiated by JAX, with XLA's
 default CPU library (see `cnncli.runtime`): the baseline the fast path is measured and tested
@@ -210,10 +210,11 @@ def stored(x: jax.Array, w: jax.Array) -> jax.Array:
     ResNet the residual sums of a whole stage). XLA's CPU fusion recomputes such producers inside
     every consumer, including the transposed copy its weight-gradient convolution makes of x: that
     copy then gathered a dozen strided inputs per element (ResNet-18's 32x32 stage: 70-90 ms per
-    copy against 7 ms for a plain transpose, a third of the training step). XLA does not fuse across
+    copy against 7 ms for a plain transpose; a sixth of the training step's CPU time). XLA does not fuse across
     a conditional, and it cannot resolve this one at compile time: its predicate reads a weight (the
     weights are replicated, so a data-parallel step needs no communication for it). Both branches
-    return x exactly (x * 1.0 == x for every float), so the predicate's value does not matter.
+    return x exactly (x * 1.0 is x bit for bit, infinities, zeros' signs and quiet NaNs included), so
+    the predicate's value does not matter.
     `lax.optimization_barrier` would say this directly, but XLA's CPU pipeline removes it before
     fusion.
     """
