@@ -4,7 +4,7 @@ Every geometry the zoo's models use is covered: 1x1 (ResNet bottlenecks and shor
 NiN), 3x3 stride 1 on maps of every tile remainder (Winograd weight gradient), 3x3 and 1x1 stride 2
 (ResNet downsampling), 5x5 (LeNet-5, GoogLeNet), 7x7 stride 2 (ResNet stem), 11x11 stride 4
 (AlexNet), dilation 2, grouped and depthwise layers, asymmetric 'same' padding, and the tiny maps
-(1x1, 2x2 outputs) that take the shifted-matmul form.
+(1x1, 2x2 outputs) that take the im2col form.
 """
 
 import jax
