@@ -7,7 +7,7 @@ figures in docs/performance.md):
 - tiny outputs (a side of at most `TINY_MAP` pixels, e.g. VGG's last block on 32x32 images): XLA's
   CPU convolution falls off a cliff there (a 3x3 512->512 layer on 2x2 maps took 1.9 s forward,
   1 GFLOP/s); written as one matrix product of the windows every kernel tap sees, side by side
-  (im2col), with the kernel, it takes under 18 ms, and its gradients are matmuls too;
+  (im2col), with the kernel, forward + both gradients take 27 ms, all matmuls;
 - single-channel inputs (the first layer of every grayscale model): XLA's convolution of a 1-channel
   image runs at a few GFLOP/s (LeNet-5's conv1: 5.9 ms forward at batch 128); as a sum over taps of
   broadcast multiply-adds, built channel-major (`single_channel_conv`), 0.4 ms, and 0.7 ms with the
@@ -202,9 +202,8 @@ def _conv_bwd(geom, residuals, g):
     x, w = residuals
     if is_tiny(x.shape, w.shape, geom):
         return jax.vjp(lambda x_, w_: im2col_conv(x_, w_, geom), x, w)[1](g)
-    if x.size >= STORE_MIN_ELEMENTS:
-        x = stored(x, w)
-    return input_grad(x, w, g, geom), weight_grad(x, w, g, geom)
+    x_seen = stored(x, w) if x.size >= STORE_MIN_ELEMENTS else x
+    return input_grad(x, w, g, geom), weight_grad(x_seen, w, g, geom)
 
 
 def stored(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -214,11 +213,12 @@ def stored(x: jax.Array, w: jax.Array) -> jax.Array:
     ResNet the residual sums of a whole stage). XLA's CPU fusion recomputes such producers inside
     every consumer, including the transposed copy its weight-gradient convolution makes of x: that
     copy then gathered a dozen strided inputs per element (ResNet-18's 32x32 stage: 70-90 ms per
-    copy against 7 ms for a plain transpose; a sixth of the training step's CPU time). XLA does not fuse across
-    a conditional, and it cannot resolve this one at compile time: its predicate reads a weight (the
-    weights are replicated, so a data-parallel step needs no communication for it). Both branches
-    return x exactly (x * 1.0 is x bit for bit, infinities, zeros' signs and quiet NaNs included), so
-    the predicate's value does not matter.
+    copy against 7 ms for a plain transpose; a sixth of the training step's CPU time).
+
+    XLA does not fuse across a conditional, and it cannot resolve this one at compile time: its
+    predicate reads a weight (the weights are replicated, so a data-parallel step needs no
+    communication for it). Both branches return x exactly (x * 1.0 is x bit for bit, infinities,
+    zeros' signs and quiet NaNs included), so the predicate's value does not matter.
     `lax.optimization_barrier` would say this directly, but XLA's CPU pipeline removes it before
     fusion.
     """
