@@ -12,7 +12,18 @@ from jax import lax
 
 from cnncli.errors import UserError
 from cnncli.models.hog import HoG
-from cnncli.models.layers import LRN, Conv, Dense, Pool, SeparableConv, avg_pool, max_pool, resolve_axis
+from cnncli.models.layers import (
+    LRN,
+    Conv,
+    Dense,
+    Pool,
+    SeparableConv,
+    Stack,
+    activates_after_pool,
+    avg_pool,
+    max_pool,
+    resolve_axis,
+)
 
 
 @pytest.mark.parametrize("args,kwargs,expected", [
@@ -68,6 +79,56 @@ def test_pool_paths_match_reduce_window_in_value_and_gradient(kind, size, window
     g_ours = jax.grad(lambda x: jnp.sum(ours(x) * w))(x)
     g_ref = jax.grad(lambda x: jnp.sum(ref(x) * w))(x)
     np.testing.assert_allclose(g_ours, g_ref, atol=1e-5)
+
+
+def test_max_pool_gradient_goes_to_the_first_maximum_of_each_window_as_in_pytorch():
+    """Small integers make most windows tie; JAX's own gradient would split among the ties."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 3, (2, 6, 7, 3)).astype(np.float32)  # 7 wide: the last column is dropped
+    probe = rng.standard_normal((2, 3, 3, 3)).astype(np.float32)
+    ours = jax.grad(lambda x: jnp.sum(max_pool(x, 2) * probe))(jnp.asarray(x))
+    xt = torch.tensor(x).permute(0, 3, 1, 2).requires_grad_()
+    (torch.nn.functional.max_pool2d(xt, 2) * torch.tensor(probe).permute(0, 3, 1, 2)).sum().backward()
+    np.testing.assert_array_equal(np.asarray(ours), xt.grad.permute(0, 2, 3, 1).numpy())
+
+
+def test_max_pool_gradient_of_a_nan_window_goes_to_the_nan():
+    x = jnp.array([[1.0, 5.0], [jnp.nan, 2.0]]).reshape(1, 2, 2, 1)
+    g = jax.grad(lambda x: max_pool(x, 2)[0, 0, 0, 0])(x)
+    assert jnp.isnan(max_pool(x, 2)).all()
+    np.testing.assert_array_equal(np.asarray(g).ravel(), [0.0, 0.0, 1.0, 0.0])
+
+
+def test_max_pool_gradient_reads_the_stored_input():
+    """The pool's backward pass reads its input through `stored`'s conditional; without it XLA recomputes
+    the input's producer once per window position (LeNet-5's first convolution: 1.4x slower steps)."""
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+
+    def loss(x):  # the pooled map is elementwise work, as a convolution's single-channel form is
+        return jnp.sum(max_pool(jnp.sin(x) * 2.0, 2) ** 2)
+
+    assert " conditional(" in jax.jit(jax.grad(loss)).lower(x).compile().as_text()
+
+
+@pytest.mark.parametrize("act", ["relu", "leaky_relu"])
+def test_a_stack_activates_after_the_max_pool_with_the_same_values_and_gradients(act):
+    conv, pool = Conv(3, 4, 3, act=act, rngs=nnx.Rngs(0)), Pool("max", 2)
+    stack = Stack([("conv", conv), ("pool", pool)])
+    assert activates_after_pool(conv, pool)
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    np.testing.assert_array_equal(stack(x), pool(conv(x)))
+    probe = jax.random.normal(jax.random.key(1), (2, 4, 4, 4))
+    grad = jax.grad(lambda x, f: jnp.sum(f(x) * probe))
+    np.testing.assert_allclose(grad(x, stack), grad(x, lambda x: pool(conv(x))), atol=1e-6)
+
+
+def test_only_order_preserving_activations_move_after_a_max_pool():
+    rngs = nnx.Rngs(0)
+    assert not activates_after_pool(Conv(3, 4, act="relu", rngs=rngs), Pool("avg", 2))
+    assert not activates_after_pool(Conv(3, 4, act="gelu", rngs=rngs), Pool("max", 2))  # not monotonic
+    assert not activates_after_pool(Conv(3, 4, act="relu", norm="lrn", rngs=rngs), Pool("max", 2))
+    assert not activates_after_pool(Dense(3, 4, act="relu", rngs=rngs), Pool("max", 2))
 
 
 def _forward_shape(layer, shape):

@@ -14,8 +14,9 @@ PyTorch's momentum 0.1 and eps 1e-5.
 
 Pooling note (measured on the 2-core CPU, see DESIGN.md): XLA's gradient of `reduce_window`
 max-pooling (select-and-scatter) is ~3x slower than pooling written as reshape + max, so
-non-overlapping pools take the reshape path and overlapping ones a max over strided slices;
-neither uses select-and-scatter.
+non-overlapping pools take the reshape path (with its own gradient, `cnncli.ops.pool`) and
+overlapping ones a max over strided slices; neither uses select-and-scatter. A convolution's ReLU
+runs after the max-pool that follows it (`activates_after_pool`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from jax import lax
 
 from cnncli.errors import UserError
 from cnncli.ops.conv import conv2d
+from cnncli.ops.pool import window_max
 from cnncli.registry import Registry
 
 BN_MOMENTUM = 0.9  # flax's momentum is PyTorch's 1 - 0.1
@@ -360,16 +362,21 @@ class Conv(Layer):
         return (shape[0], oh, ow, self.out_channels)
 
     def forward(self, x):
+        y = self.pre_activation(x)
+        if self.act is not None:
+            y = self.act(y)
+        if self.post_norm is not None:
+            y = self.post_norm(y)
+        return y
+
+    def pre_activation(self, x):
+        """The convolution, its bias and batch norm: everything before the activation."""
         (_, ph0, ph1), (_, pw0, pw1) = self._resolve(x.shape)
         y = conv2d(x, self.kernel[...], self.stride, ((ph0, ph1), (pw0, pw1)), self.dilation, self.groups)
         if self.bias is not None:
             y = y + self.bias[...]
         if self.bn is not None:
             y = self.bn(y)
-        if self.act is not None:
-            y = self.act(y)
-        if self.post_norm is not None:
-            y = self.post_norm(y)
         return y
 
     def macs(self, in_shapes, out_shape):
@@ -404,7 +411,7 @@ class SeparableConv(Conv):
         self.pointwise = nnx.Param(CONV_INIT(rngs.params(), (1, 1, in_channels, out_channels * self.pieces),
                                              jnp.float32))
 
-    def forward(self, x):
+    def pre_activation(self, x):
         (_, ph0, ph1), (_, pw0, pw1) = self._resolve(x.shape)
         y = lax.conv_general_dilated(x, self.kernel[...], self.stride, ((ph0, ph1), (pw0, pw1)),
                                      rhs_dilation=self.dilation, dimension_numbers=("NHWC", "HWIO", "NHWC"),
@@ -414,10 +421,6 @@ class SeparableConv(Conv):
             y = y + self.bias[...]
         if self.bn is not None:
             y = self.bn(y)
-        if self.act is not None:
-            y = self.act(y)
-        if self.post_norm is not None:
-            y = self.post_norm(y)
         return y
 
     def macs(self, in_shapes, out_shape):
@@ -540,7 +543,7 @@ def _pool(x, kind, window, stride, padding, ceil, exact=False):
         if th > h or tw > w:
             x = jnp.pad(x, ((0, 0), (0, max(th - h, 0)), (0, max(tw - w, 0)), (0, 0)), constant_values=init)
         x = x.reshape(n, oh, window[0], ow, window[1], c)
-        return x.max(axis=(2, 4)) if kind == "max" else x.mean(axis=(2, 4))
+        return window_max(x) if kind == "max" else x.mean(axis=(2, 4))
     combine = jnp.maximum if kind == "max" else jnp.add
     y = _pool_slices(x, window, stride, ((ph0, ph1), (pw0, pw1)), (oh, ow), init, combine)
     return y if kind == "max" else y / (window[0] * window[1])
@@ -802,6 +805,23 @@ class ShortcutA(Layer):
 # ----------------------------------------------------------------------------- containers
 
 
+# Activations f with max(f(a), f(b)) == f(max(a, b)) exactly, in floating point too.
+ORDER_PRESERVING = ("relu", "leaky_relu")
+
+
+def activates_after_pool(layer: nnx.Module, following: nnx.Module) -> bool:
+    """Whether a convolution's activation may run after the max-pool that follows it.
+
+    The values are the same (the activation preserves order, so it commutes with the maximum), and
+    the activation and its gradient then cover a quarter of the pixels; LeNet-5 trained 1.15x faster
+    (with the max-pool's own gradient, `cnncli.ops.pool`): its first convolution is then stored once
+    for the pool's gradient instead of recomputed for the activation's. Not while a recorder
+    watches, so that every layer reports its own output.
+    """
+    return (isinstance(layer, Conv) and isinstance(following, Pool) and following.pool_kind == "max"
+            and layer.act_name in ORDER_PRESERVING and layer.post_norm is None and _RECORDER.get() is None)
+
+
 class Stack(nnx.Module):
     """Named layers applied in order; the names become the layer names of the analysis."""
 
@@ -815,8 +835,16 @@ class Stack(nnx.Module):
         self.order = tuple(names)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        for name in self.order:
-            x = getattr(self, name)(x)
+        layers = [getattr(self, name) for name in self.order]
+        i = 0
+        while i < len(layers):
+            if i + 1 < len(layers) and activates_after_pool(layers[i], layers[i + 1]):
+                conv, pool = layers[i], layers[i + 1]
+                x = conv.act(pool(conv.pre_activation(x)))
+                i += 2
+            else:
+                x = layers[i](x)
+                i += 1
         return x
 
     def output_shape(self, shape):
