@@ -97,6 +97,9 @@ def test_each_fast_formulation_is_used_where_intended():
     assert not conv_ops.winograd_applies(pointwise, (1, 1, 32, 64), (16, 16))
     assert conv_ops.is_single_channel((5, 5, 1, 6), Geometry())
     assert not conv_ops.is_single_channel((3, 3, 1, 16), Geometry(groups=16))  # depthwise: XLA's
+    assert conv_ops.is_narrow((5, 5, 6, 16), Geometry()) and conv_ops.is_narrow((7, 7, 3, 64), strided)
+    assert not conv_ops.is_narrow((3, 3, 16, 32), large)  # XLA's input gradient is faster from 16 channels
+    assert not conv_ops.is_narrow((3, 3, 1, 8), Geometry(groups=8))
 
 
 def test_the_plain_mode_is_selectable_and_a_bad_mode_is_an_error(monkeypatch):

@@ -11,9 +11,11 @@ figures in docs/performance.md):
 - single-channel inputs (the first layer of every grayscale model): XLA's convolution of a 1-channel
   image runs at a few GFLOP/s (LeNet-5's conv1: 5.9 ms forward at batch 128); as a sum over taps of
   broadcast multiply-adds, built channel-major (`single_channel_conv`), 0.4 ms, and 0.7 ms with the
-  ReLU and max-pool after it (LeNet-5 evaluation ran 3.3x faster); the input gradient (adversarial
-  attacks need it) channel-major too (a LeNet-5 FGSM step 1.37x faster than with XLA's), the weight
-  gradient stays XLA's;
+  ReLU and max-pool after it (LeNet-5 evaluation ran 3.3x faster); the weight gradient stays XLA's;
+- the input gradient of a layer with fewer than `NARROW_INPUT` input channels (LeNet-5's two layers,
+  RGB stems; adversarial attacks need the first layer's): one matrix product of the output gradient
+  and the kernel, and a sum of its taps' parts (col2im), where XLA's transposed convolution, which
+  vectorises over the input channels, runs at a fraction of its rate;
 - the weight gradient of a 3x3 stride-1 layer on maps below 24x24: Winograd F(m x m, 3 x 3) (see
   `cnncli.ops.winograd`), fewer multiplications than the direct form, which XLA computes slower
   than its forward pass;
@@ -56,6 +58,8 @@ WINOGRAD_MIN_CHANNELS = 16
 # On large maps (32x32) XLA's own weight gradient was faster than Winograd's (126 against 55 GFLOP/s
 # for 64 channels, docs/conv_layers.py); from 16x16 down Winograd is as fast or faster.
 WINOGRAD_MAX_MAP = 24
+# Below this many input channels the input gradient is one matrix product and a sum (col2im_input_grad).
+NARROW_INPUT = 16
 # Below this many input elements (LeNet-5's layers: 150,000) recomputing a layer's input inside its
 # weight gradient costs less than the conditional that prevents it (`stored`).
 STORE_MIN_ELEMENTS = 1 << 20
@@ -140,29 +144,33 @@ def single_channel_conv(x: jax.Array, w: jax.Array, geom: Geometry) -> jax.Array
     return y.transpose(1, 2, 3, 0)
 
 
-def single_channel_input_grad(x_shape, w: jax.Array, g: jax.Array, geom: Geometry) -> jax.Array:
-    """d(sum(single_channel_conv * g)) / dx: each tap's channel-summed gradient added where the tap looked.
+def col2im_input_grad(x_shape, w: jax.Array, g: jax.Array, geom: Geometry) -> jax.Array:
+    """d(sum(conv * g)) / dx for a narrow input: one matrix product, then each tap's part added where it looked.
 
-    Channel-major like the forward pass: the output gradient transposed to (O, N, OH, OW), every tap
-    one sum of O scalar-times-plane products (a `tensordot` over O instead ran 30% slower in a whole
-    FGSM step), padded into place.
+    The product of the output gradient and the kernel, (N * OH * OW, O) x (O, KH * KW * C), is
+    what every kernel tap sends back to the pixel it saw; the taps' parts are then padded into place
+    (strided and dilated as the tap looked) and summed. XLA's transposed convolution vectorises over
+    the C input channels, so with few of them it runs at a fraction of its rate: LeNet-5's conv2 (6
+    channels) 2.4 against 1.2 ms, an RGB stem's 15 against 4.8 ms, 8 channels 2.2 against 1.5 ms, but
+    16 channels 2.4 against 3.3 (batch 128). The sum is stored: read by a max-pool's gradient, XLA
+    recomputed it once per window position (LeNet-5 trained 1.2x faster with it stored, 0.94x without).
     """
-    kh, kw, _, out = w.shape
-    _, oh, ow, _ = g.shape
+    kh, kw, cin, out = w.shape
+    n, oh, ow, _ = g.shape
     (sh, sw), (dh, dw) = geom.stride, geom.dilation
     (ph0, ph1), (pw0, pw1) = geom.padding
     hp, wp = x_shape[1] + ph0 + ph1, x_shape[2] + pw0 + pw1
-    gc = g.transpose(3, 0, 1, 2)
+    sent = (g.reshape(-1, out) @ w.reshape(-1, out).T).reshape(n, oh, ow, kh, kw, cin)
     dxp = None
     for i in range(kh):
         for j in range(kw):
-            received = sum(gc[c] * w[i, j, 0, c] for c in range(out))  # (N, OH, OW)
-            rows, cols = i * dh, j * dw
-            placed = lax.pad(received, jnp.zeros((), g.dtype),
-                             [(0, 0, 0), (rows, hp - rows - (oh - 1) * sh - 1, sh - 1),
-                              (cols, wp - cols - (ow - 1) * sw - 1, sw - 1)])
+            top, left = i * dh, j * dw  # where tap (i, j) looked in the padded input; negative
+            # padding after the last window crops the pixels no window reached
+            placed = lax.pad(sent[:, :, :, i, j], jnp.zeros((), g.dtype),
+                             [(0, 0, 0), (top, hp - top - (oh - 1) * sh - 1, sh - 1),
+                              (left, wp - left - (ow - 1) * sw - 1, sw - 1), (0, 0, 0)])
             dxp = placed if dxp is None else dxp + placed
-    return dxp[:, ph0: ph0 + x_shape[1], pw0: pw0 + x_shape[2], None]
+    return stored(dxp[:, ph0: ph0 + x_shape[1], pw0: pw0 + x_shape[2]], w)
 
 
 def is_tiny(x_shape, w_shape, geom: Geometry) -> bool:
@@ -171,6 +179,11 @@ def is_tiny(x_shape, w_shape, geom: Geometry) -> bool:
 
 def is_single_channel(w_shape, geom: Geometry) -> bool:
     return geom.groups == 1 and w_shape[2] == 1
+
+
+def is_narrow(w_shape, geom: Geometry) -> bool:
+    """Whether the layer has too few input channels for XLA's input gradient (`col2im_input_grad`)."""
+    return geom.groups == 1 and w_shape[2] < NARROW_INPUT
 
 
 def winograd_applies(geom: Geometry, w_shape: tuple[int, ...], out_hw: tuple[int, int]) -> bool:
@@ -206,7 +219,7 @@ def _conv_bwd(geom, residuals, g):
     return input_grad(x, w, g, geom), weight_grad(x_seen, w, g, geom)
 
 
-def stored(x: jax.Array, w: jax.Array) -> jax.Array:
+def stored(x: jax.Array, anchor: jax.Array) -> jax.Array:
     """x as the buffer the forward pass wrote, never recomputed inside the gradient's loops.
 
     A layer's input is usually cheap elementwise work on earlier buffers (batch norm, ReLU, and in a
@@ -216,13 +229,14 @@ def stored(x: jax.Array, w: jax.Array) -> jax.Array:
     copy against 7 ms for a plain transpose; a sixth of the training step's CPU time).
 
     XLA does not fuse across a conditional, and it cannot resolve this one at compile time: its
-    predicate reads a weight (the weights are replicated, so a data-parallel step needs no
-    communication for it). Both branches return x exactly (x * 1.0 is x bit for bit, infinities,
-    zeros' signs and quiet NaNs included), so the predicate's value does not matter.
+    predicate reads the first element of `anchor`, an array computed before x is needed (the
+    convolution passes its kernel, which data-parallel steps replicate, so the predicate needs no
+    communication). Both branches return x exactly (x * 1.0 is x bit for bit, infinities, zeros'
+    signs and quiet NaNs included), so the predicate's value does not matter.
     `lax.optimization_barrier` would say this directly, but XLA's CPU pipeline removes it before
     fusion.
     """
-    return lax.cond(w.reshape(-1)[0] > 0, lambda v: v, lambda v: v * 1.0, x)
+    return lax.cond(anchor.reshape(-1)[0] > 0, lambda v: v, lambda v: v * 1.0, x)
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
@@ -230,9 +244,9 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 
 def input_grad(x, w, g, geom: Geometry) -> jax.Array:
     """d(sum(conv * g)) / dx: XLA's own (its transposed convolution runs at the forward's rate), but for
-    single-channel inputs."""
-    if is_single_channel(w.shape, geom):
-        return single_channel_input_grad(x.shape, w, g, geom)
+    narrow inputs."""
+    if is_narrow(w.shape, geom):
+        return col2im_input_grad(x.shape, w, g, geom)
     return jax.vjp(lambda x_: xla_conv(x_, w, geom), x)[1](g)[0]
 
 
