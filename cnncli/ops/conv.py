@@ -231,8 +231,9 @@ def stored(x: jax.Array, anchor: jax.Array) -> jax.Array:
     XLA does not fuse across a conditional, and it cannot resolve this one at compile time: its
     predicate reads the first element of `anchor`, an array computed before x is needed (the
     convolution passes its kernel, which data-parallel steps replicate, so the predicate needs no
-    communication). Both branches return x exactly (x * 1.0 is x bit for bit, infinities, zeros'
-    signs and quiet NaNs included), so the predicate's value does not matter.
+    communication; the max-pool passes its output). Both branches return x exactly (x * 1.0 is x
+    bit for bit, infinities, zeros' signs and quiet NaNs included), so the predicate's value does
+    not matter.
     `lax.optimization_barrier` would say this directly, but XLA's CPU pipeline removes it before
     fusion.
     """
