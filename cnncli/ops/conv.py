@@ -144,33 +144,18 @@ def single_channel_conv(x: jax.Array, w: jax.Array, geom: Geometry) -> jax.Array
     return y.transpose(1, 2, 3, 0)
 
 
-def col2im_input_grad(x_shape, w: jax.Array, g: jax.Array, geom: Geometry) -> jax.Array:
-    """d(sum(conv * g)) / dx for a narrow input: one matrix product, then each tap's part added where it looked.
+def col2im_input_grad(x: jax.Array, w: jax.Array, g: jax.Array, geom: Geometry) -> jax.Array:
+    """d(sum(conv * g)) / dx for a narrow input: the transpose of `im2col_conv`.
 
-    The product of the output gradient and the kernel, (N * OH * OW, O) x (O, KH * KW * C), is
-    what every kernel tap sends back to the pixel it saw; the taps' parts are then padded into place
-    (strided and dilated as the tap looked) and summed. XLA's transposed convolution vectorises over
-    the C input channels, so with few of them it runs at a fraction of its rate: LeNet-5's conv2 (6
-    channels) 2.4 against 1.2 ms, an RGB stem's 15 against 4.8 ms, 8 channels 2.2 against 1.5 ms, but
-    16 channels 2.4 against 3.3 (batch 128). The sum is stored: read by a max-pool's gradient, XLA
-    recomputed it once per window position (LeNet-5 trained 1.2x faster with it stored, 0.94x without).
+    One matrix product of the output gradient and the kernel, (N * OH * OW, O) x (O, KH * KW * C),
+    is what every kernel tap sends back to the pixel it saw; the taps' parts are then padded into
+    place and summed (col2im). XLA's transposed convolution vectorises over the C input channels,
+    so with few of them it runs at a fraction of its rate: LeNet-5's conv2 (6 channels) 2.4 against
+    1.2 ms, an RGB stem's 15 against 4.8 ms, 8 channels 2.2 against 1.5 ms, but 16 channels 2.4
+    against 3.3 (batch 128). The sum is stored: read by a max-pool's gradient, XLA recomputed it
+    once per window position (LeNet-5 trained 1.2x faster with it stored, 0.94x without).
     """
-    kh, kw, cin, out = w.shape
-    n, oh, ow, _ = g.shape
-    (sh, sw), (dh, dw) = geom.stride, geom.dilation
-    (ph0, ph1), (pw0, pw1) = geom.padding
-    hp, wp = x_shape[1] + ph0 + ph1, x_shape[2] + pw0 + pw1
-    sent = (g.reshape(-1, out) @ w.reshape(-1, out).T).reshape(n, oh, ow, kh, kw, cin)
-    dxp = None
-    for i in range(kh):
-        for j in range(kw):
-            top, left = i * dh, j * dw  # where tap (i, j) looked in the padded input; negative
-            # padding after the last window crops the pixels no window reached
-            placed = lax.pad(sent[:, :, :, i, j], jnp.zeros((), g.dtype),
-                             [(0, 0, 0), (top, hp - top - (oh - 1) * sh - 1, sh - 1),
-                              (left, wp - left - (ow - 1) * sw - 1, sw - 1), (0, 0, 0)])
-            dxp = placed if dxp is None else dxp + placed
-    return stored(dxp[:, ph0: ph0 + x_shape[1], pw0: pw0 + x_shape[2]], w)
+    return stored(jax.vjp(lambda x_: im2col_conv(x_, w, geom), x)[1](g)[0], w)
 
 
 def is_tiny(x_shape, w_shape, geom: Geometry) -> bool:
@@ -247,7 +232,7 @@ def input_grad(x, w, g, geom: Geometry) -> jax.Array:
     """d(sum(conv * g)) / dx: XLA's own (its transposed convolution runs at the forward's rate), but for
     narrow inputs."""
     if is_narrow(w.shape, geom):
-        return col2im_input_grad(x.shape, w, g, geom)
+        return col2im_input_grad(x, w, g, geom)
     return jax.vjp(lambda x_: xla_conv(x_, w, geom), x)[1](g)[0]
 
 
