@@ -39,6 +39,8 @@ CASES = [
     (14, 6, 16, 5, 1, (0, 0), 1, 1),    # LeNet-5 conv2
     (32, 3, 16, 7, 2, (3, 3), 1, 1),    # ResNet stem
     (67, 3, 16, 11, 4, (2, 2), 1, 1),   # AlexNet conv1
+    (15, 3, 8, 3, 2, (0, 1), 1, 1),     # narrow, asymmetric padding, the last padded row unseen
+    (12, 3, 8, 3, 1, (2, 2), 2, 1),     # narrow and dilated
     (12, 16, 16, 3, 1, (2, 2), 2, 1),   # dilation 2
     (12, 16, 32, 3, 1, (1, 1), 1, 4),   # grouped
     (12, 16, 16, 3, 1, (1, 1), 1, 16),  # depthwise
