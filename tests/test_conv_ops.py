@@ -3,8 +3,9 @@
 Every geometry the zoo's models use is covered: 1x1 (ResNet bottlenecks and shortcuts, GoogLeNet,
 NiN), 3x3 stride 1 on maps of every tile remainder (Winograd weight gradient), 3x3 and 1x1 stride 2
 (ResNet downsampling), 5x5 (LeNet-5, GoogLeNet), 7x7 stride 2 (ResNet stem), 11x11 stride 4
-(AlexNet), dilation 2, grouped and depthwise layers, asymmetric 'same' padding, and the tiny maps
-(1x1, 2x2 outputs) that take the im2col form.
+(AlexNet), dilation 2, grouped and depthwise layers, asymmetric 'same' padding, the tiny maps
+(1x1, 2x2 outputs) that take the im2col form, and narrow layers' input gradients both as banded
+products and as col2im.
 """
 
 import jax
@@ -39,8 +40,9 @@ CASES = [
     (14, 6, 16, 5, 1, (0, 0), 1, 1),    # LeNet-5 conv2
     (32, 3, 16, 7, 2, (3, 3), 1, 1),    # ResNet stem
     (67, 3, 16, 11, 4, (2, 2), 1, 1),   # AlexNet conv1
-    (15, 3, 8, 3, 2, (0, 1), 1, 1),     # narrow, asymmetric padding, the last padded row unseen
-    (12, 3, 8, 3, 1, (2, 2), 2, 1),     # narrow and dilated
+    (16, 3, 64, 3, 1, (1, 1), 1, 1),    # an RGB stem: col2im
+    (15, 3, 8, 3, 2, (0, 1), 1, 1),     # banded: strided, asymmetric padding, the last padded row unseen
+    (12, 3, 8, 3, 1, (2, 2), 2, 1),     # banded and dilated
     (12, 16, 16, 3, 1, (2, 2), 2, 1),   # dilation 2
     (12, 16, 32, 3, 1, (1, 1), 1, 4),   # grouped
     (12, 16, 16, 3, 1, (1, 1), 1, 16),  # depthwise
@@ -102,6 +104,12 @@ def test_each_fast_formulation_is_used_where_intended():
     assert conv_ops.is_narrow((5, 5, 6, 16), Geometry()) and conv_ops.is_narrow((7, 7, 3, 64), strided)
     assert not conv_ops.is_narrow((3, 3, 16, 32), large)  # XLA's input gradient is faster from 16 channels
     assert not conv_ops.is_narrow((3, 3, 1, 8), Geometry(groups=8))
+    # banded products for LeNet-5's layers (5x5, few outputs on small maps), col2im for RGB stems
+    assert conv_ops.is_banded((128, 14, 14, 6), (5, 5, 6, 16), Geometry())
+    assert conv_ops.is_banded((128, 28, 28, 1), (5, 5, 1, 6), Geometry(padding=((2, 2), (2, 2))))
+    assert not conv_ops.is_banded((128, 32, 32, 3), (3, 3, 3, 64), Geometry(padding=((1, 1), (1, 1))))
+    assert not conv_ops.is_banded((128, 7, 7, 6), (5, 5, 6, 128), Geometry(padding=((2, 2), (2, 2))))
+    assert not conv_ops.is_banded((128, 14, 14, 16), (5, 5, 16, 16), Geometry())  # not narrow
 
 
 def test_the_plain_mode_is_selectable_and_a_bad_mode_is_an_error(monkeypatch):
