@@ -64,9 +64,9 @@ WINOGRAD_MAX_MAP = 24
 # Below this many input channels the input gradient is one matrix product and a sum (col2im_input_grad).
 NARROW_INPUT = 16
 # A narrow layer's input gradient is one banded product per image row (`banded_input_grad`) where
-# that product does at most this many multiply-adds per element of col2im's product
-# (2 * O * padded width / KW): LeNet-5's conv2 (90) and conv1 (77) ran 1.2-1.4x faster; a 5x5
-# layer with 64 outputs (256) 0.93x, 3x3 RGB stems (170-1450) 0.2-0.7x.
+# that product does at most this many flops per element of col2im's product (2 * O * padded
+# width / KW): LeNet-5's conv2 (90) and conv1 (77) ran 1.2-1.4x faster; a 5x5 layer with 64
+# outputs (256) 0.93x, 3x3 RGB stems (170-1450) 0.2-0.7x.
 BANDED_MAX_FLOPS = 128
 # Below this many input elements (LeNet-5's layers: 150,000) recomputing a layer's input inside its
 # weight gradient costs less than the conditional that prevents it (`stored`).
