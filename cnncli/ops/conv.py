@@ -12,8 +12,8 @@ figures in docs/performance.md):
   image runs at a few GFLOP/s (LeNet-5's conv1: 5.9 ms forward at batch 128); as a sum over taps of
   broadcast multiply-adds, built channel-major (`single_channel_conv`), 0.4 ms, and 0.7 ms with the
   ReLU and max-pool after it (LeNet-5 evaluation ran 3.3x faster); the weight gradient stays XLA's;
-- the input gradient of a layer with fewer than `NARROW_INPUT` input channels (LeNet-5's two layers,
-  RGB stems; adversarial attacks need the first layer's): one matrix product of the output gradient
+- the input gradient of a layer with fewer than `NARROW_INPUT` input channels (RGB stems;
+  adversarial attacks need the first layer's): one matrix product of the output gradient
   and the kernel, and a sum of its taps' parts (col2im), where XLA's transposed convolution, which
   vectorises over the input channels, runs at a fraction of its rate; with few output channels on
   a small map (LeNet-5's two layers), one product per image row with a banded matrix of the
@@ -81,6 +81,9 @@ class Geometry:
     padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0))
     dilation: tuple[int, int] = (1, 1)
     groups: int = 1
+
+    def padded_hw(self, in_hw) -> tuple[int, int]:
+        return tuple(size + lo + hi for size, (lo, hi) in zip(in_hw, self.padding, strict=True))
 
     def output_hw(self, in_hw, kernel_hw) -> tuple[int, int]:
         return tuple((size + lo + hi - d * (k - 1) - 1) // s + 1 for size, (lo, hi), d, k, s
@@ -170,7 +173,7 @@ def col2im_input_grad(x: jax.Array, w: jax.Array, g: jax.Array, geom: Geometry) 
     n, oh, ow, _ = g.shape
     (sh, sw), (dh, dw) = geom.stride, geom.dilation
     (top, bottom), (left, right) = geom.padding
-    hp, wp = x.shape[1] + top + bottom, x.shape[2] + left + right
+    hp, wp = geom.padded_hw(x.shape[1:3])
     sent = lax.dot_general(w.reshape(-1, out), g.reshape(-1, out), (((1,), (1,)), ((), ())))
     sent = sent.reshape(kh, kw, c, n, oh, ow)
     row_sums = [sum(_placed(sent[i, j], 3, j, wp, sw, dw) for j in range(kw)) for i in range(kh)]
@@ -193,7 +196,7 @@ def banded_input_grad(x: jax.Array, w: jax.Array, g: jax.Array, geom: Geometry) 
     n, oh, ow, _ = g.shape
     (sh, sw), (dh, dw) = geom.stride, geom.dilation
     (top, bottom), (left, right) = geom.padding
-    hp, wp = x.shape[1] + top + bottom, x.shape[2] + left + right
+    hp, wp = geom.padded_hw(x.shape[1:3])
     seen_by = np.zeros((kw, ow, wp), np.float32)  # seen_by[j, ox, x]: tap j of output column ox reads x
     for j in range(kw):
         seen_by[j, np.arange(ow), np.arange(ow) * sw + j * dw] = 1.0
@@ -227,7 +230,7 @@ def is_narrow(w_shape, geom: Geometry) -> bool:
 def is_banded(x_shape, w_shape, geom: Geometry) -> bool:
     """Whether a narrow layer's input gradient is cheaper as banded products than as col2im."""
     kw, out = w_shape[1], w_shape[3]
-    padded_width = x_shape[2] + sum(geom.padding[1])
+    padded_width = geom.padded_hw(x_shape[1:3])[1]
     return is_narrow(w_shape, geom) and 2 * out * padded_width / kw <= BANDED_MAX_FLOPS
 
 
