@@ -1,7 +1,8 @@
 """The fast convolution (cnncli.ops.conv) against jax.grad of the plain lax convolution.
 
 Every geometry the zoo's models use is covered: 1x1 (ResNet bottlenecks and shortcuts, GoogLeNet,
-NiN), 3x3 stride 1 on maps of every tile remainder (Winograd weight gradient), 3x3 and 1x1 stride 2
+NiN), 3x3 stride 1 on maps of every tile remainder (Winograd weight gradient) and on maps where the
+forward pass, the input gradient or both are Winograd convolutions, 3x3 and 1x1 stride 2
 (ResNet downsampling), 5x5 (LeNet-5, GoogLeNet), 7x7 stride 2 (ResNet stem), 11x11 stride 4
 (AlexNet), dilation 2, grouped and depthwise layers, asymmetric 'same' padding, the tiny maps
 (1x1, 2x2 outputs) that take the im2col form, and narrow layers' input gradients both as banded
@@ -29,6 +30,10 @@ CASES = [
     (10, 16, 16, 3, 1, (0, 0), 1, 1),   # 'valid'
     (10, 16, 16, 3, 1, (2, 2), 1, 1),   # padding 2 (dilated 'same' without dilation)
     (3, 16, 16, 3, 1, (1, 1), 1, 1),    # 3x3 output: F(2x2) over a partial tile
+    (16, 64, 128, 3, 1, (1, 1), 1, 1),  # Winograd forward, input gradient and weight gradient
+    (32, 64, 64, 3, 1, (1, 1), 1, 1),   # Winograd forward and input gradient, XLA's weight gradient
+    (10, 64, 64, 3, 1, (0, 0), 1, 1),   # 'valid': Winograd forward (8x8 out), XLA's input gradient (10x10)
+    (8, 128, 64, 3, 1, (2, 2), 1, 1),   # padding 2: XLA's forward (10x10 out), Winograd input gradient
     (2, 32, 48, 3, 1, (1, 1), 1, 1),    # tiny: VGG's last block on 32x32 inputs
     (1, 32, 16, 3, 1, (1, 1), 1, 1),    # tiny: 1x1 map, only the centre tap sees data
     (4, 16, 16, 3, 2, (1, 1), 1, 1),    # tiny through stride
@@ -99,6 +104,15 @@ def test_each_fast_formulation_is_used_where_intended():
     assert not conv_ops.winograd_applies(large, (3, 3, 3, 64), (16, 16))  # an RGB stem: too narrow
     assert not conv_ops.winograd_applies(strided, (3, 3, 32, 64), (8, 8))
     assert not conv_ops.winograd_applies(pointwise, (1, 1, 32, 64), (16, 16))
+    # Winograd forward passes and input gradients: ResNet-18's and VGG-16's 32x32 to 8x8 layers
+    for side, cin, cout in ((32, 64, 64), (16, 64, 128), (16, 128, 128), (8, 256, 256)):
+        assert conv_ops.winograd_conv_applies(large, (3, 3, cin, cout), (side, side))
+    assert not conv_ops.winograd_conv_applies(large, (3, 3, 512, 512), (4, 4))  # too small a map
+    assert not conv_ops.winograd_conv_applies(large, (3, 3, 64, 64), (64, 64))  # too large a map
+    assert not conv_ops.winograd_conv_applies(large, (3, 3, 512, 512), (14, 14))  # a partial tile
+    assert not conv_ops.winograd_conv_applies(large, (3, 3, 96, 96), (16, 16))  # not a multiple of 64
+    assert not conv_ops.winograd_conv_applies(large, (3, 3, 3, 64), (32, 32))  # an RGB stem
+    assert not conv_ops.winograd_conv_applies(strided, (3, 3, 64, 64), (16, 16))
     assert conv_ops.is_single_channel((5, 5, 1, 6), Geometry())
     assert not conv_ops.is_single_channel((3, 3, 1, 16), Geometry(groups=16))  # depthwise: XLA's
     assert conv_ops.is_narrow((5, 5, 6, 16), Geometry()) and conv_ops.is_narrow((7, 7, 3, 64), strided)
@@ -110,6 +124,25 @@ def test_each_fast_formulation_is_used_where_intended():
     assert not conv_ops.is_banded((128, 32, 32, 3), (3, 3, 3, 64), Geometry(padding=((1, 1), (1, 1))))
     assert not conv_ops.is_banded((128, 7, 7, 6), (5, 5, 6, 128), Geometry(padding=((2, 2), (2, 2))))
     assert not conv_ops.is_banded((128, 14, 14, 16), (5, 5, 16, 16), Geometry())  # not narrow
+
+
+@pytest.mark.parametrize(("hw", "pad", "expected"), [
+    (16, 1, [(2, 16, 16, 64), (2, 16, 16, 64)]),  # 'same': forward and input gradient
+    (10, 0, [(2, 10, 10, 64)]),                   # 'valid': forward only (the input gradient is 10x10)
+    (8, 2, [(2, 10, 10, 64)]),                    # padding 2: input gradient only (the output is 10x10)
+])
+def test_winograd_computes_the_passes_its_rule_admits(monkeypatch, hw, pad, expected):
+    calls = []
+    real = conv_ops.winograd.conv3x3
+
+    def spy(x, w, padding):
+        calls.append(x.shape)
+        return real(x, w, padding)
+
+    monkeypatch.setattr(conv_ops.winograd, "conv3x3", spy)
+    x, w = _case_arrays(hw, 64, 64, 3, 1)
+    jax.grad(lambda x, w: jnp.sum(conv2d(x, w, padding=((pad, pad), (pad, pad))) ** 2), argnums=(0, 1))(x, w)
+    assert calls == expected
 
 
 def test_the_plain_mode_is_selectable_and_a_bad_mode_is_an_error(monkeypatch):

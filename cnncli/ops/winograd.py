@@ -1,4 +1,4 @@
-"""The weight gradient of stride-1 3x3 convolutions by Winograd minimal filtering (Lavin & Gray 2016).
+"""Stride-1 3x3 convolutions and their weight gradients by Winograd minimal filtering (Lavin & Gray 2016).
 
 Winograd F(m x m, 3 x 3) computes a 3x3 convolution tile by tile: each (m + 2) x (m + 2) input
 tile d and the kernel g are transformed (V = B^T d B, U = G g G^T), multiplied pointwise over the
@@ -8,17 +8,19 @@ outputs where direct convolution needs 36; F(4x4, 3x3) needs 36 per 16 outputs i
 The weight gradient is the same algorithm transposed: dU[u, v] = sum over tiles of V[u, v]^T dM[u, v],
 with dM the output gradient through the adjoint of the output transform, then dW = G^T dU G.
 
-Why only the weight gradient, and only below 24x24 maps (measured on the 2-core CPU, batch 128,
-`docs/conv_layers.py`): XLA's direct convolution runs its forward pass and input gradient near the
-machine's fp32 matmul rate, and a Winograd forward pass made whole ResNet-18 steps slower. XLA's
-weight gradient is slower than its forward pass; Winograd's matched or beat it on 16x16, 8x8 and
-4x4 maps (205 against 195, 355 against 330, 370 against 361 GFLOP/s) but lost on 32x32 maps (55
-against 126), where the transforms' memory traffic outweighs the saved multiplications.
+Where each applies is `cnncli.ops.conv`'s choice, measured on the 2-core CPU at batch 128
+(`docs/conv_layers.py`, docs/performance.md). XLA's direct convolution runs near the machine's fp32
+matmul rate, so the transforms' memory traffic decides: `conv3x3` (forward passes and input
+gradients) wins on maps from 8x8 to 32x32 that tile exactly, with channel counts that keep the
+per-position products large (multiples of 64); the weight gradient, which XLA computes slower than
+its forward pass, wins on 16x16, 8x8 and 4x4 maps (205 against 195, 355 against 330, 370 against
+361 GFLOP/s) but lost on 32x32 maps (55 against 126).
 
 Everything is written as strided slices, signed sums and per-position matrix products, so XLA
 fuses each transform into a few loops and calls its matmul for the products; the transforms'
 coefficients are small exact constants. The error stays within float32 rounding of the direct
-form's; tests compare against `jax.grad` of `lax.conv_general_dilated`.
+form's (F(4x4)'s about 1e-5 of the output's scale); tests compare against `jax.grad` of
+`lax.conv_general_dilated`.
 """
 
 from __future__ import annotations
@@ -69,21 +71,24 @@ def weight_grad_tile(out_hw: tuple[int, int]) -> int:
     return 2 if min(out_hw) <= SMALL_MAP else 4
 
 
+def _combine(coefs: np.ndarray, part: Callable[[int], jax.Array]) -> jax.Array:
+    """sum_k coefs[k] * part(k), unrolled over the nonzero coefficients."""
+    acc = None
+    for k, coef in enumerate(coefs):
+        if coef == 0:
+            continue
+        term = part(k)
+        if coef == -1:
+            term = -term
+        elif coef != 1:
+            term = term * np.float32(coef)
+        acc = term if acc is None else acc + term
+    return acc
+
+
 def _signed_sum(rows: np.ndarray, cols: np.ndarray, part: Callable[[int, int], jax.Array]) -> jax.Array:
     """sum_rs rows[r] * cols[s] * part(r, s), unrolled over the nonzero coefficients."""
-    acc = None
-    for r, a in enumerate(rows):
-        for s, b in enumerate(cols):
-            coef = a * b
-            if coef == 0:
-                continue
-            term = part(r, s)
-            if coef == -1:
-                term = -term
-            elif coef != 1:
-                term = term * np.float32(coef)
-            acc = term if acc is None else acc + term
-    return acc
+    return _combine(np.outer(rows, cols).ravel(), lambda k: part(*divmod(k, len(cols))))
 
 
 def _tiles(size: int, m: int) -> int:
@@ -129,3 +134,35 @@ def weight_grad3x3(x: jax.Array, g: jax.Array, padding: tuple[tuple[int, int], t
     rows = [jnp.stack([_signed_sum(t.g[:, i], t.g[:, j], lambda u, v: du[u * a + v]) for j in range(3)])
             for i in range(3)]
     return jnp.stack(rows)
+
+
+def conv3x3(x: jax.Array, w: jax.Array, padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+    """A stride-1 3x3 cross-correlation by F(4x4, 3x3): x (N, H, W, C), w (3, 3, C, O) -> (N, OH, OW, O).
+
+    The input gradient of such a layer is the same operation on the output gradient (the kernel
+    flipped, its channels swapped, the padding 2 - p), so `cnncli.ops.conv` uses this for both.
+    Unlike the weight gradient above, the transforms here run in two separable stages (rows, then
+    columns: 22 + 132 terms per tile for B^T d B instead of 484) and the 36 per-position products are
+    one batched product: on ResNet-18's 16x16 x 128 layer 22 ms against 28 ms for the 2-D sums with
+    the same batched product and 42 ms with 36 separate products (XLA's direct forward: 30 ms).
+    """
+    t = TRANSFORMS[4]
+    m, a = t.m, t.a
+    (top, bottom), (left, right) = padding
+    n, h, wd, c = x.shape
+    oh, ow = h + top + bottom - 2, wd + left + right - 2
+    th, tw = _tiles(oh, m), _tiles(ow, m)
+    xp = _pad_to(x, (top, left), (th * m + 2, tw * m + 2))
+    # B^T d B: every tile's rows combined (a, N, th, padded W, C), then their columns (a, a, N, th, tw, C)
+    row_mix = jnp.stack([_combine(t.bt[u], lambda r: xp[:, r: r + m * (th - 1) + 1: m]) for u in range(a)])
+    tiles = jnp.stack([_combine(t.bt[v], lambda s: row_mix[:, :, :, s: s + m * (tw - 1) + 1: m]) for v in range(a)],
+                      axis=1)
+    g = jnp.asarray(t.g, jnp.float32)
+    kernel = jnp.einsum("ui,ijco,vj->uvco", g, w, g).reshape(a * a, c, -1)  # G w G^T per channel pair
+    prod = lax.dot_general(tiles.reshape(a * a, -1, c), kernel, (((2,), (1,)), ((0,), (0,))))
+    prod = prod.reshape(a, a, n, th, tw, -1)
+    # A^T M A: columns first (a, m, N, th, tw, O), then rows (m, m, N, th, tw, O), then into place
+    col_mix = jnp.stack([_combine(t.at[q], lambda v: prod[:, v]) for q in range(m)], axis=1)
+    out = jnp.stack([_combine(t.at[p], lambda u: col_mix[u]) for p in range(m)])
+    out = out.transpose(2, 3, 0, 4, 1, 5).reshape(n, th * m, tw * m, -1)
+    return out[:, :oh, :ow]
