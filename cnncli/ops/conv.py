@@ -68,9 +68,11 @@ WINOGRAD_MIN_CHANNELS = 16
 WINOGRAD_MAX_MAP = 24
 # The forward pass and input gradient of 3x3 stride-1 layers whose channel counts are multiples of 64
 # and whose maps tile exactly into 4x4 blocks between 8x8 and 32x32 run as Winograd F(4x4, 3x3)
-# (`winograd.conv3x3`). Alone, batch 128, against XLA's forward: 16x16 x 128 1.3-1.4x, 8x8 x 256 1.5x,
-# 12x12 x 128 1.3x, 32x32 x 64 0.99-1.1x; but 12x12 x 96 0.85x, 28x28 x 48 0.81x, 14x14 x 512 (a
-# partial tile) 1.04x, 7x7 x 512 0.40x, 64x64 x 64 0.91x (batch 32), 4x4 x 512 0.5x.
+# (`winograd.conv3x3`). Forward alone against XLA's, batch 128: 8x8 x 256 2.2x, 16x16 x 128 1.9x,
+# 32x32 x 64 1.08x; not taken: 12x12 x 96 0.99x, 14x14 x 96 0.92x, 28x28 x 48 0.98x, 6x6 x 128 0.73x.
+# 4x4 x 512 alone ran 1.6-1.8x, but VGG-16 then trained 1.09x faster than with no Winograd forward
+# pass, against 1.24x without its 4x4 layers (alternated in one process). Larger or partially tiled
+# maps ran 1.05-1.8x alone (56x56 x 128, 224x224 x 64, 14x14 x 512) but no whole model has tried them.
 WINOGRAD_CONV_CHANNELS = 64
 WINOGRAD_CONV_MAPS = (8, 32)
 # Below this many input channels the input gradient is one matrix product and a sum (col2im_input_grad).

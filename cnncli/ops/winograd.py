@@ -11,10 +11,10 @@ with dM the output gradient through the adjoint of the output transform, then dW
 Where each applies is `cnncli.ops.conv`'s choice, measured on the 2-core CPU at batch 128
 (`docs/conv_layers.py`, docs/performance.md). XLA's direct convolution runs near the machine's fp32
 matmul rate, so the transforms' memory traffic decides: `conv3x3` (forward passes and input
-gradients) wins on maps from 8x8 to 32x32 that tile exactly, with channel counts that keep the
-per-position products large (multiples of 64); the weight gradient, which XLA computes slower than
-its forward pass, wins on 16x16, 8x8 and 4x4 maps (205 against 195, 355 against 330, 370 against
-361 GFLOP/s) but lost on 32x32 maps (55 against 126).
+gradients) wins with channel counts that keep the per-position products large (multiples of 64),
+and the whole models measured gained on maps from 8x8 to 32x32; the weight gradient, which XLA
+computes slower than its forward pass, wins on 16x16, 8x8 and 4x4 maps (205 against 195, 355
+against 330, 370 against 361 GFLOP/s) but lost on 32x32 maps (55 against 126).
 
 Everything is written as strided slices, signed sums and per-position matrix products, so XLA
 fuses each transform into a few loops and calls its matmul for the products; the transforms'
@@ -143,8 +143,9 @@ def conv3x3(x: jax.Array, w: jax.Array, padding: tuple[tuple[int, int], tuple[in
     flipped, its channels swapped, the padding 2 - p), so `cnncli.ops.conv` uses this for both.
     Unlike the weight gradient above, the transforms here run in two separable stages (rows, then
     columns: 22 + 132 terms per tile for B^T d B instead of 484) and the 36 per-position products are
-    one batched product: on ResNet-18's 16x16 x 128 layer 22 ms against 28 ms for the 2-D sums with
-    the same batched product and 42 ms with 36 separate products (XLA's direct forward: 30 ms).
+    one batched product. On ResNet-18's 16x16 x 128 layer (batch 128, one run): 22.2 ms, against
+    27.5 ms for the 2-D sums with the same batched product, 44.4 ms with 36 separate products and
+    30.6 ms for XLA's direct forward; with the kernel transform as fused sums, 16.0 against 30.7.
     """
     t = TRANSFORMS[4]
     m, a = t.m, t.a
@@ -157,8 +158,10 @@ def conv3x3(x: jax.Array, w: jax.Array, padding: tuple[tuple[int, int], tuple[in
     row_mix = jnp.stack([_combine(t.bt[u], lambda r: xp[:, r: r + m * (th - 1) + 1: m]) for u in range(a)])
     tiles = jnp.stack([_combine(t.bt[v], lambda s: row_mix[:, :, :, s: s + m * (tw - 1) + 1: m]) for v in range(a)],
                       axis=1)
-    g = jnp.asarray(t.g, jnp.float32)
-    kernel = jnp.einsum("ui,ijco,vj->uvco", g, w, g).reshape(a * a, c, -1)  # G w G^T per channel pair
+    # G w G^T per channel pair, as signed sums XLA fuses into one pass (an einsum with G took 6.7
+    # against 0.8 ms for a 256 -> 256 kernel: XLA made its 3-long contractions dot products)
+    kernel_rows = [_combine(t.g[u], lambda i: w[i]) for u in range(a)]
+    kernel = jnp.stack([_combine(t.g[v], row.__getitem__) for row in kernel_rows for v in range(a)])
     prod = lax.dot_general(tiles.reshape(a * a, -1, c), kernel, (((2,), (1,)), ((0,), (0,))))
     prod = prod.reshape(a, a, n, th, tw, -1)
     # A^T M A: columns first (a, m, N, th, tw, O), then rows (m, m, N, th, tw, O), then into place
