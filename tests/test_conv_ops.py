@@ -108,7 +108,7 @@ def test_each_fast_formulation_is_used_where_intended():
     for side, cin, cout in ((32, 64, 64), (16, 64, 128), (16, 128, 128), (8, 256, 256)):
         assert conv_ops.winograd_conv_applies(large, (3, 3, cin, cout), (side, side))
     assert not conv_ops.winograd_conv_applies(large, (3, 3, 512, 512), (4, 4))  # too small a map
-    assert not conv_ops.winograd_conv_applies(large, (3, 3, 64, 64), (64, 64))  # too large a map
+    assert not conv_ops.winograd_conv_applies(large, (3, 3, 64, 64), (64, 64))  # larger than any whole model measured
     assert not conv_ops.winograd_conv_applies(large, (3, 3, 512, 512), (14, 14))  # a partial tile
     assert not conv_ops.winograd_conv_applies(large, (3, 3, 96, 96), (16, 16))  # not a multiple of 64
     assert not conv_ops.winograd_conv_applies(large, (3, 3, 3, 64), (32, 32))  # an RGB stem

@@ -21,8 +21,8 @@ figures in docs/performance.md):
 - the forward pass and input gradient of a 3x3 stride-1 layer with channel counts that are multiples
   of 64 on maps from 8x8 to 32x32 that tile into 4x4 blocks (CIFAR ResNet-18's and VGG-16's layers
   but the stems and the 4x4 and 2x2 maps): Winograd F(4x4, 3x3) (`winograd.conv3x3`), a quarter of
-  the direct form's multiplications (VGG-16 trained 1.22x faster, evaluated 1.12x, attacked with
-  FGSM 1.27x; ResNet-18 1.05-1.14x, 1.15x, 1.17x);
+  the direct form's multiplications (VGG-16 trained 1.22-1.24x faster, evaluated 1.12x, attacked
+  with FGSM 1.27x; ResNet-18 1.05-1.17x, 1.15x, 1.17x);
 - the weight gradient of a 3x3 stride-1 layer on maps below 24x24: Winograd F(m x m, 3 x 3) (see
   `cnncli.ops.winograd`), fewer multiplications than the direct form, which XLA computes slower
   than its forward pass;
