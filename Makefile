@@ -32,9 +32,9 @@ lint: setup
 
 bench: setup  ## cnncli vs the PyTorch peer, side by side (torch comes with the dev extra)
 	@for m in lenet5 resnet18 vgg16; do \
-	  $(BIN)/python ../shared/peers/side_by_side.py --rounds 3 \
+	  $(BIN)/python benchmarks/side_by_side.py --rounds 3 \
 	    --a "$(BIN)/cnncli benchmark --model $$m --json" \
-	    --b "$(BIN)/python ../shared/peers/torch_peer.py --model $$m"; done
+	    --b "$(BIN)/python benchmarks/torch_peer.py --model $$m"; done
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

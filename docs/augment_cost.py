@@ -18,8 +18,8 @@ import numpy as np
 from cnncli.data.augment import build_augment
 from cnncli.recipe import load
 from cnncli.train import optim
-from cnncli.train.loop import build
-from cnncli.train.steps import TrainState, data_mesh, init_totals, make_train_step
+from cnncli.train.state import TrainState, build, init_totals
+from cnncli.train.steps import data_mesh, make_train_step
 
 CHUNKS, BLOCK, ROUNDS = 50, 50, 8  # batches in the synthetic epoch, steps per timed block, rounds
 SHAPE, CLASSES = (28, 28, 1), 10

@@ -36,9 +36,9 @@ def softmax_run(tmp_path_factory, fashion):
 
 
 def test_json_rows_plots_and_clean_accuracy_match_eval(lenet_run, tmp_path):
-    from cnncli.evaluate import evaluate
+    from cnncli.train.evaluate import evaluate
     from cnncli.train.steps import data_mesh
-    from cnncli.trained import eval_data, load_trained
+    from cnncli.train.trained_run import eval_data, load_trained
 
     out = _json("adversarial", lenet_run, "--eps", "0,0.1", *LIMIT, "--examples", "4", "--out", tmp_path)
     clean, attacked = out["rows"]
@@ -151,8 +151,8 @@ def _train_step(make_perturb, mix):
     make_perturb(train_def) returns the step's perturbation hook (or None).
     """
     from cnncli.recipe import validate
-    from cnncli.train.loop import build
-    from cnncli.train.steps import TrainState, data_mesh, init_totals, make_train_step
+    from cnncli.train.state import TrainState, build, init_totals
+    from cnncli.train.steps import data_mesh, make_train_step
 
     model = build(validate({"name": "t", "model": {"name": "mlp", "args": {"hidden": [16]}}}), (8, 8, 1), 3)
     tx = optax.sgd(0.5)
@@ -167,8 +167,8 @@ def _train_step(make_perturb, mix):
 
 
 def test_train_step_mixes_clean_and_adversarial_losses():
-    from cnncli.attacks import AttackConfig
-    from cnncli.robustness import make_perturb
+    from cnncli.adversarial.attacks import AttackConfig
+    from cnncli.adversarial.robustness import make_perturb
 
     seen = []
 

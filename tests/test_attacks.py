@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from cnncli import attacks
-from cnncli.attacks import ATTACKS, AttackConfig
+from cnncli.adversarial import attacks
+from cnncli.adversarial.attacks import ATTACKS, AttackConfig
+from cnncli.adversarial.robustness import attack_split, check_attackable, make_attack_step, robustness
 from cnncli.errors import UserError
 from cnncli.models import build_model
 from cnncli.models.layers import Classifier
 from cnncli.recipe import ModelConfig
-from cnncli.robustness import attack_split, check_attackable, make_attack_step, robustness
-from cnncli.train.loop import Model
-from cnncli.train.steps import data_mesh, forward, split_model
+from cnncli.train.state import Model, split_model
+from cnncli.train.steps import data_mesh, forward
 
 SHAPE = (8, 8, 1)
 CLASSES = 4

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from cnncli import benchmark as bench
+from cnncli.tools import benchmark as bench
 from tests.conftest import cli
 
 PEER_FIELDS = {"impl", "model", "mode", "batch", "img_per_s", "steps", "threads", "device", "dtype"}

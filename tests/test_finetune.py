@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from flax.traverse_util import flatten_dict as flatten
 from safetensors.torch import save_file
 
-from cnncli import finetune
 from cnncli.recipe import FinetuneConfig, OptimConfig, bundled_recipes, read_yaml
-from cnncli.trained import load_trained
-from cnncli.trees import flatten
-from cnncli.weights import IMAGENET_MEAN, IMAGENET_STD, import_state_dict, read_state_dict
+from cnncli.train.trained_run import load_trained
+from cnncli.transfer import finetune
+from cnncli.transfer.import_weights import IMAGENET_MEAN, IMAGENET_STD, import_state_dict, read_state_dict
 from tests.conftest import cli, metric_rows
 from tests.torch_models import randomized
 

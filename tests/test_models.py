@@ -186,7 +186,7 @@ def test_too_small_input_names_the_layer():
 @pytest.mark.slow
 @pytest.mark.skipif(not RUN_SLOW, reason="compiles GoogLeNet twice (about a minute); CNNCLI_SLOW_TESTS=1")
 def test_googlenet_aux_heads_run_in_training_only():
-    from cnncli.models.googlenet import logits_and_aux
+    from cnncli.models.layers.classifier import logits_and_aux
 
     net = build_network("googlenet", input_shape=(64, 64, 3), num_classes=NUM_CLASSES, aux=True)
     x = jnp.zeros((2, 64, 64, 3))

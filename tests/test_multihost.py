@@ -126,7 +126,7 @@ def test_bad_flags_are_one_line_and_exit_2(flags, message, tmp_path):
 
 
 def test_coordinator_addresses_accepted():
-    from cnncli.distributed import check_flags
+    from cnncli.run.distributed import check_flags
 
     assert check_flags(None, None, None) is False
     for address in ("10.0.0.1:1234", "node-0.cluster:80", "[fe80::1]:65535", "localhost:1"):
@@ -135,7 +135,7 @@ def test_coordinator_addresses_accepted():
 
 def test_cluster_detection_needs_more_than_one_process(monkeypatch):
     """Without flags, JAX's own detection starts a multi-process run only for a job of several processes."""
-    from cnncli.distributed import _cluster_detected
+    from cnncli.run.distributed import _cluster_detected
 
     for var in ("OMPI_MCA_orte_hnp_uri", "KUBERNETES_SERVICE_HOST", "TPU_SKIP_MDS_QUERY"):
         monkeypatch.delenv(var, raising=False)

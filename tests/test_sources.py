@@ -11,21 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnncli.data import sources, tfds_source
-from cnncli.data.sources import (
-    FASHION_MNIST_CLASSES,
-    SOURCES,
-    Dataset,
-    dataset_status,
-    load_dataset,
-    resize_images,
-    subset,
-    to_channels,
-)
+from cnncli.data.dataset import Dataset, subset
+from cnncli.data.images import resize_images, to_channels
+from cnncli.data.sources import SOURCES, dataset_status, fashion_mnist, folder, idx, load_dataset
+from cnncli.data.sources import tfds as tfds_source
+from cnncli.data.sources.fashion_mnist import FASHION_MNIST_CLASSES
 from cnncli.errors import UserError
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-needs_fashion = pytest.mark.skipif(not sources.has_idx(FASHION_DIR), reason="dataset-fashion-mnist not installed")
+needs_fashion = pytest.mark.skipif(not idx.has_idx(FASHION_DIR), reason="dataset-fashion-mnist not installed")
 
 
 @pytest.fixture(autouse=True)
@@ -161,7 +155,7 @@ def test_fashion_mnist_from_explicit_dir_and_env(tmp_path, monkeypatch):
 
 
 def test_fashion_mnist_missing_says_how_to_get_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(sources, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "absent")
+    monkeypatch.setattr(fashion_mnist, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "absent")
     with pytest.raises(UserError) as e:
         load_dataset("fashion_mnist")
     assert str(e.value) == (
@@ -173,7 +167,7 @@ def test_fashion_mnist_missing_says_how_to_get_it(tmp_path, monkeypatch):
 
 
 def test_fashion_mnist_falls_back_to_prepared_tfds(tmp_path, monkeypatch):
-    monkeypatch.setattr(sources, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "absent")
+    monkeypatch.setattr(fashion_mnist, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "absent")
     fake = Dataset("fashion_mnist", np.zeros((2, 28, 28, 1), np.uint8), np.array([9, 0], np.int32), None, None,
                    [n.lower() for n in FASHION_MNIST_CLASSES])
     monkeypatch.setattr(tfds_source, "is_prepared", lambda name, data_dir=None: name == "fashion_mnist")
@@ -370,19 +364,19 @@ def test_folder_cache_hit_and_invalidation(tmp_path, monkeypatch):
     root = make_folder(tmp_path / "d")
     first = load_dataset(f"folder:{root}")
     assert list((tmp_path / "cache" / "datasets").glob("folder-d-*.npz"))
-    real_decode = sources._decode
+    real_decode = folder.decode_image
 
     def no_decode(path):
         raise AssertionError(f"decoded {path} although the cache is fresh")
 
-    monkeypatch.setattr(sources, "_decode", no_decode)
+    monkeypatch.setattr(folder, "decode_image", no_decode)
     again = load_dataset(f"folder:{root}")
     np.testing.assert_array_equal(again.train_x, first.train_x)
     assert again.class_names == first.class_names
     save_png(root / "cat" / "new.png", np.zeros((6, 5), np.uint8))
     with pytest.raises(AssertionError, match="decoded"):
         load_dataset(f"folder:{root}")  # a changed listing is a cache miss
-    monkeypatch.setattr(sources, "_decode", real_decode)
+    monkeypatch.setattr(folder, "decode_image", real_decode)
     assert len(load_dataset(f"folder:{root}").train_x) == 7
 
 

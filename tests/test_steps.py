@@ -6,15 +6,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from cnncli.train.steps import (
-    TrainState,
-    data_mesh,
-    init_eval_sums,
-    init_totals,
-    make_eval_step,
-    make_train_step,
-    split_model,
-)
+from cnncli.train.state import TrainState, init_totals, split_model
+from cnncli.train.steps import data_mesh, init_eval_sums, make_eval_step, make_train_step
 
 
 class TinyBN(nnx.Module):

@@ -195,7 +195,7 @@ class _CtrlCAt:
 def test_ctrl_c_with_restore_best_reports_the_best_epoch(tmp_path, fashion):
     from cnncli import recipe as recipe_lib
     from cnncli.data.pipeline import load_splits
-    from cnncli.runs import RunDir
+    from cnncli.run.rundir import RunDir
     from cnncli.train.loop import Interrupted, start_run, train
 
     overrides = [a for a in PEAKS_EARLY if a != "--set"] + ["train.early_stopping.patience=5", "train.log_every=1"]
@@ -216,7 +216,7 @@ def test_interrupted_run_with_the_toolbox_state_resumes_exactly(tmp_path, fashio
     """EMA weights, the plateau factor, balanced draws and class weights: a resumed run matches."""
     from cnncli import recipe as recipe_lib
     from cnncli.data.pipeline import load_splits
-    from cnncli.runs import RunDir
+    from cnncli.run.rundir import RunDir
     from cnncli.train.loop import Interrupted, start_run, train
 
     # validation loss per epoch: 0.77, 0.69, 0.44, 0.55, ...: the plateau factor halves after epoch 4
@@ -301,8 +301,8 @@ def test_class_weights_and_balanced_sampling_train(tmp_path, fashion):
 
 def test_bfloat16_computes_in_bf16_and_trains(tmp_path, fashion):
     from cnncli import recipe as recipe_lib
-    from cnncli.train.loop import build
-    from cnncli.train.steps import TrainState, data_mesh, forward, init_totals, make_train_step
+    from cnncli.train.state import TrainState, build, init_totals
+    from cnncli.train.steps import data_mesh, forward, make_train_step
 
     # ResNet-20: the zoo's own conv layers (raw lax ops) and Flax batch norm, on tiny 8x8 images; its
     # train step has 19 forward convolutions and their backward ones (all but the input gradient)
@@ -393,7 +393,7 @@ def test_augment_preview_writes_a_png_of_the_grid_size(tmp_path, fashion):
 
 
 def test_grid_points_and_suggested_learning_rates():
-    from cnncli.sweep import grid_points, parse_grid
+    from cnncli.tools.sweep import grid_points, parse_grid
 
     assert parse_grid("model.args.widths=[8,16],[16,32]") == ("model.args.widths", ["[8,16]", "[16,32]"])
     with pytest.raises(UserError, match="--grid expects"):

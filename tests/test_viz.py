@@ -10,8 +10,8 @@ import pytest
 from conftest import cli
 from PIL import Image
 
-from cnncli import interpret, viz
-from cnncli.analysis import activations
+from cnncli.inspect import figures, interpret
+from cnncli.inspect.summary import activations
 
 SAMPLE = 300  # images of the test split used by the passes below: three batches of 128, the last one padded
 
@@ -19,7 +19,7 @@ SAMPLE = 300  # images of the test split used by the passes below: three batches
 @pytest.fixture(scope="module")
 def lenet(lenet_run):
     """(model, uint8 test images, labels) of the shared LeNet-5 run."""
-    from cnncli.trained import eval_data, load_trained
+    from cnncli.train.trained_run import eval_data, load_trained
 
     trained = load_trained(lenet_run)
     x, y, _ = eval_data(trained, "test")
@@ -37,15 +37,15 @@ def png_size(path) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("what,args,name,size", [
-    ("filters", [], "filters_conv1", viz.grid_pixels(6, 3)),  # 6 filters of 5x5x1
-    ("filters", ["--layer", "conv2", "--n", "4"], "filters_conv2", viz.grid_pixels(4, 2)),
-    ("activations", [], "activations_conv1", viz.grid_pixels(7, 3)),  # the input + 6 maps
-    ("top-patches", ["--n", "4"], "top_patches_pool2", viz.grid_pixels(4, 2, 2 * viz.TILE)),
-    ("saliency", ["--n", "3"], "saliency", viz.grid_pixels(6, 4)),  # 3 (image, map) pairs, 2 pairs a row
-    ("gradcam", ["--n", "3", "--layer", "conv2"], "gradcam_conv2", viz.grid_pixels(6, 4)),
-    ("confusion", [], "confusion_test", (round(viz.confusion_size(10) * viz.DPI),) * 2),
-    ("errors", ["--n", "4"], "errors_test", viz.grid_pixels(4, 2, 1.5 * viz.TILE)),
-    ("tsne", [], "tsne_test", tuple(round(s * viz.DPI) for s in viz.TSNE_SIZE)),
+    ("filters", [], "filters_conv1", figures.grid_pixels(6, 3)),  # 6 filters of 5x5x1
+    ("filters", ["--layer", "conv2", "--n", "4"], "filters_conv2", figures.grid_pixels(4, 2)),
+    ("activations", [], "activations_conv1", figures.grid_pixels(7, 3)),  # the input + 6 maps
+    ("top-patches", ["--n", "4"], "top_patches_pool2", figures.grid_pixels(4, 2, 2 * figures.TILE)),
+    ("saliency", ["--n", "3"], "saliency", figures.grid_pixels(6, 4)),  # 3 (image, map) pairs, 2 pairs a row
+    ("gradcam", ["--n", "3", "--layer", "conv2"], "gradcam_conv2", figures.grid_pixels(6, 4)),
+    ("confusion", [], "confusion_test", (round(figures.confusion_size(10) * figures.DPI),) * 2),
+    ("errors", ["--n", "4"], "errors_test", figures.grid_pixels(4, 2, 1.5 * figures.TILE)),
+    ("tsne", [], "tsne_test", tuple(round(s * figures.DPI) for s in figures.TSNE_SIZE)),
 ])
 def test_visualize_writes_a_png_of_the_expected_size(lenet_run, tmp_path, what, args, name, size):
     result = cli("visualize", lenet_run, "--what", what, "--limit", SAMPLE, "--out", tmp_path, *args)
@@ -56,13 +56,13 @@ def test_visualize_writes_a_png_of_the_expected_size(lenet_run, tmp_path, what, 
 
 
 def test_grid_pixels_follow_the_tile_size():
-    assert viz.grid_pixels(6, 3) == (360, 300)  # 3 x 1.2 in by 2 x 1.2 in + 0.6 in title, at 100 dpi
+    assert figures.grid_pixels(6, 3) == (360, 300)  # 3 x 1.2 in by 2 x 1.2 in + 0.6 in title, at 100 dpi
 
 
 def test_visualize_defaults_to_the_run_plots_folder(lenet_run):
     result = cli("visualize", lenet_run, "--what", "filters")
     assert result.exit_code == 0, result.output
-    assert png_size(lenet_run / "plots" / "filters_conv1.png") == viz.grid_pixels(6, 3)
+    assert png_size(lenet_run / "plots" / "filters_conv1.png") == figures.grid_pixels(6, 3)
 
 
 def test_activations_and_gradcam_of_an_image_file(lenet_run, lenet, tmp_path):
@@ -78,7 +78,7 @@ def test_activations_and_gradcam_of_an_image_file(lenet_run, lenet, tmp_path):
 def test_plot_writes_curves_and_a_diagnosis(lenet_run, tmp_path):
     result = cli("plot", lenet_run, "--out", tmp_path)
     assert result.exit_code == 0, result.output
-    assert png_size(tmp_path / "curves.png") == (12 * viz.CURVE_DPI, round(4.5 * viz.CURVE_DPI))  # plot_curves
+    assert png_size(tmp_path / "curves.png") == (12 * figures.CURVE_DPI, round(4.5 * figures.CURVE_DPI))  # plot_curves
     assert result.stdout.startswith("epoch 2: train ")
 
 
@@ -173,7 +173,7 @@ def test_tsne_gives_one_point_per_example(lenet):
     assert feats.shape == (150, 84)
     points = interpret.tsne(feats)
     assert points.shape == (150, 2) and np.isfinite(points).all()
-    fig = viz.tsne(points, y[:150], [f"class {k}" for k in range(10)], "t-SNE")
+    fig = figures.tsne(points, y[:150], [f"class {k}" for k in range(10)], "t-SNE")
     ax = fig.axes[0]
     assert sum(len(c.get_offsets()) for c in ax.collections) == 150
     assert [t.get_text() for t in ax.get_legend().get_texts()] == [f"class {k}" for k in range(10)]
@@ -192,7 +192,7 @@ def _folder_of_test_images(x, y, names, root):
 
 
 def test_predict_probabilities_sum_to_one_and_agree_with_eval(lenet_run, lenet, tmp_path):
-    from cnncli.trained import load_trained
+    from cnncli.train.trained_run import load_trained
 
     _, x, y = lenet
     names = load_trained(lenet_run).class_names

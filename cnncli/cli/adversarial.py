@@ -21,7 +21,7 @@ def parse_eps(text: str) -> list[float]:
 
 def parse_target(text: str | None, class_names: list[str]) -> int | str | None:
     """A class index or name, 'least-likely' or 'random' (None: untargeted)."""
-    from cnncli.attacks import TARGET_MODES
+    from cnncli.adversarial.attacks import TARGET_MODES
 
     if text is None or text in TARGET_MODES:
         return text
@@ -63,11 +63,11 @@ def adversarial(
     Pixels are in [0, 1]; eps is the Linf (or L2) radius of the perturbation. Example:
     cnncli adversarial runs/lenet5_fashion_mnist --attack pgd --eps 0,0.05,0.1 --steps 20 --step-size 0.01
     """
-    from cnncli.attacks import ATTACKS, AttackConfig, check_config, check_eps, step_size_warning
+    from cnncli.adversarial.attacks import ATTACKS, AttackConfig, check_config, check_eps, step_size_warning
+    from cnncli.adversarial.robustness import robustness
     from cnncli.console import console, err_console, progress_bar
-    from cnncli.robustness import robustness
     from cnncli.train.steps import data_mesh
-    from cnncli.trained import eval_data, load_trained
+    from cnncli.train.trained_run import eval_data, load_trained
 
     eps_values = check_eps(parse_eps(eps))
     spec = ATTACKS.get(attack)
@@ -95,7 +95,7 @@ def adversarial(
 
 def _plots(result: dict, trained, cfg, out: Path | None) -> list[str]:
     """Write the accuracy curve and (when asked for) the example grid; returns their paths."""
-    from cnncli.adversarial_plots import accuracy_curve, example_grid
+    from cnncli.adversarial.plots import accuracy_curve, example_grid
 
     folder = out or trained.run.plots
     folder.mkdir(parents=True, exist_ok=True)

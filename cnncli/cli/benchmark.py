@@ -1,4 +1,4 @@
-"""`cnncli benchmark`: images/s of the jitted steps, comparable with ../shared/peers/torch_peer.py."""
+"""`cnncli benchmark`: images/s of the jitted steps, comparable with benchmarks/torch_peer.py."""
 
 import json
 
@@ -25,8 +25,8 @@ def benchmark(
     The JSON line has the PyTorch peer's fields plus gflops (achieved, from the model's FLOP count),
     peak_gflops and peak_fraction (once `--peak` has measured the peak on this machine).
     """
-    from cnncli import benchmark as bench
     from cnncli.console import console
+    from cnncli.tools import benchmark as bench
 
     if peak:
         rate = bench.measure_peak()

@@ -51,8 +51,8 @@ def import_weights(
     """
     from cnncli.cli.summary import parse_shape
     from cnncli.console import console
-    from cnncli.runs import RunDir
-    from cnncli.weights import (
+    from cnncli.run.rundir import RunDir
+    from cnncli.transfer.import_weights import (
         IMAGENET_MEAN,
         IMAGENET_SOURCE,
         IMAGENET_STD,

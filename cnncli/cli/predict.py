@@ -20,8 +20,8 @@ def predict(
                                                        "probability}]} per image."),
 ) -> None:
     """Class probabilities of image files under a trained model (top-k per image)."""
-    from cnncli.interpret import load_model, probabilities, read_images, top_k
-    from cnncli.trained import load_trained
+    from cnncli.inspect.interpret import load_model, probabilities, read_images, top_k
+    from cnncli.train.trained_run import load_trained
 
     trained = load_trained(run, which, ema=ema)
     x = read_images(images, trained.image_shape)

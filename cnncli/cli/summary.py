@@ -83,7 +83,7 @@ def summary(
 
     from flax import nnx
 
-    from cnncli.analysis import summarize
+    from cnncli.inspect.summary import summarize
     from cnncli.models import build_network, default_input, model_options, registered_models
     from cnncli.recipe import load
 

@@ -1,10 +1,11 @@
-"""`cnncli sweep`: train a grid of recipe variants; `cnncli compare`: tabulate and plot finished runs."""
+"""`cnncli sweep`: train a grid of recipe variants, then rank them as `cnncli compare` does."""
 
 from pathlib import Path
 
 import typer
 
 from cnncli.cli import app
+from cnncli.cli.compare import report
 
 
 @app.command()
@@ -28,7 +29,7 @@ def sweep(
     """
     from cnncli import recipe as recipe_lib
     from cnncli.console import TrainDisplay, console, err_console
-    from cnncli.sweep import CURVES_PNG, default_out, grid_points, parse_grid, run_sweep
+    from cnncli.tools.sweep import CURVES_PNG, default_out, grid_points, parse_grid, run_sweep
     from cnncli.train.loop import Interrupted
 
     if epochs is not None:
@@ -47,42 +48,5 @@ def sweep(
     except Interrupted as e:
         err_console.print(f"sweep interrupted at {e}; run the same command to continue it", highlight=False)
         raise typer.Exit(130) from None
-    _report(results, out / CURVES_PNG, f"sweep of {base.name}: {', '.join(g.partition('=')[0] for g in grids)}",
+    report(results, out / CURVES_PNG, f"sweep of {base.name}: {', '.join(g.partition('=')[0] for g in grids)}",
             console)
-
-
-@app.command()
-def compare(
-    runs: list[Path] = typer.Argument(..., help="Run directories."),
-    out: Path = typer.Option(Path("compare.png"), "--out", help="PNG of their curves."),
-) -> None:
-    """Rank runs by validation accuracy and overlay their accuracy and loss curves in one PNG."""
-    from cnncli.console import console
-    from cnncli.runs import resolve
-    from cnncli.sweep import ranked, run_result
-
-    results = ranked([run_result(resolve(path), path.name) for path in runs])
-    _report(results, out, "", console)
-
-
-def _report(results: list[dict], png: Path, title: str, console) -> None:
-    """Print the ranking table and write the curves PNG."""
-    from rich.table import Table
-
-    from cnncli.viz import plot_curves
-
-    table = Table(title=title or None)
-    table.add_column("run", no_wrap=True)
-    for column in ("lr", "epochs", "best val", "at epoch", "train acc", "test acc", "time"):
-        table.add_column(column, justify="right")
-
-    def pct(x):
-        return "-" if x is None else f"{x:.2%}"
-
-    for r in results:
-        table.add_row(r["run"], "-" if r["lr"] is None else f"{r['lr']:g}", str(r["epochs"]), pct(r["best_val_acc"]),
-                      str(r["best_epoch"] or "-"), pct(r["final_train_acc"]), pct(r["test_acc"]),
-                      f"{r['train_seconds']:.0f} s")
-    console.print(table)
-    plot_curves([(r["run"], r["rows"]) for r in results if r["rows"]], png, title)
-    console.print(f"curves: {png}", highlight=False)

@@ -37,9 +37,9 @@ def train(
     and each host's own --process-id; the batch (train.batch_size, the global batch) is sharded over
     all their devices. Under Slurm, Open MPI or on a TPU pod, JAX finds these values by itself.
     """
-    from cnncli import distributed
     from cnncli import recipe as recipe_lib
-    from cnncli.runs import DEFAULT_ROOT, RunDir
+    from cnncli.run import distributed
+    from cnncli.run.rundir import DEFAULT_ROOT, RunDir
 
     distributed.initialize(coordinator, num_processes, process_id)  # before anything touches a device
     if resume:
@@ -80,11 +80,12 @@ def _require(recipe: str | None) -> str:
 def _train(recipe, run, *, resume: bool, overwrite: bool, dry_run: bool) -> None:
     import shutil
 
-    from cnncli import distributed
     from cnncli.console import TrainDisplay, console, err_console
     from cnncli.data.pipeline import load_splits
-    from cnncli.runs import FollowerRun
-    from cnncli.train.loop import Interrupted, build, check_recipe, start_run, train
+    from cnncli.run import distributed
+    from cnncli.run.rundir import FollowerRun
+    from cnncli.train.loop import Interrupted, check_recipe, start_run, train
+    from cnncli.train.state import build
 
     def load():
         check_recipe(recipe)
@@ -128,7 +129,7 @@ def _train(recipe, run, *, resume: bool, overwrite: bool, dry_run: bool) -> None
                               f"`cnncli train --resume --run-dir {run.path}`", highlight=False)
         raise typer.Exit(130) from None
     if main:
-        _print_summary(summary, console)
+        print_summary(summary, console)
 
 
 def _fingerprint(recipe, splits) -> dict:
@@ -141,7 +142,7 @@ def _fingerprint(recipe, splits) -> dict:
             "train checksum": zlib.crc32(splits.train_y.tobytes(), zlib.crc32(splits.train_x.tobytes()))}
 
 
-def _print_summary(summary: dict, console) -> None:
+def print_summary(summary: dict, console) -> None:
     from rich.table import Table
 
     table = Table(title=f"{summary['name']}: results", show_header=False)

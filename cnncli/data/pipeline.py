@@ -1,13 +1,15 @@
 """From a recipe's `data` section to train/validation/test arrays and normalization statistics.
 
 Everything here is host-side NumPy, done once per run. The arrays stay uint8 until they are on the
-device; the jitted steps gather and convert batches there (see DESIGN.md).
+device; the jitted steps gather and convert batches there (see docs/design.md).
 """
 
 from dataclasses import dataclass
 
 import numpy as np
 
+from cnncli.data.dataset import subset
+from cnncli.data.sources import load_dataset
 from cnncli.errors import UserError
 from cnncli.recipe import DataConfig
 
@@ -76,7 +78,6 @@ def split_train_val(x: np.ndarray, y: np.ndarray, fraction: float, seed: int):
 
 def load_splits(data: DataConfig, seed: int) -> Splits:
     """Load the recipe's dataset, select classes/subsets, split off validation, compute statistics."""
-    from cnncli.data.sources import load_dataset, subset
 
     ds = load_dataset(data.source, image_size=data.image_size, channels=data.channels)
     ds = subset(ds, classes=data.classes, train_per_class=data.train_per_class, limit=data.limit, seed=seed)

@@ -4,26 +4,17 @@ Every registered builder has the signature
     builder(*, input_shape: (H, W, C), num_classes: int, rngs: nnx.Rngs, **options) -> nnx.Module
 and returns a network mapping normalized float images (N, H, W, C) to logits (N, num_classes).
 `build_model` wraps it in a `Classifier` whose first op is the mean/std normalization, so every
-cnncli model takes pixels in [0, 1] (see DESIGN.md).
+cnncli model takes pixels in [0, 1] (see docs/design.md).
 """
 
 import inspect
 from typing import Any
 
 from cnncli.errors import UserError, suggest
-from cnncli.registry import Registry
+from cnncli.models.registry import CIFAR_INPUT, DEFAULT_INPUTS, MODELS
 
-MODELS = Registry("model")
-
-# Families register their presets on import. Keep this list in sync with the files in this folder.
-_FAMILIES = ("mlp", "lenet", "alexnet", "vgg", "googlenet", "resnet", "nin", "hog", "sequential")
-
-
-# The input a model is shown with when `cnncli summary NAME` gets no --input: (H, W, C), classes.
-IMAGENET_INPUT = ((224, 224, 3), 1000)
-CIFAR_INPUT = ((32, 32, 3), 10)
-MNIST_INPUT = ((28, 28, 1), 10)
-DEFAULT_INPUTS: dict[str, tuple[tuple[int, int, int], int]] = {}
+# Modules of this package that are not model families (the families register their presets on import).
+_NOT_FAMILIES = ("registry",)
 
 
 def default_input(name: str) -> tuple[tuple[int, int, int], int]:
@@ -34,10 +25,13 @@ def default_input(name: str) -> tuple[tuple[int, int, int], int]:
 
 
 def _import_families() -> None:
+    """Import every family module in this folder (lazily: they import jax and flax)."""
     import importlib
+    import pkgutil
 
-    for family in _FAMILIES:
-        importlib.import_module(f"cnncli.models.{family}")
+    for module in pkgutil.iter_modules(__path__):
+        if not module.ispkg and module.name not in _NOT_FAMILIES:
+            importlib.import_module(f"{__name__}.{module.name}")
 
 
 def model_options(cfg: Any) -> dict[str, Any]:

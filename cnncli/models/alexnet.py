@@ -14,8 +14,8 @@
 """
 
 from cnncli.errors import UserError
-from cnncli.models import DEFAULT_INPUTS, IMAGENET_INPUT, MNIST_INPUT, MODELS
 from cnncli.models.layers import AdaptiveAvgPool, Conv, Dense, Norm, Pool, StackBuilder
+from cnncli.models.registry import DEFAULT_INPUTS, IMAGENET_INPUT, MNIST_INPUT, MODELS
 
 PAPER_INPUT = ((227, 227, 3), 1000)
 FC_WIDTH = 4096

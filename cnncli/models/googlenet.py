@@ -12,16 +12,14 @@ instead of 5x5 in the third branch, the known deviation kept for weight compatib
 6,624,904 parameters, 13,004,888 with `aux: true`. Pools are 3x3 stride 2 in ceil mode (torchvision).
 
 Auxiliary heads (`aux: true`, after 4a and 4d) run during analysis, and in training mode when the
-step asks for them: `logits_and_aux(model, x)` calls the model under `nnx.capture`, where the heads
+step asks for them: `layers.classifier.logits_and_aux(model, x)` calls the model under `nnx.capture`, where the heads
 sow their logits (`nnx.Intermediate`, `aux_logits`), and a step adds `AUX_WEIGHT` (the paper's 0.3)
 times their cross-entropy to the loss. A plain call (a step that does not ask) skips them.
 """
 
-import jax
 from flax import nnx
 
 from cnncli.errors import UserError
-from cnncli.models import DEFAULT_INPUTS, IMAGENET_INPUT, MODELS
 from cnncli.models.layers import (
     Concat,
     Conv,
@@ -34,10 +32,10 @@ from cnncli.models.layers import (
     StackBuilder,
     is_recording,
 )
+from cnncli.models.layers.classifier import AUX_KEY
+from cnncli.models.registry import DEFAULT_INPUTS, IMAGENET_INPUT, MODELS
 
-AUX_WEIGHT = 0.3
 MIN_INPUT = 48  # 48-24-12-6-3-1 through the five stride-2 stages
-AUX_KEY = "aux_logits"
 AUX_MAP, AUX_STRIDE = 4, 3  # the auxiliary heads average-pool to 4x4 (5x5 stride 3 on 14x14 maps at 224 px)
 
 # name: (1x1, 3x3 reduce, 3x3, 5x5 reduce, 5x5, pool proj), the paper's Table 1; None marks a max-pool
@@ -158,21 +156,10 @@ class GoogLeNet(nnx.Module):
             if is_recording():  # the analysis shows the heads' rows; nothing to collect
                 getattr(self, head)(x)
             elif not self.deterministic and hasattr(self, "__captures__"):
-                # Only under nnx.capture (logits_and_aux): a plain call must not add state, or a
+                # Only under nnx.capture (classifier.logits_and_aux): a plain call must not add state, or a
                 # pure train step that splits and merges the model would see an extra leaf.
                 self.sow(nnx.Intermediate, AUX_KEY, getattr(self, head)(x))
         return self.fc(self.dropout(self.avgpool(x)))
-
-
-def logits_and_aux(model: nnx.Module, x: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
-    """The model's logits and the auxiliary heads' logits (empty in eval mode or without heads).
-
-    A training step adds AUX_WEIGHT * cross-entropy of each auxiliary output to its loss.
-    """
-    logits, sown = nnx.capture(model, nnx.Intermediate)(x)
-    aux = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(sown)
-           if any(getattr(p, "key", None) == AUX_KEY for p in path)]
-    return logits, aux
 
 
 @MODELS.register("googlenet", help="GoogLeNet / Inception v1; options variant (paper/torchvision), aux (heads)")

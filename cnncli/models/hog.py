@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from cnncli.errors import UserError
-from cnncli.models import DEFAULT_INPUTS, MNIST_INPUT, MODELS
-from cnncli.models.layers import Dense, Layer, StackBuilder, _global_windows
+from cnncli.models.layers import Dense, Layer, StackBuilder, global_windows
+from cnncli.models.registry import DEFAULT_INPUTS, MNIST_INPUT, MODELS
 
 BINS = 9
 BLOCK = 2  # cells per block side
@@ -70,7 +70,7 @@ class HoG(Layer):
         return blocks.reshape(n, -1)
 
     def windows(self, in_shape):
-        return _global_windows(in_shape)
+        return global_windows(in_shape)
 
     def describe(self):
         return f"HoG {self.cell}px cells, {self.bins} bins, {BLOCK}x{BLOCK} blocks"

@@ -5,8 +5,8 @@ The padding keeps 28x28 inputs at 28x28 after the first conv, which is what the 
 unpadded inputs amount to (61,706 parameters on 28x28x1 with 10 classes).
 """
 
-from cnncli.models import DEFAULT_INPUTS, MNIST_INPUT, MODELS
 from cnncli.models.layers import Conv, Dense, Pool, StackBuilder
+from cnncli.models.registry import DEFAULT_INPUTS, MNIST_INPUT, MODELS
 
 
 @MODELS.register("lenet5", help="LeNet-5 (LeCun 1998): 2 conv + 3 FC layers, 61,706 params on 28x28x1")

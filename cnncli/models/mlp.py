@@ -1,7 +1,7 @@
 """Fully connected baselines: `linear` (softmax regression) and `mlp` (flatten - (fc - act) * k - fc)."""
 
-from cnncli.models import DEFAULT_INPUTS, MNIST_INPUT, MODELS
 from cnncli.models.layers import Dense, StackBuilder
+from cnncli.models.registry import DEFAULT_INPUTS, MNIST_INPUT, MODELS
 
 DEFAULT_HIDDEN = (256, 128)
 

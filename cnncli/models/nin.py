@@ -6,8 +6,8 @@ class maps instead of fully connected layers (966,986 parameters for 10 classes)
 release, the last 1x1 convolution keeps its ReLU before the global average.
 """
 
-from cnncli.models import CIFAR_INPUT, DEFAULT_INPUTS, MODELS
 from cnncli.models.layers import Conv, Dropout, GlobalPool, Pool, StackBuilder
+from cnncli.models.registry import CIFAR_INPUT, DEFAULT_INPUTS, MODELS
 
 BLOCKS = (  # (kernel, width of the spatial conv, widths of the two 1x1 convs)
     (5, 192, (160, 96)),

@@ -14,8 +14,8 @@ larger ones the ImageNet stem (7x7 stride-2 conv + 3x3 stride-2 max-pool). `stem
 from flax import nnx
 
 from cnncli.errors import UserError
-from cnncli.models import DEFAULT_INPUTS, IMAGENET_INPUT, MODELS
 from cnncli.models.layers import Add, Conv, Dense, GlobalPool, Pool, ShortcutA, StackBuilder
+from cnncli.models.registry import DEFAULT_INPUTS, IMAGENET_INPUT, MODELS
 
 SMALL_INPUT = 64
 STEMS = ("auto", "imagenet", "cifar")

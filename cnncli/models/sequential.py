@@ -28,7 +28,6 @@ import re
 from typing import Any
 
 from cnncli.errors import UserError, suggest
-from cnncli.models import DEFAULT_INPUTS, MNIST_INPUT, MODELS
 from cnncli.models.layers import (
     ACTIVATIONS,
     Act,
@@ -42,6 +41,7 @@ from cnncli.models.layers import (
     SeparableConv,
     StackBuilder,
 )
+from cnncli.models.registry import DEFAULT_INPUTS, MNIST_INPUT, MODELS
 
 KINDS = ("conv", "pool", "fc", "repeat", "flatten", "softmax", "dropout", "act", "norm")
 PRIMARY = KINDS[:6]  # with one of these, `act`, `norm` and `dropout` are its options

@@ -16,8 +16,8 @@ Pools are 2x2 stride 2 in ceil mode, which equals the paper's pooling on even ma
 from flax import nnx
 
 from cnncli.errors import UserError
-from cnncli.models import DEFAULT_INPUTS, IMAGENET_INPUT, MODELS
 from cnncli.models.layers import AdaptiveAvgPool, Conv, Dense, Pool, StackBuilder
+from cnncli.models.registry import DEFAULT_INPUTS, IMAGENET_INPUT, MODELS
 
 CONFIGS = {  # convolutions per block (widths 64, 128, 256, 512, 512); the paper's Table 1
     "vgg11": (1, 1, 2, 2, 2),

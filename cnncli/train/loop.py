@@ -6,7 +6,7 @@ resumed from any checkpoint (even mid-epoch after Ctrl-C) reproduces the uninter
 host-side decisions (early stopping, plateau lr drops) are functions of the metrics history, which a
 resume truncates to its checkpoint, so they replay exactly too.
 
-Several processes (cnncli.distributed) run this same loop over one mesh of all their devices. The
+Several processes (cnncli.run.distributed) run this same loop over one mesh of all their devices. The
 single-process way of holding the whole uint8 training set on the devices gives way to a per-epoch
 array of which each process holds only its own rows of every batch (steps.stack_batches): all of them
 compute the epoch's shuffled order, each gathers its slice on the host. Process 0 alone writes the
@@ -17,7 +17,7 @@ run directory; the others keep the metrics rows (which every process computes al
 import math
 import signal
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -26,27 +26,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnncli import checkpoint, distributed
+from cnncli.adversarial.attacks import AttackConfig
+from cnncli.adversarial.robustness import make_perturb, make_robust_accuracy
+from cnncli.data.augment import build_augment
 from cnncli.data.pipeline import Splits
 from cnncli.errors import UserError
-from cnncli.evaluate import eval_batch, evaluate
-from cnncli.models import build_model
 from cnncli.recipe import Recipe
-from cnncli.runs import RunDir
+from cnncli.run import checkpoint, distributed
+from cnncli.run.rundir import RunDir
 from cnncli.train import optim as optim_lib
 from cnncli.train import toolbox
+from cnncli.train.evaluate import eval_batch, evaluate
+from cnncli.train.state import Model, TrainState, build, init_totals
 from cnncli.train.steps import (
-    TrainState,
     check_batch,
     data_mesh,
-    init_totals,
     make_eval_step,
     make_train_step,
     replicate,
     shuffle,
     shuffle_like,
     shuffle_order,
-    split_model,
     stack_batches,
 )
 
@@ -59,27 +59,6 @@ class TrainingDiverged(UserError):
 
 class Interrupted(Exception):
     """The user pressed Ctrl-C; a checkpoint of the current step was saved."""
-
-
-@dataclass
-class Model:
-    """A built model as the steps see it: two graphdefs (train/eval mode) over one state."""
-
-    train_def: Any
-    eval_def: Any
-    params: Any
-    rest: Any
-
-    @property
-    def num_params(self) -> int:
-        return int(sum(x.size for x in jax.tree.leaves(self.params)))
-
-
-def build(recipe: Recipe, image_shape, num_classes: int, mean=None, std=None) -> Model:
-    """Build the recipe's model for the data's shape and class count."""
-    model = build_model(recipe.model, input_shape=image_shape, num_classes=num_classes, mean=mean, std=std,
-                        seed=recipe.seed)
-    return Model(*split_model(model, recipe.train.precision))
 
 
 def check_recipe(recipe: Recipe, *, fine_tuning: bool = False) -> None:
@@ -153,7 +132,7 @@ def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, 
           tune=None) -> dict[str, Any]:
     """Train `recipe` on `splits`, writing metrics and checkpoints into `run`; returns the summary.
 
-    `tune` (a `cnncli.finetune.FineTuning`) starts from its prepared model instead of a fresh one and
+    `tune` (a `cnncli.transfer.finetune.FineTuning`) starts from its prepared model instead of a fresh one and
     brings its optimizer (freezing masks, lr multipliers), distillation targets and old-task metrics.
     """
     display = display or _NullDisplay()
@@ -194,7 +173,6 @@ def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, 
     adversarial = recipe.train.adversarial
     perturb, attack_cfg = None, None
     if adversarial is not None:
-        from cnncli.robustness import make_perturb
 
         attack_cfg = training_attack(adversarial)
         perturb = make_perturb(model.train_def, attack_cfg, adversarial.eps)
@@ -217,7 +195,6 @@ def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, 
                               mesh=mesh, stacked=stacked) if has_val else None
     val_robust = None
     if has_val and adversarial is not None:
-        from cnncli.robustness import make_robust_accuracy
 
         val_robust = make_robust_accuracy(model.eval_def, attack_cfg, num_classes=splits.num_classes,
                                           batch_size=val_batch, mesh=mesh)
@@ -407,7 +384,6 @@ def finish(recipe: Recipe, splits: Splits, run: RunDir, model: Model, state, mes
 
 def training_attack(adversarial):
     """The AttackConfig of a recipe's train.adversarial section (Linf, untargeted)."""
-    from cnncli.attacks import AttackConfig
 
     return AttackConfig(name=adversarial.attack, norm="linf", steps=adversarial.steps,
                         step_size=adversarial.step_size)
@@ -416,7 +392,6 @@ def training_attack(adversarial):
 def _augment(recipe: Recipe):
     if not recipe.augment:
         return None
-    from cnncli.data.augment import build_augment
 
     return build_augment(recipe.augment)
 

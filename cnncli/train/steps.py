@@ -1,15 +1,13 @@
 """Pure, jitted training and evaluation steps over a `data` device mesh.
 
 The model is split once into (graphdef, params, rest); the steps merge it inside jit, so there is
-no Python graph walk per call (DESIGN.md). Batches are sliced from device-resident uint8 arrays
+no Python graph walk per call (docs/design.md). Batches are sliced from device-resident uint8 arrays
 (a per-epoch shuffled copy, sliced contiguously), converted to [0, 1] pixels and augmented inside
 the step, with randomness from fold_in(key, step). Steps never print and never touch the host.
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,12 +18,12 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cnncli.errors import UserError
-from cnncli.models.googlenet import AUX_WEIGHT, logits_and_aux
+from cnncli.models.layers.classifier import AUX_WEIGHT, logits_and_aux
+from cnncli.train.state import TrainState
 from cnncli.train.toolbox import (
     COMPUTE_DTYPES,
     ema_update,
     flip_tta_logits,
-    layer_dtype,
     like_dtypes,
     to_compute_dtype,
     weighted_cross_entropy,
@@ -33,18 +31,6 @@ from cnncli.train.toolbox import (
 
 TOP_K = 5
 PERTURB_STREAM = 1  # adversarial examples draw from fold_in(step key, 1); augmentation uses the step key
-
-
-@jax.tree_util.register_dataclass
-@dataclass
-class TrainState:
-    """Everything a run needs to continue exactly: parameters, model state (BN stats, RNG), optimizer, EMA."""
-
-    params: Any
-    rest: Any  # non-trainable model state: batch-norm statistics, dropout RNG, normalization constants
-    opt_state: Any
-    step: jax.Array
-    ema: Any = None  # {'params', 'rest'}: moving average of the weights when train.ema is set
 
 
 def data_mesh(devices=None) -> Mesh:
@@ -63,28 +49,8 @@ def check_batch(batch_size: int, mesh: Mesh, what: str = "train.batch_size") -> 
         raise UserError(f"{what}={batch_size} does not divide over {n} devices; use a multiple of {n}")
 
 
-def split_model(model: nnx.Module, precision: str = "float32"):
-    """(train graphdef, eval graphdef, params, rest): one state, two modes (dropout/BN behave differently).
-
-    With a `precision` other than float32 the train graphdef's Flax layers compute in it (see
-    toolbox.layer_dtype); evaluation always runs the float32 weights in float32.
-    """
-    model.train()
-    with layer_dtype(model, precision):
-        train_def, params, rest = nnx.split(model, nnx.Param, ...)
-    model.eval()
-    eval_def, _, _ = nnx.split(model, nnx.Param, ...)
-    return train_def, eval_def, params, rest
-
-
 def replicate(tree, mesh: Mesh):
     return jax.device_put(tree, NamedSharding(mesh, P()))
-
-
-def init_totals() -> dict[str, jax.Array]:
-    """Running sums of the training metrics, kept on device between progress updates."""
-    return {"loss": jnp.zeros((), jnp.float32), "correct": jnp.zeros((), jnp.float32),
-            "count": jnp.zeros((), jnp.float32)}
 
 
 def forward(graphdef, params, rest, x, *, with_aux: bool = False):

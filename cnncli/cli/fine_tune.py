@@ -1,0 +1,117 @@
+"""`cnncli fine-tune`: adapt a trained model to new data (new head, freezing, LwF)."""
+
+from pathlib import Path
+
+import typer
+
+from cnncli.cli import app
+from cnncli.errors import UserError
+
+MODES = ("head", "partial", "full", "lwf")
+
+
+@app.command("fine-tune")
+def fine_tune(
+    source: Path = typer.Argument(None, help="Run directory (or checkpoint) to start from: `cnncli train` or "
+                                             "`cnncli import-weights` output."),
+    recipe: str = typer.Argument(None, help="Recipe for the new data (file or bundled name); its model section "
+                                            "may be left out, its finetune section says how to adapt."),
+    mode: str = typer.Option(None, "--mode", help="head, partial, full or lwf (default: the recipe's, else full)."),
+    unfreeze_last: int = typer.Option(None, "--unfreeze-last", min=0,
+                                      help="Train the last N stages below the head too (implies --mode partial)."),
+    overrides: list[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE",
+                                        help="Override a recipe key, e.g. --set finetune.lwf_lambda=2 (repeatable)."),
+    run_dir: Path = typer.Option(None, "--run-dir", help="Where to write the run (default: runs/<recipe name>)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the fine-tuning in --run-dir from its last "
+                                                        "checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start over in a run directory that holds a run."),
+) -> None:
+    """Fine-tune a trained model on a recipe's data.
+
+    The head is replaced when the class count changes (or finetune.new_head),
+    the rest is loaded; the source's head is kept to report old-task accuracy.
+
+    Modes: head trains the new head only (frozen layers in inference mode);
+    partial also the last --unfreeze-last stages; full everything
+    (finetune.lr_mult, lr_decay: layer-wise rates); lwf everything, distilling
+    the old head's recorded outputs (Learning without Forgetting).
+    """
+    from cnncli import recipe as recipe_lib
+    from cnncli.recipe import FinetuneConfig
+    from cnncli.run.rundir import DEFAULT_ROOT, RunDir
+    from cnncli.train.trained_run import load_trained
+
+    if resume:
+        if run_dir is None or not (run_dir / "recipe.yaml").is_file():
+            raise UserError("--resume needs --run-dir pointing at a fine-tuned run")
+        if source is not None or recipe is not None or overrides or mode or unfreeze_last is not None:
+            raise UserError("--resume continues a run as it was started; give only --run-dir")
+        run = RunDir(run_dir)
+        resolved = recipe_lib.load(run.recipe)
+        if resolved.finetune is None or resolved.finetune.source is None:
+            raise UserError(f"{run.path} was not made by `cnncli fine-tune`; resume it with `cnncli train --resume`")
+        trained = load_trained(resolved.finetune.source)
+    else:
+        if source is None or recipe is None:
+            raise UserError("give the SOURCE run and the RECIPE of the new data, e.g. "
+                            "`cnncli fine-tune runs/base recipes/my_finetune.yaml`")
+        trained = load_trained(source)
+        defaults = {"model": trained.recipe.model.model_dump(mode="json")}
+        resolved = recipe_lib.load(recipe, [*overrides, *_mode_overrides(mode, unfreeze_last)], defaults=defaults)
+        # the resolved recipe names its source, so that --resume can rebuild the same fine-tuning
+        resolved.finetune = (resolved.finetune or FinetuneConfig()).model_copy(update={"source": str(source.resolve())})
+        run = RunDir(run_dir or DEFAULT_ROOT / resolved.name)
+        if run.has_run() and not overwrite:
+            raise UserError(f"{run.path} already holds a run: --resume to continue it, --overwrite to start over, "
+                            "or --run-dir for another directory")
+    _fine_tune(trained, resolved, run, resume=resume, overwrite=overwrite)
+
+
+def _mode_overrides(mode: str | None, unfreeze_last: int | None) -> list[str]:
+    """--mode / --unfreeze-last as recipe overrides (they win over the recipe and --set)."""
+    if mode is not None and mode not in MODES:
+        raise UserError(f"--mode must be one of {', '.join(MODES)}, got '{mode}'")
+    if unfreeze_last is None:
+        return [] if mode is None else [f"finetune.mode={mode}"]
+    if mode not in (None, "partial"):
+        raise UserError(f"--unfreeze-last applies to --mode partial, not {mode}")
+    return ["finetune.mode=partial", f"finetune.unfreeze_last={unfreeze_last}"]
+
+
+def _fine_tune(trained, recipe, run, *, resume: bool, overwrite: bool) -> None:
+    import shutil
+
+    from cnncli.cli.train import print_summary
+    from cnncli.console import TrainDisplay, console, err_console
+    from cnncli.data.pipeline import load_splits
+    from cnncli.train.loop import Interrupted, check_recipe, train
+    from cnncli.transfer.finetune import prepare, run_data
+
+    check_recipe(recipe, fine_tuning=True)
+    splits = load_splits(recipe.data, recipe.seed)
+    tuning = prepare(trained, recipe, splits)  # every check happens here, before anything is written
+    err_console.print(f"source {trained.checkpoint} ({trained.recipe.model.name}, {len(trained.class_names)} "
+                      f"classes) -> {recipe.data.source}: {splits.num_classes} classes, {len(splits.train_x):,} "
+                      f"train / {len(splits.val_x):,} val images", highlight=False)
+    err_console.print(tuning.describe(), highlight=False)
+    for note in tuning.notes:
+        err_console.print(note, highlight=False)
+    if overwrite and run.path.exists() and not resume:
+        shutil.rmtree(run.path)
+    run.path.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        run.recipe.write_text(recipe.to_yaml())
+        run.write_json(run.data, run_data(trained, recipe, splits, tuning))
+    err_console.print(f"run directory: {run.path}", highlight=False)
+    try:
+        summary = train(recipe, splits, run, resume=resume, display=TrainDisplay(), tune=tuning)
+    except Interrupted as e:
+        err_console.print(f"interrupted at {e}: checkpoint saved; continue with "
+                          f"`cnncli fine-tune --resume --run-dir {run.path}`", highlight=False)
+        raise typer.Exit(130) from None
+    print_summary(summary, console)
+    old = summary.get("old_task_test")
+    if old is not None:
+        console.print(f"old task ({len(trained.class_names)} classes, old head): test top-1 {old['top1']:.2%} "
+                      f"(before fine-tuning {old['top1_before']:.2%}); `cnncli eval {run.path} --head old`",
+                      highlight=False)

@@ -1,0 +1,141 @@
+"""Image folders: folder:PATH with one sub-folder per class, optionally under train/ and test/."""
+
+from __future__ import annotations
+
+from importlib.util import find_spec
+from pathlib import Path
+
+import numpy as np
+
+from cnncli.data.dataset import MIN_CLASSES, Dataset, cache_dir, cache_key, load_cached, save_cached
+from cnncli.data.images import decode_image, resize_image, to_channels
+from cnncli.data.sources.base import Source, register
+from cnncli.errors import UserError
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif"})
+
+
+def _is_hidden(p: Path) -> bool:
+    return p.name.startswith(".")
+
+
+def _class_dirs(root: Path) -> list[Path]:
+    return sorted((d for d in root.iterdir() if d.is_dir() and not _is_hidden(d)), key=lambda d: d.name)
+
+
+def _image_files(class_dir: Path) -> list[Path]:
+    # rglob: nested folders inside a class folder still belong to that class.
+    return sorted(p for p in class_dir.rglob("*")
+                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not _is_hidden(p))
+
+
+def _decode_all(files: list[tuple[Path, int]]) -> tuple[list[np.ndarray], np.ndarray]:
+    """Decode (file, label) pairs; returns the images (natural channels) and int32 labels."""
+    return [decode_image(f) for f, _ in files], np.array([label for _, label in files], np.int32)
+
+
+def _stack(images: list[np.ndarray], files: list[Path], image_size, channels: int, root: Path) -> np.ndarray:
+    out = []
+    first_shape = None
+    for img, f in zip(images, files, strict=True):
+        img = to_channels(img[None], channels)[0]
+        if image_size is not None:
+            img = resize_image(img, tuple(image_size))
+        elif first_shape is None:
+            first_shape = (img.shape, f)
+        elif img.shape != first_shape[0]:
+            (h0, w0, _), f0 = first_shape
+            raise UserError(f"images in {root} have different sizes ({f0.name} is {h0}x{w0}, {f.name} is "
+                            f"{img.shape[0]}x{img.shape[1]}); set data.image_size in the recipe, e.g. "
+                            f"`image_size: [64, 64]` under `data:`")
+        out.append(img)
+    if not out:
+        h, w = image_size or (1, 1)
+        return np.zeros((0, h, w, channels), np.uint8)
+    return np.stack(out)
+
+
+def _folder_listing(files: list[Path], root: Path) -> list[tuple[str, int, int]]:
+    listing = []
+    for f in files:
+        st = f.stat()
+        listing.append((f.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
+    return listing
+
+
+def read_folder(path: Path, image_size: tuple[int, int] | None = None, channels: int | None = None) -> Dataset:
+    """Read `path/train/<class>/*` (+ optional `path/test/<class>/*`) or `path/<class>/*` (all train).
+
+    Decoded arrays are cached under `cache_dir()`, keyed by the folder, the options and the
+    (name, size, mtime) of every file, so editing the folder invalidates the cache.
+
+    Raises:
+        UserError: Missing folder, fewer than 2 classes, an unreadable image, or mixed image sizes
+            without `image_size`.
+    """
+    if not path.is_dir():
+        raise UserError(f"folder: no such directory {path}; give a folder with one sub-folder of images per class")
+    root = path.resolve()
+    train_root, test_root = root, None
+    if (root / "train").is_dir():
+        train_root = root / "train"
+        test_root = root / "test" if (root / "test").is_dir() else None
+    class_names = [d.name for d in _class_dirs(train_root)]
+    if len(class_names) < MIN_CLASSES:
+        n = len(class_names)
+        raise UserError(f"found {n} class folder{'' if n == 1 else 's'} in {train_root}: a classifier needs at least "
+                        f"{MIN_CLASSES} sub-folders, one per class")
+    if test_root is not None:
+        unknown = [d.name for d in _class_dirs(test_root) if d.name not in class_names]
+        if unknown:
+            raise UserError(f"{test_root} has class folder(s) {', '.join(unknown)} that {train_root} lacks; "
+                            f"every test class needs training images")
+
+    splits = {"train": train_root} | ({"test": test_root} if test_root else {})
+    files = {s: [(f, label) for label, name in enumerate(class_names) if (r / name).is_dir()
+                 for f in _image_files(r / name)] for s, r in splits.items()}
+    train_labels = {label for _, label in files["train"]}
+    for label, name in enumerate(class_names):
+        if label not in train_labels:
+            raise UserError(f"class folder {train_root / name} has no images "
+                            f"({', '.join(sorted(IMAGE_EXTENSIONS))}); add some or remove the folder")
+    key = cache_key("folder", str(root), image_size and list(image_size), channels,
+                    {s: _folder_listing([f for f, _ in fs], root) for s, fs in files.items()})
+    cache = cache_dir() / f"folder-{root.name}-{key}.npz"
+    cached = load_cached(cache, root.name)
+    if cached is not None:
+        return cached
+
+    decoded = {s: _decode_all(fs) for s, fs in files.items()}
+    if channels is None:
+        all_gray = all(img.shape[-1] == 1 for imgs, _ in decoded.values() for img in imgs)
+        channels = 1 if all_gray else 3
+    arrays = {s: (_stack(imgs, [f for f, _ in files[s]], image_size, channels, splits[s]), y)
+              for s, (imgs, y) in decoded.items()}
+    train_x, train_y = arrays["train"]
+    test_x, test_y = arrays.get("test", (None, None))
+    if test_x is not None and len(test_x) and test_x.shape[1:] != train_x.shape[1:]:
+        raise UserError(f"test images in {test_root} are {test_x.shape[1]}x{test_x.shape[2]} but train images are "
+                        f"{train_x.shape[1]}x{train_x.shape[2]}; set data.image_size in the recipe")
+    if test_x is not None and not len(test_x):
+        test_x = test_y = None
+    ds = Dataset(root.name, train_x, train_y, test_x, test_y, class_names)
+    save_cached(cache, ds)
+    return ds
+
+
+@register
+class FolderSource(Source):
+    """Image files, one sub-folder per class (optionally under train/ and test/): folder:PATH."""
+
+    scheme, arg, usage = "folder", "required", "folder:PATH (PATH/<class>/*.png or PATH/train/<class>/...)"
+
+    def read(self, arg, *, image_size, channels):
+        return read_folder(Path(arg).expanduser(), image_size, channels)
+
+    def status(self):
+        if find_spec("PIL") is None:
+            return False, "needs Pillow: pip install pillow"
+        return True, "folder:PATH reads PATH/<class>/*.{png,jpg,jpeg,bmp,gif}; decoded once, then cached"
+
+

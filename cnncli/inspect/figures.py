@@ -1,0 +1,277 @@
+"""Figures as PNG files: training curves of runs, image grids, and what a trained network learned.
+
+Two kinds of figures live here. `save_image` and `plot_curves` write their PNG directly (matplotlib
+through pyplot with the Agg backend, imported inside the function). The figures of `cnncli
+visualize` (filters, feature maps, top-9 patches, t-SNE, saliency, confusion, errors) take NumPy
+arrays (see `cnncli.inspect.interpret` for how they are computed) and return a matplotlib `Figure` built
+without pyplot (no global state, no display needed); `save` writes it. Their sizes are fixed in
+inches and saved at `DPI` without tight cropping, so a figure's pixel size is known in advance:
+grids of tiles are `cols * tile` by `rows * tile + HEADER` inches.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+CURVE_DPI = 120
+DPI = 100
+TILE = 1.2  # inches per grid cell (120 pixels)
+HEADER = 0.6  # inches above a grid for its title: up to three lines of TITLE_FONT
+TITLE_FONT = 8
+CHARS_PER_INCH = 15  # of TITLE_FONT-point text, to wrap titles inside narrow grids
+CAPTION = 0.22  # inches under a tile's top edge for one caption line
+MARGIN = 0.04  # inches between tiles
+TSNE_SIZE = (8.0, 7.0)
+GAP = 1  # pixels between the tiles of a mosaic
+MAX_INPUT_CHANNELS = 16  # deeper filters show at most this many of their input channels
+OVERLAY_ALPHA = 0.5
+CONFUSION_MIN, CONFUSION_PER_CLASS, CONFUSION_BASE = 5.0, 0.6, 1.5  # inches
+
+
+def save_image(image: np.ndarray, path: Path, zoom: int = 1) -> tuple[int, int]:
+    """Write an (H, W, C) uint8 image (C = 1 or 3) as a PNG, each pixel a zoom x zoom block.
+
+    Returns:
+        The written (width, height) in pixels.
+    """
+    from PIL import Image
+
+    if zoom > 1:  # nearest-neighbour: small images (28x28) stay sharp instead of blurred
+        image = np.repeat(np.repeat(image, zoom, axis=0), zoom, axis=1)
+    pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pil.save(path)
+    return pil.size
+
+
+def plot_curves(runs: Sequence[tuple[str, list[dict[str, Any]]]], path: Path, title: str = "") -> None:
+    """Accuracy and loss per epoch of several runs: validation solid, training dashed, one colour per run.
+
+    Args:
+        runs: (label, metrics.jsonl rows) per run.
+        path: the PNG to write.
+        title: figure title.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (label, rows) in enumerate(runs):
+        color = colors[i % len(colors)]
+        epochs = [r["epoch"] for r in rows]
+        for ax, metric in ((acc_ax, "acc"), (loss_ax, "loss")):
+            ax.plot(epochs, [r[f"train_{metric}"] for r in rows], "--", marker=".", color=color, alpha=0.7)
+            if all(f"val_{metric}" in r for r in rows):
+                ax.plot(epochs, [r[f"val_{metric}"] for r in rows], "-", marker="o", ms=3, color=color, label=label)
+    acc_ax.set(xlabel="epoch", ylabel="accuracy", title="accuracy (solid: validation, dashed: training)")
+    loss_ax.set(xlabel="epoch", ylabel="loss", title="loss (solid: validation, dashed: training)")
+    for ax in (acc_ax, loss_ax):
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    acc_ax.legend(fontsize="small")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=CURVE_DPI)
+    plt.close(fig)
+
+
+def save(fig: Figure, path: Path) -> Path:
+    """Write `fig` as a PNG at `DPI` (creating the folder); returns the path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, format="png")
+    return path
+
+
+def grid_pixels(n: int, cols: int, tile: float = TILE) -> tuple[int, int]:
+    """(width, height) in pixels of a grid figure of n tiles in `cols` columns."""
+    rows = math.ceil(n / cols)
+    return round(cols * tile * DPI), round((rows * tile + HEADER) * DPI)
+
+
+def columns(n: int, cols: int | None = None) -> int:
+    """A near-square number of columns for n tiles (or `cols`, at most n)."""
+    return max(1, min(n, cols or math.ceil(math.sqrt(n))))
+
+
+def _grid(n: int, cols: int, title: str, *, tile: float = TILE, captions: int = 0):
+    """A figure of n axes in a rows x cols grid of square tiles under a title band.
+
+    `captions` lines of text fit above each tile's picture. Returns (figure, axes).
+    """
+    rows = math.ceil(n / cols)
+    width, height = cols * tile, rows * tile + HEADER
+    fig = Figure(figsize=(width, height))
+    text = textwrap.fill(title, max(int(width * CHARS_PER_INCH), 20))
+    fig.suptitle(text, fontsize=TITLE_FONT, y=1 - 0.1 * HEADER / height, va="top")
+    axes = []
+    for i in range(n):
+        r, c = divmod(i, cols)
+        side = tile - 2 * MARGIN - captions * CAPTION
+        left = c * tile + (tile - side) / 2
+        bottom = (rows - 1 - r) * tile + MARGIN
+        ax = fig.add_axes((left / width, bottom / height, side / width, side / height))
+        ax.set_axis_off()
+        axes.append(ax)
+    return fig, axes
+
+
+def _show(ax, image: np.ndarray, **kw) -> None:
+    """Draw an HWC image: uint8 pixels, or floats in [0, 1]; one channel in gray."""
+    vmax = 255 if image.dtype == np.uint8 else 1.0
+    if image.shape[-1] == 1:
+        ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=vmax, interpolation="nearest", **kw)
+    else:
+        ax.imshow(image, interpolation="nearest", **kw)
+
+
+def mosaic(tiles: np.ndarray, cols: int, fill: float = 1.0) -> np.ndarray:
+    """Tiles (N, h, w, C) in [0, 1] laid out in `cols` columns with a `GAP`-pixel border of `fill`."""
+    n, h, w, c = tiles.shape
+    rows = math.ceil(n / cols)
+    out = np.full((rows * (h + GAP) - GAP, cols * (w + GAP) - GAP, c), fill, np.float32)
+    for i, tile in enumerate(tiles):
+        r, col = divmod(i, cols)
+        out[r * (h + GAP): r * (h + GAP) + h, col * (w + GAP): col * (w + GAP) + w] = tile
+    return out
+
+
+def signed_to_unit(k: np.ndarray) -> np.ndarray:
+    """Weights -> [0, 1] with zero at mid-gray, scaled by the largest magnitude (the sign stays visible)."""
+    scale = np.abs(k).max()
+    return 0.5 + 0.5 * k / scale if scale > 0 else np.full_like(k, 0.5)
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def filters(kernels: np.ndarray, title: str, cols: int | None = None) -> Figure:
+    """One tile per filter (filters, kh, kw, C): RGB for C = 3, gray for C = 1, else its input channels.
+
+    Each filter is scaled on its own with zero at mid-gray: bright is positive, dark negative.
+    """
+    n, _, _, c = kernels.shape
+    fig, axes = _grid(n, columns(n, cols), title)
+    for ax, k in zip(axes, kernels):
+        if c in (1, 3):
+            _show(ax, signed_to_unit(k))
+        else:
+            channels = k[..., :MAX_INPUT_CHANNELS].transpose(2, 0, 1)[..., None]
+            _show(ax, mosaic(signed_to_unit(channels), columns(len(channels))))
+    return fig
+
+
+def feature_maps(image: np.ndarray, maps: np.ndarray, title: str, cols: int | None = None) -> Figure:
+    """The input image, then each channel of a layer's output (h, w, C) on one shared color scale."""
+    n = maps.shape[-1] + 1
+    fig, axes = _grid(n, columns(n, cols), title, captions=1)
+    _show(axes[0], image)
+    axes[0].set_title("input", fontsize=8)
+    top = max(float(maps.max()), 1e-12)
+    for i, ax in enumerate(axes[1:]):
+        ax.imshow(maps[..., i], cmap="viridis", vmin=min(float(maps.min()), 0.0), vmax=top,
+                  interpolation="nearest")
+        ax.set_title(str(i), fontsize=8)
+    return fig
+
+
+def top_patches(patches: Sequence[np.ndarray], units: Sequence[int], values: np.ndarray, title: str,
+                cols: int | None = None) -> Figure:
+    """For each unit, its top patches (k, h, w, C uint8) as a 3x3 mosaic, captioned with the unit and its top value."""
+    n = len(units)
+    fig, axes = _grid(n, columns(n, cols), title, tile=2 * TILE, captions=1)
+    for ax, unit_patches, unit, value in zip(axes, patches, units, values):
+        tiles = unit_patches.astype(np.float32) / 255.0
+        _show(ax, mosaic(tiles, columns(len(tiles))))
+        ax.set_title(f"unit {unit} (max {value:.2g})", fontsize=8)
+    return fig
+
+
+def tsne(points: np.ndarray, labels: np.ndarray, class_names: Sequence[str], title: str) -> Figure:
+    """A 2-D embedding, one dot per example, colored by class, with a legend of class names."""
+    fig = Figure(figsize=TSNE_SIZE)
+    ax = fig.add_axes((0.04, 0.04, 0.68, 0.88))
+    colors = _class_colors(len(class_names))
+    for k, name in enumerate(class_names):
+        mine = labels == k
+        ax.scatter(points[mine, 0], points[mine, 1], s=6, color=colors[k], label=name, alpha=0.8, linewidths=0)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), markerscale=3, fontsize=9, frameon=False)
+    return fig
+
+
+def _class_colors(k: int):
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if k <= 10 else "tab20" if k <= 20 else "turbo"]
+    return [cmap(i if k <= 20 else i / max(k - 1, 1)) for i in range(k)]
+
+
+def heat_maps(images: np.ndarray, maps: np.ndarray, image_captions: Sequence[str], map_captions: Sequence[str],
+              title: str, *, overlay: bool, cols: int | None = None) -> Figure:
+    """Each image (uint8 HWC) next to its map (H, W): alone (saliency) or over the image (Grad-CAM)."""
+    n = len(images)
+    pairs = columns(n, cols)
+    fig, axes = _grid(2 * n, 2 * pairs, title, captions=1)
+    for i, (image, heat) in enumerate(zip(images, maps)):
+        ax_image, ax_map = axes[2 * i], axes[2 * i + 1]
+        _show(ax_image, image)
+        ax_image.set_title(image_captions[i], fontsize=7)
+        ax_map.set_title(map_captions[i], fontsize=7)
+        if overlay:
+            _show(ax_map, image)
+            ax_map.imshow(heat, cmap="jet", alpha=OVERLAY_ALPHA, vmin=0, vmax=1, interpolation="bilinear")
+        else:
+            ax_map.imshow(heat, cmap="hot", vmin=0, vmax=max(float(heat.max()), 1e-12), interpolation="nearest")
+    return fig
+
+
+def examples(images: np.ndarray, captions: Sequence[str], title: str, cols: int | None = None) -> Figure:
+    """Images with a two-line caption each (e.g. the most confident mistakes)."""
+    n = len(images)
+    fig, axes = _grid(n, columns(n, cols), title, tile=1.5 * TILE, captions=2)
+    for ax, image, caption in zip(axes, images, captions):
+        _show(ax, image)
+        ax.set_title(caption, fontsize=7)
+    return fig
+
+
+def confusion_size(k: int) -> float:
+    """Side in inches of the confusion figure for k classes."""
+    return max(CONFUSION_MIN, CONFUSION_BASE + CONFUSION_PER_CLASS * k)
+
+
+def confusion(matrix: np.ndarray, class_names: Sequence[str], title: str) -> Figure:
+    """Confusion heat map (rows: true class, columns: predicted), colored by the fraction of each true
+    class and annotated with counts."""
+    k = len(class_names)
+    side = confusion_size(k)
+    fig = Figure(figsize=(side, side))
+    ax = fig.add_axes((0.2, 0.18, 0.76, 0.74))
+    totals = np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    fractions = matrix / totals
+    ax.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(k), class_names, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(k), class_names, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=10)
+    if k <= 20:  # counts stay legible up to about 20 classes
+        for (i, j), count in np.ndenumerate(matrix):
+            ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
+                    color="white" if fractions[i, j] > 0.5 else "black")
+    return fig

@@ -1,0 +1,1 @@
+"""Tools around training: the throughput benchmark against the PyTorch peer, and hyperparameter sweeps."""

@@ -1,0 +1,69 @@
+"""What a run trains: the built model (two graphdefs over one state) and the state a checkpoint holds.
+
+The model is split once into (graphdef, params, rest); the jitted steps merge it inside jit, so there
+is no Python graph walk per call (docs/design.md).
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from cnncli.models import build_model
+from cnncli.recipe import Recipe
+from cnncli.train.toolbox import layer_dtype
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class TrainState:
+    """Everything a run needs to continue exactly: parameters, model state (BN stats, RNG), optimizer, EMA."""
+
+    params: Any
+    rest: Any  # non-trainable model state: batch-norm statistics, dropout RNG, normalization constants
+    opt_state: Any
+    step: jax.Array
+    ema: Any = None  # {'params', 'rest'}: moving average of the weights when train.ema is set
+
+
+@dataclass
+class Model:
+    """A built model as the steps see it: two graphdefs (train/eval mode) over one state."""
+
+    train_def: Any
+    eval_def: Any
+    params: Any
+    rest: Any
+
+    @property
+    def num_params(self) -> int:
+        return int(sum(x.size for x in jax.tree.leaves(self.params)))
+
+
+def split_model(model: nnx.Module, precision: str = "float32"):
+    """(train graphdef, eval graphdef, params, rest): one state, two modes (dropout/BN behave differently).
+
+    With a `precision` other than float32 the train graphdef's Flax layers compute in it (see
+    toolbox.layer_dtype); evaluation always runs the float32 weights in float32.
+    """
+    model.train()
+    with layer_dtype(model, precision):
+        train_def, params, rest = nnx.split(model, nnx.Param, ...)
+    model.eval()
+    eval_def, _, _ = nnx.split(model, nnx.Param, ...)
+    return train_def, eval_def, params, rest
+
+
+def build(recipe: Recipe, image_shape, num_classes: int, mean=None, std=None) -> Model:
+    """Build the recipe's model for the data's shape and class count."""
+    model = build_model(recipe.model, input_shape=image_shape, num_classes=num_classes, mean=mean, std=std,
+                        seed=recipe.seed)
+    return Model(*split_model(model, recipe.train.precision))
+
+
+def init_totals() -> dict[str, jax.Array]:
+    """Running sums of the training metrics, kept on device between progress updates."""
+    return {"loss": jnp.zeros((), jnp.float32), "correct": jnp.zeros((), jnp.float32),
+            "count": jnp.zeros((), jnp.float32)}

@@ -1,0 +1,142 @@
+"""Open a trained run (or one checkpoint inside it): its recipe, data description and restored model.
+
+`cnncli eval`, `predict`, `visualize`, `adversarial` and `fine-tune` start here. A fine-tuned run that
+kept its source's head is rebuilt with both heads (`TwoHeads`), so the old task stays evaluable.
+"""
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from cnncli import recipe as recipe_lib
+from cnncli.data.pipeline import load_splits
+from cnncli.errors import UserError
+from cnncli.models import build_model
+from cnncli.models.layers.classifier import TwoHeads
+from cnncli.models.paths import module_at, module_path, set_module_at
+from cnncli.recipe import DataConfig, Recipe
+from cnncli.run import checkpoint
+from cnncli.run.rundir import RunDir
+from cnncli.train.state import Model, TrainState, build, split_model
+
+
+@dataclass
+class TrainedRun:
+    """A run's recipe, data description and restored model (a train.state.Model)."""
+
+    run: RunDir
+    recipe: Recipe
+    data: dict[str, Any]  # data.json: class_names, image_shape, mean, std, source
+    model: Any
+    checkpoint: Path
+    meta: dict[str, Any]
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.data["class_names"])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.data["image_shape"])
+
+
+def _run_of(path: Path) -> RunDir:
+    """The run directory of a run path, its checkpoints folder, or one checkpoint inside it."""
+    for candidate in (path, path.parent, path.parent.parent):
+        if (candidate / "recipe.yaml").is_file():
+            return RunDir(candidate)
+    raise UserError(f"{path} is not a cnncli run: no recipe.yaml in it or above it (train one with `cnncli train`)")
+
+
+def load_trained(path: str | Path, which: str = "best", *, ema: bool = False) -> TrainedRun:
+    """Load the run at `path` and restore its `which` (best or latest) checkpoint, or the checkpoint at `path`.
+
+    With `ema`, the model gets the checkpoint's EMA weights instead of the raw ones (runs trained with
+    train.ema; otherwise a UserError).
+    """
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} does not exist: give a run directory written by `cnncli train`")
+    run = _run_of(path)
+    is_single = path.name.startswith("step_") and path.is_dir()
+    ckpt, meta = (path, {}) if is_single else checkpoint.find(run.path, which)
+    recipe = recipe_lib.load(run.recipe)
+    data = run.read_json(run.data)
+    model = _build(recipe, data)
+    template = TrainState(model.params, model.rest, None, None,
+                          {"params": model.params, "rest": model.rest} if ema else None)
+    state, _ = checkpoint.restore(ckpt, template, with_optimizer=False)
+    weights = state.ema if ema else {"params": state.params, "rest": state.rest}
+    model = replace(model, params=weights["params"], rest=weights["rest"])
+    return TrainedRun(run=run, recipe=recipe, data=data, model=model, checkpoint=ckpt, meta=meta)
+
+
+def _build(recipe: Recipe, data: dict[str, Any]):
+    """The run's model (a train.loop.Model); a fine-tuned run that kept its old head carries it too."""
+    if "old_task" in data:
+        return build_with_old_head(recipe, data)
+
+    return build(recipe, tuple(data["image_shape"]), len(data["class_names"]), data["mean"], data["std"])
+
+
+def eval_data(trained: TrainedRun, split: str = "test", source: str | None = None):
+    """Images, labels and class names of a split, from the run's data or another source with the same classes.
+
+    Another source is loaded whole (no validation hold-out) at the run's image size and channel count,
+    so that any folder of images can be evaluated; a different class count is an error.
+    """
+
+    data_cfg = trained.recipe.data
+    if source is not None:
+        h, w, c = trained.image_shape
+        # the whole of the other source's splits (no hold-out, no subsets), the run's class selection kept
+        data_cfg = data_cfg.model_copy(update={"source": source, "image_size": (h, w), "channels": c,
+                                               "val_fraction": 0.0, "limit": None, "train_per_class": None})
+    splits = load_splits(data_cfg, trained.recipe.seed)
+    x, y = splits.split(split)
+    if splits.num_classes != len(trained.class_names):
+        raise UserError(f"data '{data_cfg.source}' has {splits.num_classes} classes, the model was trained on "
+                        f"{len(trained.class_names)} ({', '.join(trained.class_names[:5])}, ...)")
+    if tuple(x.shape[1:]) != trained.image_shape:
+        raise UserError(f"data '{data_cfg.source}' has images of shape {tuple(x.shape[1:])}, the model takes "
+                        f"{trained.image_shape}; set data.image_size / data.channels")
+    return x, np.asarray(y, np.int32), splits.class_names
+
+
+def output_graphdef(model, output: str):
+    """The eval graphdef of a model whose head is a TwoHeads, returning `output` (new, old, both)."""
+    module = nnx.merge(model.eval_def, model.params, model.rest)
+    for _, m in nnx.iter_modules(module):
+        if isinstance(m, TwoHeads):
+            m.output = output
+    return nnx.split(module, nnx.Param, ...)[0]
+
+
+def build_with_old_head(recipe: Recipe, data: dict[str, Any]):
+    """The model of a fine-tuned run that kept its old head (for `load_trained`), as a train.state.Model."""
+
+    old = data["old_task"]
+    model = build_model(recipe.model, input_shape=tuple(data["image_shape"]), num_classes=len(data["class_names"]),
+                        mean=data["mean"], std=data["std"], seed=recipe.seed)
+    twin = build_model(recipe.model, input_shape=tuple(old["image_shape"]), num_classes=len(old["class_names"]),
+                       mean=data["mean"], std=data["std"], seed=recipe.seed)
+    head = module_path(old["head"])
+    set_module_at(model.net, head, TwoHeads(module_at(model.net, head), module_at(twin.net, head)))
+
+    return Model(*split_model(model))
+
+
+def old_head_view(trained):
+    """The fine-tuned run `trained` seen as its source's task: the old head, classes and data."""
+    old = trained.data.get("old_task")
+    if old is None:
+        raise UserError(f"{trained.run.path} has no old head: it was not fine-tuned with a new head "
+                        "(or finetune.keep_old_head was false)")
+    recipe = trained.recipe.model_copy(update={"data": DataConfig(**old["data"]), "seed": old["seed"]})
+    data = {**trained.data, "class_names": old["class_names"], "image_shape": old["image_shape"]}
+    model = replace(trained.model, eval_def=output_graphdef(trained.model, "old"))
+    return replace(trained, recipe=recipe, data=data, model=model)

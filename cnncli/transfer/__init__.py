@@ -1,0 +1,1 @@
+"""Transfer learning: fine-tuning a trained run on new data (freezing, new heads, LwF) and importing PyTorch weights."""
