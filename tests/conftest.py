@@ -1,44 +1,14 @@
-"""Shared fixtures: a CLI runner, and one small LeNet-5 run on real Fashion-MNIST reused by many tests."""
-
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+"""Shared fixtures: the dataset cache in a temporary folder, and one small LeNet-5 run on real
+Fashion-MNIST reused by many tests (helpers that are not fixtures live in tests/helpers.py)."""
 
 import pytest
-from typer.testing import CliRunner
 
-REPO = Path(__file__).resolve().parent.parent
-FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-
-# A few hundred steps of LeNet-5 on a slice of real Fashion-MNIST: enough to learn, seconds to run.
-SMALL_LENET = ["--set", "data.limit=3000", "--set", "train.epochs=2", "--set", "train.batch_size=64",
-               "--set", "train.log_every=10"]
+from tests.helpers import FASHION_DIR, SMALL_LENET, cli
 
 
 @pytest.fixture(autouse=True)
 def _cache_in_tmp(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("CNNCLI_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-
-
-def cli(*args: str):
-    """Run `cnncli args...` in-process; returns the click Result (exit_code, stdout, stderr)."""
-    from cnncli.cli import app
-
-    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def cli_process(*args: str, **kwargs) -> subprocess.Popen:
-    """Start `python -m cnncli args...` as a real process (for signals)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "cnncli", *map(str, args)], cwd=kwargs.pop("cwd", REPO), env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
-
-
-def metric_rows(run_dir: Path, drop=("seconds", "img_per_s")) -> list[dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in drop} for r in rows]
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +19,7 @@ def fashion():
 
 
 @pytest.fixture(scope="session")
-def lenet_run(tmp_path_factory, fashion) -> Path:
+def lenet_run(tmp_path_factory, fashion):
     """A LeNet-5 trained for 2 short epochs on 3,000 Fashion-MNIST images."""
     run_dir = tmp_path_factory.mktemp("runs") / "lenet5"
     result = cli("train", "lenet5_fashion_mnist", "--run-dir", run_dir, *SMALL_LENET)

@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from cnncli.recipe import load as load_recipe
-from tests.conftest import REPO, cli, metric_rows
+from tests.helpers import REPO, cli, metric_rows
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LIMIT = ["--limit", "300"]

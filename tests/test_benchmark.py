@@ -5,7 +5,7 @@ import json
 import pytest
 
 from cnncli.tools import benchmark as bench
-from tests.conftest import cli
+from tests.helpers import cli
 
 PEER_FIELDS = {"impl", "model", "mode", "batch", "img_per_s", "steps", "threads", "device", "dtype"}
 

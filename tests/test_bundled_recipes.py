@@ -8,7 +8,7 @@ import json
 import pytest
 
 from cnncli.recipe import bundled_recipes, load, read_yaml
-from tests.conftest import cli
+from tests.helpers import cli
 
 # image shape and classes of each source the recipes use, for a stand-in of the same shape
 SOURCE_SHAPES = {"fashion_mnist": "28x28x1:10", "digits": "8x8x1:10", "tfds:cifar10": "32x32x3:10"}

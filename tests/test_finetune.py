@@ -16,7 +16,7 @@ from cnncli.recipe import FinetuneConfig, OptimConfig, bundled_recipes, read_yam
 from cnncli.train.trained_run import load_trained
 from cnncli.transfer import finetune
 from cnncli.transfer.import_weights import IMAGENET_MEAN, IMAGENET_STD, import_state_dict, read_state_dict
-from tests.conftest import cli, metric_rows
+from tests.helpers import cli, metric_rows
 from tests.torch_models import randomized
 
 # LeNet-5 with batch norm and dropout on small synthetic images: both must stay untouched where frozen.

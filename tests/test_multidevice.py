@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import REPO, metric_rows
+from tests.helpers import REPO, metric_rows
 
 ARGS = ["--set", "data.source=synthetic:16x16x1:4", "--set", "model.name=mlp", "--set", "train.epochs=2",
         "--set", "train.batch_size=64", "--set", "optim.name=momentum", "--set", "optim.lr=0.05"]

@@ -15,7 +15,7 @@ import time
 import pytest
 import yaml
 
-from tests.conftest import REPO, cli, metric_rows
+from tests.helpers import REPO, cli, metric_rows
 
 TIMEOUT = 300  # seconds for one launch: a hung collective fails the test instead of blocking CI
 # digits: 100 images -> 90 train / 10 val: one step of 64 per epoch, so each metrics row is one step's loss;

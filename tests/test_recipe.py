@@ -4,7 +4,7 @@ import pytest
 
 from cnncli import recipe as recipe_lib
 from cnncli.errors import UserError
-from tests.conftest import cli
+from tests.helpers import cli
 
 MINIMAL = "name: t\nmodel: {name: lenet5}\n"
 

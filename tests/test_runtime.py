@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 from cnncli.runtime import EIGEN_CONVOLUTIONS, xla_flags
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def test_fast_mode_turns_the_ynnpack_convolution_off_only_where_xla_knows_the_flag():

@@ -5,11 +5,11 @@ import json
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import cli
 from model_utils import abstract
 
 from cnncli.inspect.summary import activations, layer_names, summarize
 from cnncli.models import build_network
+from tests.helpers import cli
 
 VGG16_BLOCKS = [(64, 2, 224), (128, 2, 112), (256, 3, 56), (512, 3, 28), (512, 3, 14)]  # width, convs, map size
 

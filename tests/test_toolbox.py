@@ -13,9 +13,9 @@ import pytest
 from cnncli.errors import UserError
 from cnncli.recipe import OptimConfig, ScheduleConfig
 from cnncli.train import optim, toolbox
-from tests.conftest import cli, metric_rows
+from tests.helpers import cli, metric_rows
 
-# Small, quick runs on a slice of real data (see conftest.SMALL_LENET).
+# Small, quick runs on a slice of real data (see helpers.SMALL_LENET).
 TINY = ["--set", "data.limit=2000", "--set", "train.batch_size=64", "--set", "train.log_every=10"]
 # 1,000 images, Adam 0.01, constant lr: validation accuracy per epoch is 67, 78, 82, 82, 74% (seed 0),
 # so the best epoch (3) is not the last: what early stopping must restore.

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.conftest import SMALL_LENET, cli, cli_process, metric_rows
+from tests.helpers import SMALL_LENET, cli, cli_process, metric_rows
 
 
 def test_train_writes_the_run(lenet_run):

@@ -7,11 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import cli
 from PIL import Image
 
 from cnncli.inspect import figures, interpret
 from cnncli.inspect.summary import activations
+from tests.helpers import cli
 
 SAMPLE = 300  # images of the test split used by the passes below: three batches of 128, the last one padded
 
