@@ -107,7 +107,7 @@ def test_lr_multipliers_scale_updates_and_frozen_ones_are_zero():
     params = {"a": jnp.ones((2, 2)), "b": jnp.ones((2, 2)), "c": jnp.ones((2, 2))}
     labels = {"a": finetune.TRAIN, "b": finetune.TRAIN, "c": finetune.FROZEN}
     multipliers = {"a": 1.0, "b": 0.25, "c": 1.0}
-    tx = finetune.build_optimizer(OptimConfig(name="sgd", lr=0.1), lambda step: 0.1, params, labels, multipliers)
+    tx = finetune.partitioned_optimizer(OptimConfig(name="sgd", lr=0.1), lambda step: 0.1, params, labels, multipliers)
     grads = jax.tree.map(jnp.ones_like, params)
     updates, _ = tx.update(grads, tx.init(params), params)
     assert np.allclose(updates["a"], -0.1) and np.allclose(updates["b"], -0.025)

@@ -171,7 +171,7 @@ def test_tsne_gives_one_point_per_example(lenet):
     assert layer == "fc2"
     feats = interpret.features(model, x[:150], layer)
     assert feats.shape == (150, 84)
-    points = interpret.tsne(feats)
+    points = interpret.embed_tsne(feats)
     assert points.shape == (150, 2) and np.isfinite(points).all()
     fig = figures.tsne(points, y[:150], [f"class {k}" for k in range(10)], "t-SNE")
     ax = fig.axes[0]

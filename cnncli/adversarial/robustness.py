@@ -95,7 +95,7 @@ def attack_split(step, params, rest, x: np.ndarray, y: np.ndarray, eps: float, k
     return results, (None if first is None else first[:n])
 
 
-def summarize(results: dict[str, np.ndarray], eps: float, targeted: bool) -> dict[str, Any]:
+def attack_row(results: dict[str, np.ndarray], eps: float, targeted: bool) -> dict[str, Any]:
     """One table row from per-example results (fractions, not percentages).
 
     success_rate: untargeted, the fraction of correctly classified examples the attack flips; targeted,
@@ -177,7 +177,7 @@ def robustness(model, x: np.ndarray, y: np.ndarray, class_names: list[str], cfg:
         key = jax.random.fold_in(jax.random.key(seed), j)
         results, first = attack_split(step, model.params, model.rest, x, y, eps, key, batch_size=batch, mesh=mesh,
                                       progress=tick, keep_first=examples > 0)
-        rows.append(summarize(results, eps, cfg.targeted))
+        rows.append(attack_row(results, eps, cfg.targeted))
         if examples > 0:
             candidates.append(Examples(eps, x[:len(first)].astype(np.float32) / 255.0, first,
                                        {k: v[:len(first)] for k, v in results.items()}))

@@ -387,7 +387,7 @@ PERPLEXITY = 30.0
 TSNE_THREADS = 1
 
 
-def tsne(features: np.ndarray, seed: int = 0) -> np.ndarray:
+def embed_tsne(features: np.ndarray, seed: int = 0) -> np.ndarray:
     """scikit-learn's t-SNE of (N, F) features: (N, 2) points, one per example.
 
     Raises:

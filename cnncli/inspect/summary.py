@@ -37,14 +37,14 @@ INPUT = "input"
 
 
 @dataclass(frozen=True)
-class Geometry:
+class ReceptiveField:
     """Receptive field of one array along (height, width)."""
 
     rf: tuple[int, int] = (1, 1)
     jump: tuple[int, int] = (1, 1)
     start: tuple[float, float] = (0.0, 0.0)
 
-    def through(self, windows) -> Geometry:
+    def through(self, windows) -> ReceptiveField:
         if windows is None:
             return self
         rf, jump, start = [], [], []
@@ -52,7 +52,7 @@ class Geometry:
             rf.append(r + (w.kernel - 1) * j)
             start.append(s + ((w.kernel - 1) / 2 - w.pad) * j)
             jump.append(j * w.stride)
-        return Geometry(tuple(rf), tuple(jump), tuple(start))
+        return ReceptiveField(tuple(rf), tuple(jump), tuple(start))
 
 
 @dataclass
@@ -143,8 +143,8 @@ class _Recorder:
     def __init__(self, names: dict[int, str], x: jax.Array, capture: Sequence[str] = (), *, light: bool = False):
         self.names = names
         self.rows: list[LayerRow] = []
-        self.geometry: dict[int, Geometry] = {id(x): Geometry()}
-        self.last = Geometry()
+        self.geometry: dict[int, ReceptiveField] = {id(x): ReceptiveField()}
+        self.last = ReceptiveField()
         self.alive = [x]  # keeps recorded arrays alive so their ids stay unique during the trace
         self.capture = set(capture)
         self.captured: dict[str, jax.Array] = {}

@@ -19,6 +19,7 @@ from cnncli.inspect.interpret import (
     activations,
     check_layer,
     confident_errors,
+    embed_tsne,
     features,
     gradcam,
     kernels,
@@ -32,7 +33,6 @@ from cnncli.inspect.interpret import (
     spatial_layers,
     to_pixels,
     top_units,
-    tsne,
     unit_patch,
 )
 from cnncli.train.trained_run import eval_data
@@ -123,7 +123,7 @@ def _tsne(job: Job):
     with progress_bar(f"features of {layer}") as advance:
         feats = features(job.model, x, layer, batch_size=job.batch_size, progress=advance)
     with progress_bar(f"t-SNE of {len(x):,} points"):
-        points = tsne(feats, seed=job.trained.recipe.seed)
+        points = embed_tsne(feats, seed=job.trained.recipe.seed)
     title = f"t-SNE of {layer} features ({feats.shape[1]} dims), {len(x):,} {job.split} images"
     return figures.tsne(points, y, names, title), f"tsne_{job.split}"
 

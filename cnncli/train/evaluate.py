@@ -40,7 +40,7 @@ def evaluate(eval_def, params, rest, x: np.ndarray, y: np.ndarray, class_names: 
         sums = step(params, rest, sums, xs, ys, ms, jnp.int32(i))
         if progress is not None:
             progress(i + 1, n_batches)
-    return summarize(jax.device_get(sums), class_names)
+    return metrics_from_sums(jax.device_get(sums), class_names)
 
 
 def eval_batch(n: int, requested: int, mesh) -> int:
@@ -55,7 +55,7 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def summarize(sums: dict[str, np.ndarray], class_names: list[str]) -> dict[str, Any]:
+def metrics_from_sums(sums: dict[str, np.ndarray], class_names: list[str]) -> dict[str, Any]:
     """The JSON-ready result from summed counts: fractions and means, not percentages."""
     confusion = np.rint(np.asarray(sums["confusion"])).astype(np.int64)
     n = int(confusion.sum())

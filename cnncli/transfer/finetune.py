@@ -41,7 +41,7 @@ from cnncli.models.layers.classifier import TwoHeads
 from cnncli.models.paths import module_at, module_path, set_module_at
 from cnncli.recipe import DataConfig, FinetuneConfig, OptimConfig, Recipe
 from cnncli.train.evaluate import evaluate
-from cnncli.train.optim import build_optimizer as recipe_optimizer
+from cnncli.train.optim import build_optimizer
 from cnncli.train.state import Model
 from cnncli.train.steps import data_mesh, forward, to_pixels
 from cnncli.train.toolbox import layer_dtype
@@ -174,7 +174,7 @@ def scale_by_tree(factors) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def build_optimizer(optim: OptimConfig, lr: Callable, params, labels, multipliers, *,
+def partitioned_optimizer(optim: OptimConfig, lr: Callable, params, labels, multipliers, *,
                     plateau: bool = False) -> optax.GradientTransformation:
     """The recipe's optimizer on the trainable parameters (with the plateau factor if the schedule is
     `plateau`), zero updates for the frozen ones."""
@@ -182,7 +182,7 @@ def build_optimizer(optim: OptimConfig, lr: Callable, params, labels, multiplier
     def only_trainable(tree):  # the view optax.partition gives the trainable group
         return jax.tree.map(lambda x, label: x if label == TRAIN else optax.MaskedNode(), tree, labels)
 
-    trainable = recipe_optimizer(optim, lr, only_trainable(params), plateau=plateau)
+    trainable = build_optimizer(optim, lr, only_trainable(params), plateau=plateau)
     if any(m != 1.0 for m in jax.tree.leaves(multipliers)):
         trainable = optax.chain(trainable, scale_by_tree(only_trainable(multipliers)))
     return optax.partition({TRAIN: trainable, FROZEN: optax.set_to_zero()}, labels)
@@ -351,7 +351,7 @@ class FineTuning:
     notes: list[str] = field(default_factory=list)  # things the user should know before training
 
     def optimizer(self, optim: OptimConfig, lr: Callable, *, plateau: bool = False) -> optax.GradientTransformation:
-        return build_optimizer(optim, lr, self.model.params, self.labels, self.multipliers, plateau=plateau)
+        return partitioned_optimizer(optim, lr, self.model.params, self.labels, self.multipliers, plateau=plateau)
 
     def counts(self) -> tuple[int, int]:
         """(trainable, frozen) parameter counts."""

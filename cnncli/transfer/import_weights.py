@@ -55,7 +55,6 @@ VGGS = tuple(f"{n}{bn}" for n in ("vgg11", "vgg13", "vgg16", "vgg19") for bn in 
 # torchvision's name -> (cnncli's model, the args that make it torchvision's architecture at any input size)
 ARCHS = {**{n: (n, {"stem": "imagenet"}) for n in RESNETS}, **{n: (n, {"classifier": "paper"}) for n in VGGS},
          "alexnet": ("alexnet_tv", {})}  # cnncli's `alexnet` is the paper's (96 filters, LRN, two towers)
-SEQUENTIAL_FAMILIES = ("vgg", "alexnet")
 
 
 def architectures() -> list[str]:

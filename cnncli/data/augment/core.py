@@ -239,10 +239,6 @@ def warp_affine(images: Array, matrices: Array) -> Array:
     return sample_bilinear(images, xs, ys)
 
 
-def identity_matrices(n: int) -> Array:
-    return jnp.broadcast_to(jnp.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], jnp.float32), (n, 2, 3))
-
-
 def affine_matrices(h: int, w: int, n: int, *, angle: Array | float = 0.0, scale: Array | float = 1.0,
                     shear_x: Array | float = 0.0, shear_y: Array | float = 0.0,
                     tx: Array | float = 0.0, ty: Array | float = 0.0) -> Array:
