@@ -7,8 +7,8 @@ ratios measured in one run, pair by pair, are meaningful.
 
 Usage:
   python side_by_side.py --rounds 3 \
-      --a "cnncli benchmark --model resnet18 --batch 128 --mode train --json" \
-      --b "python benchmarks/torch_peer.py --model resnet18 --batch 128 --mode train"
+      --a "cnncli benchmark --model resnet18 --batch-size 128 --mode train --json" \
+      --b "python benchmarks/torch_peer.py --model resnet18 --batch-size 128 --mode train"
 Prints one JSON line: {"a": [...], "b": [...], "ratio_median": r, "ratios": [...]}
 """
 import argparse

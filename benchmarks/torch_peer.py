@@ -20,7 +20,7 @@ Modes:
   eval    forward pass in inference mode, no grad
   fgsm    one FGSM example per image: forward + input gradient + x + eps*sign(g), clipped to [0,1]
 
-Usage: python torch_peer.py --model resnet18 --batch 128 --mode train [--channels-last] [--steps N]
+Usage: python torch_peer.py --model resnet18 --batch-size 128 --mode train [--channels-last] [--steps N]
                             [--device cpu|cuda] [--bf16] [--compile]
 On a GPU the strongest peer is `--device cuda --channels-last --bf16 --compile` (cudnn autotuning is on
 for CUDA; torch.compile's compilation happens in the untimed warm-up steps).
@@ -111,7 +111,7 @@ MODELS = {"lenet5": (LeNet5, (1, 28, 28)), "resnet18": (ResNet18, (3, 32, 32)), 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=sorted(MODELS), required=True)
-    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--batch-size", dest="batch", type=int, default=128)
     p.add_argument("--mode", choices=["train", "eval", "fgsm"], default="train")
     p.add_argument("--steps", type=int, default=0, help="timed steps (0: about 10 s of work)")
     p.add_argument("--warmup", type=int, default=3)

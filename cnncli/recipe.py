@@ -279,6 +279,24 @@ def _describe(err: dict[str, Any]) -> str:
     return f"key '{path}': {err['msg']} (got {err.get('input')!r})"
 
 
+def recipe_keys(model: Any = None, prefix: str = "") -> list[str]:
+    """Every dotted key a recipe can set (`train.epochs`, `optim.lr`, ...), sections first-level order."""
+    keys = []
+    for name, field in (model or Recipe).model_fields.items():
+        section = _section_model(field.annotation)
+        if section is None:
+            keys.append(prefix + name)
+        else:
+            keys.extend(recipe_keys(section, f"{prefix}{name}."))
+    return keys
+
+
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The Section class of a field annotated `X` or `X | None`, else None."""
+    candidates = [annotation, *(getattr(annotation, "__args__", None) or ())]
+    return next((c for c in candidates if isinstance(c, type) and issubclass(c, Section)), None)
+
+
 def _fields_at(loc: list[str]) -> list[str]:
     """The valid field names of the section at `loc` (list indices skipped)."""
     model: Any = Recipe

@@ -234,7 +234,7 @@ def resnet18_files(tmp_path_factory):
 def test_imported_run_works_with_eval_summary_and_fine_tune(resnet18_files, tmp_path):
     model, pth, _ = resnet18_files
     run = tmp_path / "imported"
-    result = cli("import-weights", "resnet18", pth, "--out", run, "--input", "64x64x3")
+    result = cli("import-weights", "resnet18", pth, "--run-dir", run, "--input", "64x64x3")
     assert result.exit_code == 0, result.output
     data = json.loads((run / "data.json").read_text())
     assert data["mean"] == list(IMAGENET_MEAN) and len(data["class_names"]) == 1000
@@ -311,7 +311,7 @@ def test_import_bad_input_writes_nothing(resnet18_files, tmp_path):
          "shapes differ"),
     ]
     for args, expected, also in cases:
-        result = cli("import-weights", *args, "--out", out)
+        result = cli("import-weights", *args, "--run-dir", out)
         assert_one_line_error(result, expected)
         assert also in result.stderr
         assert not out.exists()

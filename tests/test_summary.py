@@ -105,7 +105,7 @@ def test_summary_cli_json_for_a_model_name():
 
 
 def test_summary_cli_table_for_a_recipe_with_input_and_batch():
-    result = cli("summary", "lenet5_fashion_mnist", "--batch", "10")
+    result = cli("summary", "lenet5_fashion_mnist", "--batch-size", "10")
     assert result.exit_code == 0, result.output
     assert "61,706" in result.stdout and "conv2" in result.stdout and "batch of 10" in result.stdout
     result = cli("summary", "lenet5", "--input", "32x32x3", "--classes", "5", "--json")

@@ -409,7 +409,7 @@ def test_grid_points_and_suggested_learning_rates():
 
 def test_sweep_ranks_points_and_skips_finished_ones(tmp_path, fashion):
     out = tmp_path / "sweep"
-    args = ["sweep", "lenet5_fashion_mnist", "--grid", "optim.name=sgd,adam", "--epochs", 1, "--out", out,
+    args = ["sweep", "lenet5_fashion_mnist", "--grid", "optim.name=sgd,adam", "--epochs", 1, "--run-dir", out,
             "--set", "data.limit=640", "--set", "train.batch_size=64"]
     result = cli(*args)
     assert result.exit_code == 0, result.output

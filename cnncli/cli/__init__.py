@@ -8,35 +8,109 @@ import importlib
 import pkgutil
 
 import typer
-from typer.core import TyperGroup
+from rich.markup import escape
+from typer.core import TyperCommand, TyperGroup
 
 from cnncli import __version__
 from cnncli.errors import EXIT_USER_ERROR, UserError
 
+# The panels of `cnncli --help`; every command names one (`rich_help_panel=`; tests/test_cli_help.py checks).
+TRAIN = "Train"
+INSPECT = "Inspect"
+ATTACK = "Attack"
+DATA = "Data"
+TOOLS = "Tools"
+PANELS = (TRAIN, INSPECT, ATTACK, DATA, TOOLS)
+
+
+def _literal_help(command) -> None:
+    """Help texts are plain text: without this, Rich markup would eat `[default: ...]` and `cnncli[tfds]`."""
+    for obj in (command, *command.params):
+        for attr in ("help", "short_help", "epilog"):
+            text = getattr(obj, attr, None)
+            if text:
+                setattr(obj, attr, escape(text))
+
+
+class _Command(TyperCommand):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _literal_help(self)
+
 
 class _Group(TyperGroup):
-    """Turns a UserError raised by any command into one red line on stderr and exit code 2."""
+    """Turns a UserError raised by any command into one red line on stderr and exit code 2, and adds the
+    matching `--set KEY=VALUE` to an unknown option of a command that reads a recipe."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        _literal_help(self)
+
+    def list_commands(self, ctx) -> list[str]:
+        """Panels in the order of PANELS (Train first), commands alphabetical inside each."""
+
+        def panel_rank(name: str) -> int:
+            panel = getattr(self.commands[name], "rich_help_panel", None)
+            return PANELS.index(panel) if panel in PANELS else len(PANELS)
+
+        return sorted(super().list_commands(ctx), key=lambda name: (panel_rank(name), name))
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except UserError as e:
-            from rich.markup import escape
-
             from cnncli.console import err_console
 
             err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             ctx.exit(EXIT_USER_ERROR)
+        except Exception as e:
+            if type(e).__name__ == "NoSuchOption":  # click's class is private to typer (typer._click)
+                _hint_recipe_key(e)
+            raise
 
 
-app = typer.Typer(
-    cls=_Group,
+def _hint_recipe_key(error) -> None:
+    """`--weight-decay 0.1` on a command with --set: say `--set optim.weight_decay=0.1`."""
+    command = error.ctx.command if getattr(error, "ctx", None) is not None else None
+    if getattr(error, "hinted", False) or command is None or not isinstance(getattr(error, "option_name", None), str):
+        return
+    if not any("--set" in getattr(p, "opts", ()) for p in command.params):
+        return
+    from cnncli.recipe import recipe_keys
+
+    wanted = error.option_name.lstrip("-").replace("-", "_").partition("=")[0]
+    keys = [k for k in recipe_keys() if k.rpartition(".")[2] == wanted]
+    error.hinted = True
+    if keys:
+        error.message += f"; recipe keys are set with --set, e.g. --set {keys[0]}=VALUE"
+        if len(keys) > 1:
+            error.message += f" (also: {', '.join(keys[1:])})"
+    else:
+        error.message += "; recipe keys are set with --set KEY=VALUE, e.g. --set train.epochs=5"
+
+
+class _App(typer.Typer):
+    """A Typer whose commands and groups render their help as plain text (see `_literal_help`)."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("cls", _Group)
+        kwargs.setdefault("context_settings", {"help_option_names": ["-h", "--help"]})
+        super().__init__(**kwargs)
+
+    def command(self, *args, cls=None, **kwargs):
+        return super().command(*args, cls=cls or _Command, **kwargs)
+
+
+def command_group(**kwargs) -> typer.Typer:
+    """A sub-command group (e.g. `cnncli data ...`) that behaves like the top level."""
+    return _App(no_args_is_help=True, **kwargs)
+
+
+app = _App(
     name="cnncli",
     help="Train, evaluate, fine-tune, inspect and attack convolutional image classifiers.",
     no_args_is_help=True,
-    add_completion=False,
     pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 # Every module in this package registers its commands on `app` when imported (one module per

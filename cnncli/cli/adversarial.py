@@ -5,7 +5,7 @@ from pathlib import Path
 
 import typer
 
-from cnncli.cli import app
+from cnncli.cli import ATTACK, app
 from cnncli.errors import UserError
 
 DEFAULT_EPS = "0,0.02,0.05,0.1,0.2"
@@ -40,7 +40,8 @@ def adversarial(
     path: Path = typer.Argument(..., help="Run directory (or one checkpoint inside it)."),
     attack: str = typer.Option("fgsm", "--attack", "-a", help="fgsm, fgm-l2, bim, pgd or linear-fool."),
     eps: str = typer.Option(DEFAULT_EPS, "--eps", help="Comma-separated perturbation budgets, pixels in [0, 1]."),
-    targeted: str = typer.Option(None, "--targeted", help="Target: a class index or name, least-likely or random."),
+    targeted: str = typer.Option(None, "--targeted", help="Target: a class index or name, least-likely or "
+                                                            "random [default: untargeted]."),
     steps: int = typer.Option(10, "--steps", help="bim/pgd iterations."),
     step_size: float = typer.Option(None, "--step-size", help="bim/pgd step [default: 2.5 * eps / steps]."),
     restarts: int = typer.Option(1, "--restarts", help="pgd random restarts (the strongest per image is kept)."),
@@ -50,12 +51,13 @@ def adversarial(
                                          help="Attack the model's predictions instead of the labels (no label "
                                               "leaking)."),
     split: str = typer.Option("test", "--split", help="train, val or test."),
-    limit: int = typer.Option(None, "--limit", min=1, help="Attack only the first N images of the split."),
+    limit: int = typer.Option(None, "--limit", min=1, help="Attack only the first N images of the split "
+                                                           "[default: all]."),
     examples: int = typer.Option(8, "--examples", min=0, help="Images in the example grid (0: no grid)."),
     which: str = typer.Option("best", "--checkpoint", help="best or latest checkpoint of the run."),
     batch_size: int = typer.Option(500, "--batch-size", min=1, help="Images per attack step."),
     seed: int = typer.Option(0, "--seed", help="Randomness of pgd starts and random targets."),
-    out: Path = typer.Option(None, "--out", help="Directory for the PNGs [default: the run's plots/]."),
+    out: Path = typer.Option(None, "--out", help="Folder for the PNGs [default: the run's plots/]."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
 ) -> None:
     """Attack a trained model at several epsilons: robust accuracy table, accuracy curve and example grid.
@@ -133,5 +135,5 @@ def render(result: dict, console) -> None:
         console.print(f"wrote {p}", highlight=False)
 
 
-app.command("adversarial")(adversarial)
-app.command("attack", help="Alias of `cnncli adversarial`.")(adversarial)
+app.command("adversarial", rich_help_panel=ATTACK)(adversarial)
+app.command("attack", help="Alias of `cnncli adversarial`.", rich_help_panel=ATTACK)(adversarial)

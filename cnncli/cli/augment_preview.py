@@ -4,11 +4,11 @@ from pathlib import Path
 
 import typer
 
-from cnncli.cli import app
+from cnncli.cli import DATA, app
 from cnncli.errors import UserError
 
 
-@app.command("augment-preview")
+@app.command("augment-preview", rich_help_panel=DATA)
 def augment_preview(
     recipe: str = typer.Argument(..., help="Recipe file, or the name of a bundled recipe."),
     n: int = typer.Option(16, "--n", min=1, help="Number of training images (rows)."),

@@ -4,13 +4,13 @@ import json
 
 import typer
 
-from cnncli.cli import app
+from cnncli.cli import TOOLS, app
 
 
-@app.command()
+@app.command(rich_help_panel=TOOLS)
 def benchmark(
     model: str = typer.Option("lenet5", "--model", help="lenet5, resnet18 or vgg16 (the PyTorch peer's nets)."),
-    batch: int = typer.Option(128, "--batch", min=1, help="Batch size."),
+    batch_size: int = typer.Option(128, "--batch-size", min=1, help="Images per step."),
     mode: str = typer.Option("train", "--mode",
                              help="train (one SGD step), eval (inference) or fgsm (one FGSM example per image)."),
     steps: int = typer.Option(0, "--steps", min=0, help="Timed steps (0: about 10 s of work)."),
@@ -32,10 +32,10 @@ def benchmark(
         rate = bench.measure_peak()
         if not as_json:
             console.print(f"float32 matmul peak: [bold]{rate:,.0f} GFLOP/s[/] (stored in {bench.peak_file()})")
-    result = bench.run(model=model, batch=batch, mode=mode, steps=steps, warmup=warmup)
+    result = bench.run(model=model, batch=batch_size, mode=mode, steps=steps, warmup=warmup)
     if not as_json:
         fraction = (f", {result['peak_fraction']:.0%} of the matmul peak" if result["peak_fraction"]
                     else " (run with --peak once for the fraction of this machine's peak)")
-        console.print(f"{model} {mode} batch {batch}: [bold]{result['img_per_s']:,.0f} img/s[/], "
+        console.print(f"{model} {mode} batch {batch_size}: [bold]{result['img_per_s']:,.0f} img/s[/], "
                       f"{result['gflops']:,.0f} GFLOP/s{fraction} ({result['steps']} steps on {result['device']})")
     print(json.dumps(result))

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import typer
 
-from cnncli.cli import app
+from cnncli.cli import INSPECT, app
 
 
-@app.command()
+@app.command(rich_help_panel=INSPECT)
 def compare(
     runs: list[Path] = typer.Argument(..., help="Run directories."),
     out: Path = typer.Option(Path("compare.png"), "--out", help="PNG of their curves."),

@@ -2,10 +2,10 @@
 
 import typer
 
-from cnncli.cli import app
+from cnncli.cli import DATA, app, command_group
 
-data_app = typer.Typer(help="Prepare datasets (TensorFlow Datasets).", no_args_is_help=True)
-app.add_typer(data_app, name="data")
+data_app = command_group(help="Prepare datasets (TensorFlow Datasets).")
+app.add_typer(data_app, name="data", rich_help_panel=DATA)
 
 
 @data_app.command("prepare")

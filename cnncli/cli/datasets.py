@@ -1,10 +1,10 @@
 """`cnncli datasets`: the dataset sources and whether each is available here."""
 
 
-from cnncli.cli import app
+from cnncli.cli import DATA, app
 
 
-@app.command()
+@app.command(rich_help_panel=DATA)
 def datasets() -> None:
     """List the dataset sources and whether each is available on this machine."""
     from rich.markup import escape

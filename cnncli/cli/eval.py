@@ -5,16 +5,17 @@ from pathlib import Path
 
 import typer
 
-from cnncli.cli import app
+from cnncli.cli import INSPECT, app
 
 MAX_CONFUSION_CLASSES = 20  # larger confusion matrices are in --json only
 
 
-@app.command("eval")
+@app.command("eval", rich_help_panel=INSPECT)
 def eval_command(
     path: Path = typer.Argument(..., help="Run directory (or one checkpoint inside it)."),
     split: str = typer.Option("test", "--split", help="train, val or test."),
-    data: str = typer.Option(None, "--data", help="Evaluate on another dataset source with the same classes."),
+    data: str = typer.Option(None, "--data", help="Evaluate on another dataset source with the same classes "
+                                                       "[default: the run's own data]."),
     which: str = typer.Option("best", "--checkpoint", help="best or latest checkpoint of the run."),
     head: str = typer.Option("new", "--head", help="new, or old: the head a fine-tuned run kept from its source, "
                                                    "evaluated on the source's data."),

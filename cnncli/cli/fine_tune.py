@@ -4,24 +4,30 @@ from pathlib import Path
 
 import typer
 
-from cnncli.cli import app
+from cnncli.cli import TRAIN, app
+from cnncli.cli.train import BATCH_SIZE, DATA, EPOCHS, LR
 from cnncli.errors import UserError
 
 MODES = ("head", "partial", "full", "lwf")
 
 
-@app.command("fine-tune")
+@app.command("fine-tune", rich_help_panel=TRAIN)
 def fine_tune(
     source: Path = typer.Argument(None, help="Run directory (or checkpoint) to start from: `cnncli train` or "
                                              "`cnncli import-weights` output."),
     recipe: str = typer.Argument(None, help="Recipe for the new data (file or bundled name); its model section "
                                             "may be left out, its finetune section says how to adapt."),
-    mode: str = typer.Option(None, "--mode", help="head, partial, full or lwf (default: the recipe's, else full)."),
+    mode: str = typer.Option(None, "--mode", help="head, partial, full or lwf [default: the recipe's, else full]."),
     unfreeze_last: int = typer.Option(None, "--unfreeze-last", min=0,
-                                      help="Train the last N stages below the head too (implies --mode partial)."),
+                                      help="Train the last N stages below the head too (implies --mode "
+                                           "partial) [default: the recipe's finetune.unfreeze_last]."),
     overrides: list[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE",
                                         help="Override a recipe key, e.g. --set finetune.lwf_lambda=2 (repeatable)."),
-    run_dir: Path = typer.Option(None, "--run-dir", help="Where to write the run (default: runs/<recipe name>)."),
+    epochs: int = EPOCHS,
+    data: str = DATA,
+    lr: float = LR,
+    batch_size: int = BATCH_SIZE,
+    run_dir: Path = typer.Option(None, "--run-dir", help="Where to write the run [default: runs/<recipe name>]."),
     resume: bool = typer.Option(False, "--resume", help="Continue the fine-tuning in --run-dir from its last "
                                                         "checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over in a run directory that holds a run."),
@@ -37,10 +43,12 @@ def fine_tune(
     the old head's recorded outputs (Learning without Forgetting).
     """
     from cnncli import recipe as recipe_lib
+    from cnncli.cli.train import shortcut_overrides
     from cnncli.recipe import FinetuneConfig
     from cnncli.run.rundir import DEFAULT_ROOT, RunDir
     from cnncli.train.trained_run import load_trained
 
+    overrides = [*overrides, *shortcut_overrides(epochs=epochs, data=data, lr=lr, batch_size=batch_size)]
     if resume:
         if run_dir is None or not (run_dir / "recipe.yaml").is_file():
             raise UserError("--resume needs --run-dir pointing at a fine-tuned run")

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import typer
 
-from cnncli.cli import app
+from cnncli.cli import TOOLS, app
 from cnncli.errors import UserError
 
 
@@ -26,22 +26,22 @@ def read_class_names(path: Path, count: int) -> list[str]:
     return names
 
 
-@app.command("import-weights")
+@app.command("import-weights", rich_help_panel=TOOLS)
 def import_weights(
     arch: str = typer.Argument(..., help="torchvision's name: resnet18/34/50/101/152, vgg11/13/16/19 (+_bn), alexnet "
                                                  "(cnncli's alexnet_tv)."),
     path: Path = typer.Argument(..., help="State dict: .safetensors, or .pth/.pt (reading those needs torch)."),
-    out: Path = typer.Option(..., "--out", help="Run directory to write (eval, fine-tune, adversarial, summary "
-                                                "read it)."),
+    run_dir: Path = typer.Option(..., "--run-dir", help="Run directory to write (eval, fine-tune, adversarial, "
+                                                    "summary read it)."),
     mean: str = typer.Option(None, "--mean", help="Per-channel mean of the pixels in [0, 1] the weights expect "
-                                                  "(default: ImageNet's 0.485,0.456,0.406)."),
-    std: str = typer.Option(None, "--std", help="Per-channel std (default: ImageNet's 0.229,0.224,0.225)."),
+                                                  "[default: ImageNet's 0.485,0.456,0.406]."),
+    std: str = typer.Option(None, "--std", help="Per-channel std [default: ImageNet's 0.229,0.224,0.225]."),
     input_shape: str = typer.Option("224x224x3", "--input", help="Image size the run records, HxWxC."),
     class_names: Path = typer.Option(None, "--class-names", help="Text file, one class name per line "
-                                                                 "(default: class_000, class_001, ...)."),
-    data: str = typer.Option(None, "--data", help="Dataset source the weights were trained on (default: "
-                                                  "tfds:imagenet2012 for 1000 classes)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out."),
+                                                                 "[default: class_000, class_001, ...]."),
+    data: str = typer.Option(None, "--data", help="Dataset source the weights were trained on [default: "
+                                                  "tfds:imagenet2012 for 1000 classes]."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --run-dir."),
 ) -> None:
     """Import PyTorch weights (torchvision or timm names) as a cnncli run.
 
@@ -61,9 +61,9 @@ def import_weights(
         write_run,
     )
 
-    run = RunDir(out)
+    run = RunDir(run_dir)
     if run.has_run() and not overwrite:
-        raise UserError(f"{out} already holds a run: --overwrite to replace it, or choose another --out")
+        raise UserError(f"{run_dir} already holds a run: --overwrite to replace it, or choose another --run-dir")
     shape = parse_shape(input_shape)
     means = parse_floats(mean, "--mean") if mean else IMAGENET_MEAN
     stds = parse_floats(std, "--std") if std else IMAGENET_STD
@@ -78,5 +78,5 @@ def import_weights(
     names = read_class_names(class_names, n) if class_names else [f"class_{i:0{len(str(n - 1))}d}" for i in range(n)]
     write_run(run, imported, source=path, class_names=names, data_source=data or IMAGENET_SOURCE, overwrite=overwrite)
     console.print(f"{arch}: {imported.num_params:,} parameters, {n} classes, input {input_shape}, from {path} -> "
-                  f"{out}\nnext: `cnncli eval {out} --data SOURCE`, `cnncli fine-tune {out} RECIPE`, "
-                  f"`cnncli summary {out}`", highlight=False)
+                  f"{run_dir}\nnext: `cnncli eval {run_dir} --data SOURCE`, `cnncli fine-tune {run_dir} RECIPE`, "
+                  f"`cnncli summary {run_dir}`", highlight=False)

@@ -1,10 +1,10 @@
 """`cnncli models`: the registered architectures."""
 
 
-from cnncli.cli import app
+from cnncli.cli import INSPECT, app
 
 
-@app.command()
+@app.command(rich_help_panel=INSPECT)
 def models() -> None:
     """List the registered model architectures."""
     from rich.markup import escape

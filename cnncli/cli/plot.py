@@ -4,11 +4,11 @@ from pathlib import Path
 
 import typer
 
-from cnncli.cli import app
+from cnncli.cli import INSPECT, app
 from cnncli.errors import UserError
 
 
-@app.command()
+@app.command(rich_help_panel=INSPECT)
 def plot(
     run: Path = typer.Argument(..., help="Run directory (also while it is training)."),
     out: Path = typer.Option(None, "--out", help="Folder for the PNG [default: RUN/plots]."),

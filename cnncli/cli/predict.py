@@ -5,10 +5,10 @@ from pathlib import Path
 
 import typer
 
-from cnncli.cli import app
+from cnncli.cli import INSPECT, app
 
 
-@app.command()
+@app.command(rich_help_panel=INSPECT)
 def predict(
     run: Path = typer.Argument(..., help="Run directory (or one checkpoint inside it)."),
     images: list[Path] = typer.Argument(..., help="Image files (png, jpg, ...); resized and converted to the "

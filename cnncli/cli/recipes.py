@@ -1,7 +1,7 @@
 """`cnncli recipes`: the bundled recipes, one line each."""
 
 
-from cnncli.cli import app
+from cnncli.cli import TRAIN, app
 
 
 def _recipe_description(path) -> str:
@@ -19,7 +19,7 @@ def _recipe_description(path) -> str:
     return next((c for c in comments if c), "")
 
 
-@app.command()
+@app.command(rich_help_panel=TRAIN)
 def recipes() -> None:
     """List the bundled recipes with a one-line description each."""
     from rich.markup import escape

@@ -5,7 +5,7 @@ import json
 
 import typer
 
-from cnncli.cli import app
+from cnncli.cli import INSPECT, app
 from cnncli.errors import UserError
 
 PIPE_WIDTH = 150
@@ -66,17 +66,21 @@ def _parse_options(assignments: list[str]) -> dict:
     return options
 
 
-@app.command()
+@app.command(rich_help_panel=INSPECT)
 def summary(
-    target: str = typer.Argument(..., help="a recipe (file or bundled name), a registered model name, or a run "
-                                           "directory"),
-    input_shape: str = typer.Option(None, "--input", help="input image HxWxC (default: the recipe's data, or "
-                                                          "what the model is designed for)"),
-    classes: int = typer.Option(None, "--classes", min=1, help="number of classes"),
-    batch: int = typer.Option(None, "--batch", min=1, help="batch for the memory total (default: the recipe's)"),
-    overrides: list[str] = typer.Option([], "--set", help="recipe override a.b=c; for a model name, a model "
-                                                          "option, e.g. --set classifier=linear"),
-    as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of the table"),
+    target: str = typer.Argument(..., help="A recipe (file or bundled name), a registered model name, or a run "
+                                           "directory."),
+    input_shape: str = typer.Option(None, "--input", metavar="HxWxC",
+                                    help="Input image shape [default: the recipe's data, or what the model is "
+                                         "designed for]."),
+    classes: int = typer.Option(None, "--classes", min=1, help="Number of classes [default: the recipe's data, "
+                                                               "else 10]."),
+    batch_size: int = typer.Option(None, "--batch-size", min=1, help="Batch for the memory total [default: the "
+                                                                     "recipe's train.batch_size, else 1]."),
+    overrides: list[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE",
+                                        help="Override a recipe key, e.g. --set model.dropout=0.5; for a model name, "
+                                             "a model option, e.g. --set classifier=linear (repeatable)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
 ) -> None:
     """Per-layer table: output shape, parameters, MACs, activation memory, receptive field, stride."""
     from pathlib import Path
@@ -118,7 +122,7 @@ def summary(
         run_batch = recipe.train.batch_size
     shape = parse_shape(input_shape) if input_shape else shape
     n_classes = classes or n_classes
-    run_batch = batch or run_batch
+    run_batch = batch_size or run_batch
     net = nnx.eval_shape(lambda: build_network(name, input_shape=shape, num_classes=n_classes, **options))
     result = summarize(net, shape, batch=run_batch)
     if as_json:

@@ -4,11 +4,11 @@ from pathlib import Path
 
 import typer
 
-from cnncli.cli import app
+from cnncli.cli import TRAIN, app
 from cnncli.cli.compare import report
 
 
-@app.command()
+@app.command(rich_help_panel=TRAIN)
 def sweep(
     recipe: str = typer.Argument(..., help="Recipe file, or the name of a bundled recipe."),
     grids: list[str] = typer.Option(..., "--grid", "-g", metavar="KEY=V1,V2,...",
@@ -16,8 +16,10 @@ def sweep(
                                          "the sweep runs every combination)."),
     overrides: list[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE",
                                         help="Override a recipe key for every point (repeatable)."),
-    epochs: int = typer.Option(None, "--epochs", min=1, help="Train each point for this many epochs."),
-    out: Path = typer.Option(None, "--out", help="Sweep directory (default: runs/sweep_<recipe name>)."),
+    epochs: int = typer.Option(None, "--epochs", min=1, help="Train each point for this many epochs [default: the "
+                                                                  "recipe's]."),
+    run_dir: Path = typer.Option(None, "--run-dir", help="Sweep directory, one run directory per point inside "
+                                                     "[default: runs/sweep_<recipe name>]."),
 ) -> None:
     """Train every combination of the --grid values, one run after the other, then rank them.
 
@@ -36,7 +38,7 @@ def sweep(
         overrides = [*overrides, f"train.epochs={epochs}"]
     base = recipe_lib.load(recipe, overrides)
     points = grid_points([parse_grid(g) for g in grids], overrides)
-    out = out or default_out(base.name)
+    out = run_dir or default_out(base.name)
 
     def announce(i, point, status):
         verb = {"done": "finished, skipped", "resume": "resuming", "start": "training"}[status]

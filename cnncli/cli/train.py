@@ -4,30 +4,45 @@ from pathlib import Path
 
 import typer
 
-from cnncli.cli import app
+from cnncli.cli import TRAIN, app
 from cnncli.errors import UserError
 
 MANY_HOSTS = "Many hosts"  # the help panel of the multi-process flags
+FOUND_BY_JAX = "[default: found by JAX under Slurm, Open MPI or on a TPU pod, else one process]"
+
+# Shortcuts for the recipe keys changed most often (train and fine-tune); they win over --set.
+EPOCHS = typer.Option(None, "--epochs", min=1, help="Shortcut for --set train.epochs=N [default: the recipe's].")
+DATA = typer.Option(None, "--data", help="Shortcut for --set data.source=SOURCE, e.g. digits or folder:PATH "
+                                         "[default: the recipe's].")
+LR = typer.Option(None, "--lr", help="Shortcut for --set optim.lr=LR [default: the recipe's].")
+BATCH_SIZE = typer.Option(None, "--batch-size", min=1, help="Shortcut for --set train.batch_size=N "
+                                                            "[default: the recipe's].")
 
 
-@app.command()
+@app.command(rich_help_panel=TRAIN)
 def train(
     recipe: str = typer.Argument(None, help="Recipe file, or the name of a bundled recipe (see `cnncli recipes`)."),
     overrides: list[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE",
                                         help="Override a recipe key, e.g. --set optim.lr=0.05 (repeatable)."),
-    run_dir: Path = typer.Option(None, "--run-dir", help="Where to write the run (default: runs/<recipe name>)."),
+    epochs: int = EPOCHS,
+    data: str = DATA,
+    lr: float = LR,
+    batch_size: int = BATCH_SIZE,
+    run_dir: Path = typer.Option(None, "--run-dir", help="Where to write the run [default: runs/<recipe name>]."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --run-dir from its last checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over in a run directory that holds a run."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and model size; train nothing."),
     coordinator: str = typer.Option(
         None, "--coordinator", metavar="HOST:PORT", rich_help_panel=MANY_HOSTS,
-        help="Address where process 0 listens for the others; the same on every process."),
+        help="Address where process 0 listens for the others; the same on every process " + FOUND_BY_JAX + "."),
     num_processes: int = typer.Option(
         None, "--num-processes", metavar="N", rich_help_panel=MANY_HOSTS,
-        help="How many processes (typically one per host) train together; the same on every process."),
+        help="How many processes (typically one per host) train together; the same on every process "
+             + FOUND_BY_JAX + "."),
     process_id: int = typer.Option(
         None, "--process-id", metavar="I", rich_help_panel=MANY_HOSTS,
-        help="This process's number, 0 to N-1. Process 0 writes the run directory and prints progress."),
+        help="This process's number, 0 to N-1; process 0 writes the run directory and prints progress "
+             + FOUND_BY_JAX + "."),
 ) -> None:
     """Train a CNN from a recipe: progress, validation each epoch, checkpoints, test accuracy at the end.
 
@@ -41,6 +56,7 @@ def train(
     from cnncli.run import distributed
     from cnncli.run.rundir import DEFAULT_ROOT, RunDir
 
+    overrides = [*overrides, *shortcut_overrides(epochs=epochs, data=data, lr=lr, batch_size=batch_size)]
     distributed.initialize(coordinator, num_processes, process_id)  # before anything touches a device
     if resume:
         run = RunDir(run_dir or (DEFAULT_ROOT / recipe_lib.load(_require(recipe), overrides).name))
@@ -52,6 +68,12 @@ def train(
         run = RunDir(run_dir or DEFAULT_ROOT / resolved.name)
         distributed.agree(lambda: _check_new(run, overwrite or dry_run))
     _train(resolved, run, resume=resume, overwrite=overwrite, dry_run=dry_run)
+
+
+def shortcut_overrides(*, epochs: int | None, data: str | None, lr: float | None, batch_size: int | None) -> list[str]:
+    """The --epochs / --data / --lr / --batch-size shortcuts as `--set` overrides (applied after the --set ones)."""
+    pairs = (("train.epochs", epochs), ("data.source", data), ("optim.lr", lr), ("train.batch_size", batch_size))
+    return [f"{key}={value}" for key, value in pairs if value is not None]
 
 
 def _resumable(run, overrides: list[str]):

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import typer
 
-from cnncli.cli import app
+from cnncli.cli import INSPECT, app
 from cnncli.errors import UserError, suggest
 
 # The names of cnncli.inspect.visualize.FIGURES and its t-SNE sample size, here so that --help imports no jax
@@ -13,7 +13,7 @@ WHATS = ("filters", "activations", "top-patches", "tsne", "saliency", "gradcam",
 TSNE_LIMIT = 2000
 
 
-@app.command()
+@app.command(rich_help_panel=INSPECT)
 def visualize(
     run: Path = typer.Argument(..., help="Run directory (or one checkpoint inside it)."),
     what: str = typer.Option(..., "--what", help=f"One of: {', '.join(WHATS)}."),
@@ -22,8 +22,9 @@ def visualize(
                                                     "the last convolutional one (top-patches, gradcam)]."),
     image: Path = typer.Option(None, "--image", help="An image file for activations, saliency, gradcam [default: "
                                                      "images of --split]."),
-    n: int = typer.Option(None, "--n", min=1, help="How many filters, feature maps, units (top-patches: 9) or "
-                                                   "images (saliency, gradcam: 8; errors: 16)."),
+    n: int = typer.Option(None, "--n", min=1, help="How many filters, feature maps, units or images [default: "
+                                                   "filters, activations 64; top-patches 9; saliency, gradcam 8; "
+                                                   "errors 16]."),
     split: str = typer.Option("test", "--split", help="train, val or test."),
     limit: int = typer.Option(None, "--limit", min=1, help=f"Use a random sample of this many images of the split "
                                                            f"[default: all; tsne: {TSNE_LIMIT}]."),

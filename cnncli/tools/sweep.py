@@ -151,7 +151,7 @@ def _status(run: RunDir, recipe) -> str:
         return "start"
     if recipe_lib.load(run.recipe).model_dump() != recipe.model_dump():
         raise UserError(f"{run.path} holds a run of a different recipe (were --epochs or --set changed?); "
-                        "use another --out, or delete that directory")
+                        "use another --run-dir, or delete that directory")
     finished = run.summary.is_file() and run.read_json(run.summary).get("stopped") != "user"
     return "done" if finished else "resume"
 
