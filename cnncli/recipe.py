@@ -8,6 +8,7 @@ type-checked exactly like the file.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationErro
 from cnncli.errors import UserError, suggest
 
 BUNDLED_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")  # a recipe name is a directory name under runs/
 
 
 class Section(BaseModel):
@@ -160,7 +162,7 @@ class FinetuneConfig(Section):
 
 
 class Recipe(Section):
-    name: str
+    name: str = Field(description="the run's name: runs/<name> by default, so a plain name (no path)")
     description: str = ""
     seed: int = 0
     model: ModelConfig
@@ -170,6 +172,15 @@ class Recipe(Section):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     finetune: FinetuneConfig | None = Field(None, description="set by fine-tune recipes (`cnncli fine-tune`)")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        # the name becomes a directory under runs/: '../x' or '/x' would write (and --overwrite delete) elsewhere
+        if not PLAIN_NAME.fullmatch(value) or ".." in value:
+            raise ValueError("a recipe name is a plain name (letters, digits, '_', '-', '.', '+'; no path "
+                             "separators or '..'), e.g. lenet5_fashion_mnist; use --run-dir to choose the directory")
+        return value
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -249,7 +260,7 @@ def load(path_or_name: str | Path, overrides: list[str] = (), defaults: dict[str
     """
     path = resolve_path(path_or_name)
     raw = read_yaml(path)
-    raw.setdefault("name", path.stem)
+    raw.setdefault("name", "_".join(re.split(r"[^A-Za-z0-9_.+-]+", path.stem)).lstrip("."))  # 'my run' -> my_run
     for key, value in (defaults or {}).items():
         raw.setdefault(key, value)
     if "finetune" in raw and "model" not in raw:
@@ -257,14 +268,27 @@ def load(path_or_name: str | Path, overrides: list[str] = (), defaults: dict[str
                         f"`cnncli fine-tune SOURCE {path_or_name}`")
     for assignment in overrides:
         apply_override(raw, assignment)
-    return validate(raw, source=str(path))
+    return validate(raw, source=str(path), overrides=overrides)
 
 
-def validate(raw: dict[str, Any], source: str = "recipe") -> Recipe:
+def validate(raw: dict[str, Any], source: str = "recipe", overrides: list[str] = ()) -> Recipe:
+    """The Recipe of `raw`; an error names the `--set` that set the bad key, else `source` (the file)."""
     try:
         return Recipe.model_validate(raw)
     except ValidationError as e:
-        raise UserError(f"{source}: {_describe(e.errors()[0])}") from None
+        err = e.errors()[0]
+        raise UserError(f"{_blame(err['loc'], overrides) or source}: {_describe(err)}") from None
+
+
+def _blame(loc: tuple, overrides: list[str]) -> str | None:
+    """The last `--set` whose key is the error's key, or lies above or below it."""
+    where = [str(p) for p in loc]
+    for assignment in reversed(list(overrides)):
+        key = assignment.partition("=")[0].strip().split(".")
+        n = min(len(key), len(where))
+        if key[:n] == where[:n]:
+            return f"--set {assignment}"
+    return None
 
 
 def _describe(err: dict[str, Any]) -> str:
@@ -276,7 +300,8 @@ def _describe(err: dict[str, Any]) -> str:
         return f"unknown key '{path}'{suggest(loc[-1], valid)}; valid keys here: {', '.join(valid)}"
     if err["type"] == "missing":
         return f"missing key '{path}'"
-    return f"key '{path}': {err['msg']} (got {err.get('input')!r})"
+    message = err["msg"].removeprefix("Value error, ")
+    return f"key '{path}': {message} (got {err.get('input')!r})"
 
 
 def recipe_keys(model: Any = None, prefix: str = "") -> list[str]:

@@ -7,7 +7,7 @@ import typer
 import typer.rich_utils
 
 from cnncli.cli import PANELS, app
-from tests.conftest import cli
+from tests.helpers import cli
 
 BOX = re.compile(r"[│╭╮╰╯─]")
 

@@ -82,3 +82,32 @@ def test_unknown_names_through_the_cli(tmp_path, override, expected):
     assert result.exit_code == 2
     assert expected in " ".join(result.stderr.split())
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("name", ["../notes", "../../x", "/tmp/abs", "a/b", "a\\\\b", "..", ".hidden", "a..b", "~"])
+def test_recipe_names_are_plain_names(tmp_path, name):
+    # the name is the default run directory: a path would write (and --overwrite delete) outside runs/
+    assert "is a plain name" in error_of(tmp_path, f"name: '{name}'\nmodel: {{name: lenet5}}\n")
+    result = cli("train", write(tmp_path, MINIMAL + "data: {source: synthetic}\n"), "--set", f"name={name}",
+                 "--set", "train.epochs=1")
+    assert result.exit_code == 2 and f"--set name={name}: key 'name'" in " ".join(result.stderr.split())
+    assert "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]  # nothing written
+
+
+def test_plain_names_and_a_file_stem_that_is_not_one(tmp_path):
+    assert recipe_lib.load(write(tmp_path, "name: resnet20-v2.1+aug_x\nmodel: {name: lenet5}\n")).name == \
+        "resnet20-v2.1+aug_x"
+    spaced = tmp_path / "my run (2).yaml"
+    spaced.write_text("model: {name: lenet5}\n")
+    assert recipe_lib.load(spaced).name == "my_run_2_"
+
+
+def test_an_override_error_names_the_set_not_the_file(tmp_path):
+    msg = error_of(tmp_path, MINIMAL, "optim.lr=0.1", "train.epochs=many")
+    assert msg.startswith("--set train.epochs=many: key 'train.epochs'")
+    msg = error_of(tmp_path, MINIMAL, "data.image_size=[1, 2, 3]")
+    assert msg.startswith("--set data.image_size=[1, 2, 3]: key 'data.image_size")
+    # a mistake in the file itself still names the file
+    msg = error_of(tmp_path, MINIMAL + "train: {epochs: many}\n", "optim.lr=0.1")
+    assert msg.startswith(f"{tmp_path / 'r.yaml'}: key 'train.epochs'")
