@@ -2,6 +2,7 @@
 schedules, TTA, augment-preview and sweeps (unit tests plus a few short runs on real Fashion-MNIST)."""
 
 import json
+import math
 import signal
 
 import jax
@@ -117,6 +118,27 @@ def test_cosine_restarts_restart_with_growing_cycles():
     assert values[5:] == pytest.approx([1.0, 0.55, 1.0])
     equal = _values("cosine_restarts", [0, 5, 10, 15], spe=1, cycle_epochs=10, cycle_mult=1)
     assert equal == pytest.approx([1.0, 0.5, 1.0, 0.5])
+
+
+def _sgdr_reference(step: int, first: float, mult: float, final: float) -> float:
+    """Loshchilov & Hutter's SGDR in float64, cycle by cycle."""
+    start, length = 0.0, first
+    while step >= start + length:
+        start, length = start + length, length * mult
+    return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * (step - start) / length))
+
+
+@pytest.mark.parametrize("cycle_epochs, spe, mult, final", [(2, 10, 2.0, 0.1), (0.5, 7, 1.5, 0.0), (2.5, 3, 1.0, 0.2),
+                                                            (0.3, 1, 3.0, 0.0)])
+def test_cosine_restarts_follow_sgdr_at_every_step_of_training(cycle_epochs, spe, mult, final):
+    total = 30 * spe
+    fn = optim.SCHEDULES.get("cosine_restarts")(
+        ScheduleConfig(name="cosine_restarts", cycle_epochs=cycle_epochs, cycle_mult=mult, final_fraction=final),
+        total, spe)
+    got = np.asarray(jax.jit(jax.vmap(fn))(jnp.arange(total)))
+    first = max(cycle_epochs * spe, 1.0)
+    expected = [_sgdr_reference(s, first, mult, final) for s in range(total)]
+    np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
 def test_plateau_scale_reduces_after_patience_epochs():

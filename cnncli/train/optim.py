@@ -114,38 +114,19 @@ def _exponential(cfg: ScheduleConfig, total_steps: int, steps_per_epoch: int) ->
 @SCHEDULES.register("cosine_restarts", help="SGDR: cosine cycles of schedule.cycle_epochs, each "
                                             "schedule.cycle_mult times longer, restarting at lr")
 def _cosine_restarts(cfg: ScheduleConfig, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
-    first = max(cfg.cycle_epochs * steps_per_epoch, 1.0)
-    return lambda step: sgdr(step, first, cfg.cycle_mult, cfg.final_fraction)
+    # optax joins one cosine per cycle, so only the cycles that training reaches are built
+    cycles, length, covered = [], max(cfg.cycle_epochs * steps_per_epoch, 1.0), 0.0
+    while covered <= total_steps:
+        cycles.append({"init_value": 1.0, "peak_value": 1.0, "warmup_steps": 0, "decay_steps": length,
+                       "end_value": cfg.final_fraction})
+        covered, length = covered + length, length * cfg.cycle_mult
+    return optax.sgdr_schedule(cycles)
 
 
 @SCHEDULES.register("plateau", help="divide the lr by 1/schedule.factor when the validation loss has not "
                                     "improved for schedule.patience epochs")
 def _plateau(cfg: ScheduleConfig, total_steps: int, steps_per_epoch: int) -> optax.Schedule:
     return optax.constant_schedule(1.0)  # the drops come from scale_by_plateau, set by the training loop
-
-
-def sgdr(step, first: float, mult: float, final: float) -> jax.Array:
-    """Warm-restart cosine (Loshchilov & Hutter 2017): cycles of `first` steps, each `mult` times longer.
-
-    Args:
-        step: optimizer step (traced or concrete).
-        first: length of the first cycle in steps.
-        mult: cycle length multiplier (1 = equal cycles).
-        final: value at the end of each cycle; every cycle starts at 1.
-
-    Returns:
-        The multiplier of the learning rate at `step`.
-    """
-    t = jnp.asarray(step, jnp.float32)
-
-    def start(cycle):  # first step of cycle `cycle` (geometric series of cycle lengths)
-        return first * cycle if mult == 1.0 else first * (mult ** cycle - 1.0) / (mult - 1.0)
-
-    cycle = jnp.floor(t / first) if mult == 1.0 else jnp.floor(jnp.log1p(t / first * (mult - 1.0)) / math.log(mult))
-    # the logarithm can land a hair on the wrong side of a restart in float32: settle it exactly
-    cycle = cycle + (t >= start(cycle + 1)) - (t < start(cycle))
-    fraction = (t - start(cycle)) / (first * mult ** cycle)
-    return final + (1.0 - final) * 0.5 * (1.0 + jnp.cos(jnp.pi * fraction))
 
 
 class PlateauState(NamedTuple):
