@@ -88,4 +88,4 @@ def test_visualize_names_agree_with_the_library():
     from cnncli.cli import visualize as cli
     from cnncli.inspect import visualize as lib
 
-    assert cli.WHATS == lib.WHATS and cli.TSNE_LIMIT == lib.TSNE_LIMIT
+    assert cli.WHATS == lib.WHATS and cli.TSNE_LIMIT == lib.TSNE_LIMIT and cli.NORMALIZE == tuple(lib.NORMALIZED)

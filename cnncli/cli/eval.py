@@ -24,8 +24,15 @@ def eval_command(
     ema: bool = typer.Option(False, "--ema", help="Use the EMA weights (runs trained with train.ema)."),
     tta: bool = typer.Option(False, "--tta", help="Test-time augmentation: average the softmax of each image "
                                                   "and its horizontal flip."),
+    calibration: bool = typer.Option(False, "--calibration", help="Also report the expected calibration error "
+                                                                  "(15 equal-width bins, top label) and write a "
+                                                                  "reliability diagram to RUN/plots."),
+    temperature: bool = typer.Option(False, "--temperature", help="Fit temperature scaling on the validation split, "
+                                                                  "store it in the run for `cnncli predict`, and "
+                                                                  "report ECE and NLL before and after "
+                                                                  "(implies --calibration)."),
 ) -> None:
-    """Top-1/top-5 accuracy, loss, per-class accuracy and the confusion matrix of a trained model."""
+    """Top-1/top-5 accuracy, loss, per-class precision/recall/F1, the confusion matrix and its most-confused pairs."""
     from cnncli.console import console, progress_bar
     from cnncli.train.evaluate import evaluate
     from cnncli.train.steps import data_mesh
@@ -46,6 +53,12 @@ def eval_command(
                           trained.class_names, batch_size=batch_size, mesh=data_mesh(), progress=advance, tta=tta)
     result.update(split=split, source=data or trained.recipe.data.source, checkpoint=str(trained.checkpoint),
                   weights="ema" if ema else "raw", tta=tta)
+    if calibration or temperature:
+        from cnncli.inspect.calibration import calibrate
+
+        with progress_bar(f"calibration {split}", disable=as_json) as advance:
+            result["calibration"] = calibrate(trained, x, y, split=split, out_dir=trained.run.plots, fit=temperature,
+                                              tta=tta, batch_size=batch_size, progress=advance)
     if as_json:
         print(json.dumps(result))
         return
@@ -53,6 +66,7 @@ def eval_command(
 
 
 def render(result: dict, console) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     extras = [label for label, on in (("EMA weights", result.get("weights") == "ema"), ("flip TTA", result.get("tta")))
@@ -63,13 +77,7 @@ def render(result: dict, console) -> None:
     head.add_row(f"top-{result['top_k']} accuracy", f"{result['top5']:.2%}")
     head.add_row("mean loss", f"{result['loss']:.4f}")
     console.print(head)
-    per_class = Table(title="per class")
-    for column in ("class", "images", "accuracy"):
-        per_class.add_column(column, justify="left" if column == "class" else "right")
-    for row in result["per_class"]:
-        acc = "-" if row["accuracy"] is None else f"{row['accuracy']:.2%}"
-        per_class.add_row(row["class"], f"{row['n']:,}", acc)
-    console.print(per_class)
+    console.print(_per_class_table(result))
     if len(result["class_names"]) <= MAX_CONFUSION_CLASSES:
         confusion = Table(title="confusion matrix (rows: true class, columns: predicted)")
         confusion.add_column("")
@@ -78,3 +86,54 @@ def render(result: dict, console) -> None:
         for i, (name, row) in enumerate(zip(result["class_names"], result["confusion"])):
             confusion.add_row(f"{i} {name}", *[f"[bold]{v}[/]" if j == i else str(v) for j, v in enumerate(row)])
         console.print(confusion)
+    if result["most_confused"]:
+        pairs = Table(title="most confused (true -> predicted)")
+        for column in ("true class", "predicted as", "images", "share of the class"):
+            pairs.add_column(column, justify="right" if column in ("images", "share of the class") else "left")
+        for pair in result["most_confused"]:
+            pairs.add_row(escape(pair["true"]), escape(pair["predicted"]), f"{pair['count']:,}", f"{pair['share']:.1%}")
+        console.print(pairs)
+    if "calibration" in result:
+        _render_calibration(result["calibration"], console)
+
+
+def _per_class_table(result: dict):
+    from rich.markup import escape
+    from rich.table import Table
+
+    def score(value):
+        return "-" if value is None else f"{value:.4f}"
+
+    report = result["report"]
+    table = Table(title="per class (precision, recall and F1 as sklearn's classification_report)")
+    for column in ("class", "precision", "recall", "f1", "support"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for row in report["classes"]:
+        table.add_row(escape(row["class"]), score(row["precision"]), score(row["recall"]), score(row["f1"]),
+                      f"{row['support']:,}")
+    table.add_section()
+    for name in ("macro", "weighted"):
+        avg = report[name]
+        table.add_row(f"{name} avg", score(avg["precision"]), score(avg["recall"]), score(avg["f1"]),
+                      f"{avg['support']:,}", style="bold")
+    return table
+
+
+def _render_calibration(cal: dict, console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"calibration ({cal['raw']['bins']} equal-width bins, top label)")
+    for column in ("", "temperature", "ECE", "NLL", "mean confidence", "accuracy"):
+        table.add_column(column, justify="left" if not column else "right")
+    rows = [("raw", cal["raw"])] + ([("scaled", cal["scaled"])] if "scaled" in cal else [])
+    for label, r in rows:
+        table.add_row(label, f"{r['temperature']:.4f}", f"{r['ece']:.2%}", f"{r['nll']:.4f}",
+                      f"{r['mean_confidence']:.2%}", f"{r['accuracy']:.2%}")
+    console.print(table)
+    if "fit" in cal:
+        fit = cal["fit"]
+        console.print(f"temperature {fit['temperature']:.4f} fitted on {fit['n']:,} validation images "
+                      f"(val NLL {fit['nll_before']:.4f} -> {fit['nll_after']:.4f}, ECE {fit['ece_before']:.2%} -> "
+                      f"{fit['ece_after']:.2%}); stored in the run for `cnncli predict`", highlight=False,
+                      soft_wrap=True)
+    console.print(f"wrote {cal['figure']}", highlight=False, soft_wrap=True)

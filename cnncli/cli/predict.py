@@ -19,13 +19,17 @@ def predict(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list: {image, top: [{class, index, "
                                                        "probability}]} per image."),
 ) -> None:
-    """Class probabilities of image files under a trained model (top-k per image)."""
+    """Class probabilities of image files under a trained model (top-k per image).
+
+    When `cnncli eval --temperature` has fitted a temperature for this checkpoint, the probabilities
+    are those of the calibrated model (the ranking is the same).
+    """
     from cnncli.inspect.interpret import load_model, probabilities, read_images, top_k
     from cnncli.train.trained_run import load_trained
 
     trained = load_trained(run, which, ema=ema)
     x = read_images(images, trained.image_shape)
-    indices, probs = top_k(probabilities(load_model(trained), x), top)
+    indices, probs = top_k(probabilities(load_model(trained), x, temperature=trained.temperature), top)
     names = trained.class_names
     results = [{"image": str(path), "top": [{"class": names[j], "index": int(j), "probability": float(p)}
                                             for j, p in zip(idx, ps)]}

@@ -11,6 +11,7 @@ from cnncli.errors import UserError, suggest
 # (tests/test_layout.py checks that they agree).
 WHATS = ("filters", "activations", "top-patches", "tsne", "saliency", "gradcam", "confusion", "errors")
 TSNE_LIMIT = 2000
+NORMALIZE = ("true", "pred", "all")  # the keys of cnncli.inspect.visualize.NORMALIZED
 
 
 @app.command(rich_help_panel=INSPECT)
@@ -32,6 +33,9 @@ def visualize(
     which: str = typer.Option("best", "--checkpoint", help="best or latest checkpoint of the run."),
     ema: bool = typer.Option(False, "--ema", help="Use the EMA weights (runs trained with train.ema)."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images per batch in passes over the split."),
+    normalize: str = typer.Option(None, "--normalize", help="confusion: divide by the true class (rows: recall on the "
+                                                            "diagonal), pred (columns: precision) or all "
+                                                            "[default: counts]."),
 ) -> None:
     """Filters, feature maps, top-9 patches, t-SNE, saliency, Grad-CAM, confusion or errors of a trained run."""
     from cnncli.console import console
@@ -44,9 +48,12 @@ def visualize(
         raise UserError(f"--what '{what}' is unknown{suggest(what, WHATS)}; choose one of: {', '.join(WHATS)}")
     if image is not None and what not in ("activations", "saliency", "gradcam"):
         raise UserError(f"--image applies to activations, saliency and gradcam, not to {what}")
+    if normalize is not None and (what != "confusion" or normalize not in NORMALIZE):
+        raise UserError(f"--normalize applies to --what confusion and is one of: {', '.join(NORMALIZE)}"
+                        + (f"; got '{normalize}'" if what == "confusion" else f", not to {what}"))
     trained = load_trained(run, which, ema=ema)
     model = load_model(trained)
-    job = Job(trained, model, rows_by_name(model), layer, image, n, split, limit, batch_size)
+    job = Job(trained, model, rows_by_name(model), layer, image, n, split, limit, batch_size, normalize)
     fig, name = FIGURES[what](job)
     path = figures.save(fig, (out or trained.run.plots) / f"{name}.png")
     console.print(f"wrote {path}", highlight=False, soft_wrap=True)

@@ -33,6 +33,7 @@ GAP = 1  # pixels between the tiles of a mosaic
 MAX_INPUT_CHANNELS = 16  # deeper filters show at most this many of their input channels
 OVERLAY_ALPHA = 0.5
 CONFUSION_MIN, CONFUSION_PER_CLASS, CONFUSION_BASE = 5.0, 0.6, 1.5  # inches
+RELIABILITY_PANEL = 4.5  # inches: width of one reliability diagram
 
 
 def save_image(image: np.ndarray, path: Path, zoom: int = 1) -> tuple[int, int]:
@@ -255,23 +256,62 @@ def confusion_size(k: int) -> float:
     return max(CONFUSION_MIN, CONFUSION_BASE + CONFUSION_PER_CLASS * k)
 
 
-def confusion(matrix: np.ndarray, class_names: Sequence[str], title: str) -> Figure:
-    """Confusion heat map (rows: true class, columns: predicted), colored by the fraction of each true
-    class and annotated with counts."""
+def confusion(matrix: np.ndarray, class_names: Sequence[str], title: str, *, normalized: bool = False) -> Figure:
+    """Confusion heat map (rows: true class, columns: predicted).
+
+    Counts are colored by the fraction of each true class and annotated with the counts; a `normalized`
+    matrix (fractions) is colored and annotated with its own values.
+    """
     k = len(class_names)
     side = confusion_size(k)
     fig = Figure(figsize=(side, side))
     ax = fig.add_axes((0.2, 0.18, 0.76, 0.74))
-    totals = np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-    fractions = matrix / totals
-    ax.imshow(fractions, cmap="Blues", vmin=0, vmax=1)
+    if normalized:
+        shade, vmax = matrix, max(float(matrix.max()), 1e-12)
+    else:
+        shade, vmax = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1), 1.0
+    ax.imshow(shade, cmap="Blues", vmin=0, vmax=vmax)
     ax.set_xticks(range(k), class_names, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(k), class_names, fontsize=8)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title, fontsize=10)
-    if k <= 20:  # counts stay legible up to about 20 classes
-        for (i, j), count in np.ndenumerate(matrix):
-            ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
-                    color="white" if fractions[i, j] > 0.5 else "black")
+    if k <= 20:  # numbers stay legible up to about 20 classes
+        for (i, j), value in np.ndenumerate(matrix):
+            ax.text(j, i, f"{value:.2f}" if normalized else str(value), ha="center", va="center", fontsize=7,
+                    color="white" if shade[i, j] > 0.5 * vmax else "black")
+    return fig
+
+def reliability(panels: Sequence[tuple[str, dict[str, Any]]], title: str) -> Figure:
+    """Reliability diagrams (Guo et al. 2017), one column per (label, `train.metrics.calibration` result).
+
+    Top: accuracy per confidence bin (bars), the gap to the bin's mean confidence (red), the diagonal of
+    perfect calibration; bottom: the share of examples per bin.
+    """
+    fig = Figure(figsize=(RELIABILITY_PANEL * len(panels), RELIABILITY_PANEL * 1.35))
+    grid = fig.add_gridspec(2, len(panels), height_ratios=(3, 1), hspace=0.08, left=0.09, right=0.98, top=0.86,
+                            bottom=0.1, wspace=0.25)
+    for col, (label, r) in enumerate(panels):
+        bins = r["bins"]
+        edges = np.linspace(0.0, 1.0, bins + 1)
+        centers, width = (edges[:-1] + edges[1:]) / 2, 1.0 / bins
+        count = np.asarray(r["bin_count"], np.float64)
+        acc, conf = np.asarray(r["bin_accuracy"]), np.asarray(r["bin_confidence"])
+        used = count > 0
+        top = fig.add_subplot(grid[0, col])
+        top.bar(centers[used], acc[used], width, color="#4c72b0", edgecolor="black", linewidth=0.5, label="accuracy")
+        top.bar(centers[used], conf[used] - acc[used], width, bottom=acc[used], color="#dd4444", alpha=0.45,
+                edgecolor="#aa0000", linewidth=0.5, hatch="//", label="gap to confidence")
+        top.plot([0, 1], [0, 1], "--", color="gray", linewidth=1, label="perfect calibration")
+        top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy" if col == 0 else None, xticklabels=[])
+        top.set_title(f"{label}\nECE {r['ece']:.2%}  NLL {r['nll']:.4f}", fontsize=9)
+        top.grid(alpha=0.3)
+        if col == 0:
+            top.legend(loc="upper left", fontsize=7)
+        bottom = fig.add_subplot(grid[1, col])
+        bottom.bar(centers, count / max(count.sum(), 1), width, color="gray", edgecolor="black", linewidth=0.5)
+        bottom.set(xlim=(0, 1), xlabel="confidence (top-label probability)",
+                   ylabel="share" if col == 0 else None)
+        bottom.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
     return fig

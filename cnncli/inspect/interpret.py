@@ -23,6 +23,7 @@ from cnncli.data.pipeline import pad_for_eval
 from cnncli.errors import UserError, suggest
 from cnncli.inspect.summary import INPUT, LayerRow, activations, layer_names, summarize
 from cnncli.models.layers import recording, stop_recording
+from cnncli.train.toolbox import flip_tta_logits
 
 BATCH = 256  # images per jitted batch in passes over a split
 TOP = 9  # patches per unit, as Zeiler & Fergus show them
@@ -138,9 +139,20 @@ def map_batches(model: nnx.Module, fn: Callable, x: np.ndarray, *, batch_size: i
     return np.concatenate(out)[: len(x)]
 
 
-def probabilities(model: nnx.Module, x: np.ndarray, **kw) -> np.ndarray:
-    """Softmax class probabilities (N, K) of uint8 images."""
-    return map_batches(model, lambda m, px: jax.nn.softmax(m(px), axis=-1), x, **kw)
+def logits(model: nnx.Module, x: np.ndarray, *, tta: bool = False, **kw) -> np.ndarray:
+    """Class logits (N, K) of uint8 images; with `tta`, the log of the mean softmax of each image and its flip."""
+    if tta:
+        return map_batches(model, lambda m, px: flip_tta_logits(m, px), x, **kw)
+    return map_batches(model, lambda m, px: m(px), x, **kw)
+
+
+def probabilities(model: nnx.Module, x: np.ndarray, *, temperature: float = 1.0, **kw) -> np.ndarray:
+    """Softmax class probabilities (N, K) of uint8 images, of logits / `temperature`.
+
+    `temperature` is a run's fitted temperature (`TrainedRun.temperature`, from `cnncli eval
+    --temperature`); it changes the probabilities, never their order.
+    """
+    return map_batches(model, lambda m, px: jax.nn.softmax(m(px) / temperature, axis=-1), x, **kw)
 
 
 def top_k(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -40,6 +40,10 @@ from cnncli.train.trained_run import eval_data
 # How many filters / feature maps / units / images a figure shows when --n is not given.
 DEFAULT_N = {"filters": 64, "activations": 64, "top-patches": 9, "saliency": 8, "gradcam": 8, "errors": 16}
 TSNE_LIMIT = 2000  # t-SNE of more points takes minutes on a laptop CPU
+# What each `--normalize` of the confusion matrix divides by (sklearn's `normalize`).
+NORMALIZED = {"true": "each row sums to 1: recall on the diagonal",
+              "pred": "each column sums to 1: precision on the diagonal",
+              "all": "all cells sum to 1"}
 
 
 @dataclass
@@ -55,6 +59,7 @@ class Job:
     split: str
     limit: int | None
     batch_size: int
+    normalize: str | None = None  # confusion: None (counts), true (rows), pred (columns) or all
 
     def split_data(self, default_limit: int | None = None):
         """(uint8 images, labels, class names, indices in the split) of a seeded sample of `limit` examples."""
@@ -176,9 +181,12 @@ def _confusion(job: Job):
 
     _, y, names, probs = _split_probabilities(job)
     pred = probs.argmax(-1)
-    matrix = confusion_matrix(y, pred, labels=range(len(names)))
+    matrix = confusion_matrix(y, pred, labels=range(len(names)), normalize=job.normalize)
     title = f"{job.split}: {len(y):,} images, top-1 {(pred == y).mean():.1%} (rows: true, columns: predicted)"
-    return figures.confusion(matrix, names, title), f"confusion_{job.split}"
+    if job.normalize:
+        title += "\n" + NORMALIZED[job.normalize]
+    name = f"confusion_{job.split}" + (f"_{job.normalize}" if job.normalize else "")
+    return figures.confusion(matrix, names, title, normalized=job.normalize is not None), name
 
 
 def _errors(job: Job):

@@ -6,6 +6,7 @@
       metrics.jsonl     one JSON object per epoch
       checkpoints/      Orbax checkpoints + index.json (latest, best)
       summary.json      final results (best epoch, test metrics)
+      calibration.json  temperatures fitted by `cnncli eval --temperature`, per checkpoint and weights
       plots/            figures
 """
 
@@ -31,6 +32,7 @@ class RunDir:
     checkpoints = property(lambda self: self.path / "checkpoints")
     summary = property(lambda self: self.path / "summary.json")
     plots = property(lambda self: self.path / "plots")
+    calibration = property(lambda self: self.path / "calibration.json")
 
     def has_run(self) -> bool:
         return (self.checkpoints / "index.json").is_file() or self.metrics.is_file()

@@ -1,4 +1,5 @@
-"""Evaluation: top-1, top-k, mean loss, per-class accuracy and the confusion matrix of a split.
+"""Evaluation: top-1, top-k, mean loss, per-class accuracy, precision, recall and F1, the confusion matrix
+and its most-confused pairs of a split.
 
 Every example is counted exactly once: the last partial batch is padded and masked, never dropped.
 """
@@ -11,6 +12,7 @@ import numpy as np
 
 from cnncli.data.pipeline import pad_for_eval
 from cnncli.run.distributed import multiprocess
+from cnncli.train.metrics import classification_report, confused_pairs
 from cnncli.train.steps import TOP_K, check_batch, init_eval_sums, make_eval_step, replicate, stack_batches
 
 
@@ -65,4 +67,6 @@ def metrics_from_sums(sums: dict[str, np.ndarray], class_names: list[str]) -> di
                  for i, name in enumerate(class_names)]
     return {"n": n, "top1": float(sums["top1"]) / max(n, 1), "top5": float(sums["topk"]) / max(n, 1),
             "top_k": min(TOP_K, len(class_names)), "loss": float(sums["loss"]) / max(n, 1),
-            "per_class": per_class, "class_names": list(class_names), "confusion": confusion.tolist()}
+            "per_class": per_class, "class_names": list(class_names), "confusion": confusion.tolist(),
+            "report": classification_report(confusion, class_names),
+            "most_confused": confused_pairs(confusion, class_names)}

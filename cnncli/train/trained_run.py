@@ -33,10 +33,32 @@ class TrainedRun:
     model: Any
     checkpoint: Path
     meta: dict[str, Any]
+    weights: str = "raw"  # raw, or ema: the checkpoint's moving average of the weights
 
     @property
     def class_names(self) -> list[str]:
         return list(self.data["class_names"])
+
+    @property
+    def calibration_key(self) -> str:
+        """Which fitted temperature belongs to this model: its checkpoint and weights."""
+        return f"{self.checkpoint.name}:{self.weights}"
+
+    @property
+    def temperature(self) -> float:
+        """The temperature `cnncli eval --temperature` fitted for this checkpoint and weights, else 1."""
+        path = self.run.calibration
+        if not path.is_file():
+            return 1.0
+        entry = self.run.read_json(path).get(self.calibration_key)
+        return float(entry["temperature"]) if entry else 1.0
+
+    def store_temperature(self, entry: dict[str, Any]) -> None:
+        """Record a fitted temperature (and how it was fitted) for this checkpoint and weights."""
+        path = self.run.calibration
+        stored = self.run.read_json(path) if path.is_file() else {}
+        stored[self.calibration_key] = entry
+        self.run.write_json(path, stored)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -72,7 +94,8 @@ def load_trained(path: str | Path, which: str = "best", *, ema: bool = False) ->
     state, _ = checkpoint.restore(ckpt, template, with_optimizer=False)
     weights = state.ema if ema else {"params": state.params, "rest": state.rest}
     model = replace(model, params=weights["params"], rest=weights["rest"])
-    return TrainedRun(run=run, recipe=recipe, data=data, model=model, checkpoint=ckpt, meta=meta)
+    return TrainedRun(run=run, recipe=recipe, data=data, model=model, checkpoint=ckpt, meta=meta,
+                      weights="ema" if ema else "raw")
 
 
 def _build(recipe: Recipe, data: dict[str, Any]):
