@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 from typer.testing import CliRunner
 
 REPO = Path(__file__).resolve().parent.parent
@@ -33,3 +34,30 @@ def cli_process(*args: str, **kwargs) -> subprocess.Popen:
 def metric_rows(run_dir: Path, drop=("seconds", "img_per_s")) -> list[dict]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in r.items() if k not in drop} for r in rows]
+
+
+def image_folder(root: Path, *, classes=("cat", "dog", "fox"), per_class: int = 6, size=(40, 52),
+                 test_per_class: int = 0, test_name: str = "test", fmt: str = "JPEG", seed: int = 0,
+                 vary: bool = False) -> Path:
+    """A folder dataset of generated images whose class shows in their colour (so a model can learn it):
+    root/<class>/*.jpg, or root/train/<class>/* and root/<test_name>/<class>/* with `test_per_class`.
+    `vary` gives each image its own size (up to 1.5x `size`), as photos have."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    splits = {"train": per_class} | ({test_name: test_per_class} if test_per_class else {})
+    ext = {"JPEG": "jpg", "PNG": "png"}[fmt]
+    for split, count in splits.items():
+        base = root / split if test_per_class else root
+        for c, name in enumerate(classes):
+            (base / name).mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                h, w = size
+                if vary:
+                    h, w = int(h * rng.uniform(1.0, 1.5)), int(w * rng.uniform(1.0, 1.5))
+                img = rng.integers(0, 60, (h, w, 3)).astype(np.int32)
+                img[..., c % 3] += 150  # the class's colour
+                img[: h // 2, :, (c + 1) % 3] += 40 * (c // 3)
+                Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(base / name / f"{name}_{i:04d}.{ext}",
+                                                                           format=fmt)
+    return root

@@ -85,7 +85,8 @@ def check_dataset(ds: Dataset) -> None:
 
 
 def test_all_sources_registered_with_help():
-    assert SOURCES.names() == ["digits", "fashion_mnist", "folder", "idx", "npz", "synthetic", "tfds"]
+    assert SOURCES.names() == ["arrayrecord", "cifar10", "cifar100", "digits", "fashion_mnist", "folder", "idx", "npz",
+                              "synthetic", "tfds"]
     assert all(SOURCES.help(n) for n in SOURCES.names())
 
 
@@ -93,7 +94,8 @@ def test_unknown_source_suggests_close_name():
     with pytest.raises(UserError) as e:
         load_dataset("fashon_mnist")
     assert str(e.value) == ("unknown dataset 'fashon_mnist' (did you mean: fashion_mnist?); "
-                            "known: digits, fashion_mnist, folder, idx, npz, synthetic, tfds")
+                            "known: arrayrecord, cifar10, cifar100, digits, fashion_mnist, folder, idx, npz, "
+                            "synthetic, tfds")
 
 
 def test_missing_and_unexpected_arguments():

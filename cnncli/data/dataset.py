@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 import zipfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +113,54 @@ def save_cached(path: Path, ds: Dataset) -> None:
         pass  # a read-only cache only costs speed, never correctness
 
 
+def subset_indices(name: str, train_y: np.ndarray, test_y: np.ndarray | None, class_names: list[str], *,
+                   classes: list[int] | None = None, train_per_class: int | None = None, limit: int | None = None,
+                   seed: int = 0):
+    """Which examples `subset` keeps: (train indices, their new labels, test indices, their new labels, names).
+
+    Works on labels alone, so a dataset streamed from disk is selected exactly like one in memory.
+
+    Raises:
+        UserError: An unknown or repeated class index, or a non-positive count.
+    """
+    train_idx = np.arange(len(train_y))
+    test_idx = None if test_y is None else np.arange(len(test_y))
+    names = list(class_names)
+    if classes is not None:
+        k = len(class_names)
+        bad = [c for c in classes if not 0 <= c < k]
+        if bad:
+            raise UserError(f"data.classes: class {bad[0]} does not exist; {name} has {k} classes (0..{k - 1})")
+        if len(set(classes)) != len(classes):
+            raise UserError(f"data.classes {list(classes)} repeats a class; list each class once")
+        if len(classes) < MIN_CLASSES:
+            raise UserError(f"data.classes {list(classes)} keeps {len(classes)} class; a classifier needs at least "
+                            f"{MIN_CLASSES}")
+        relabel = np.full(k, -1, np.int32)
+        relabel[np.asarray(classes, dtype=np.int64)] = np.arange(len(classes), dtype=np.int32)
+        train_idx = np.flatnonzero(relabel[train_y] >= 0)
+        train_y = relabel[train_y[train_idx]]
+        if test_y is not None:
+            test_idx = np.flatnonzero(relabel[test_y] >= 0)
+            test_y = relabel[test_y[test_idx]]
+        names = [class_names[c] for c in classes]
+    if train_per_class is not None:
+        if train_per_class < 1:
+            raise UserError(f"data.train_per_class is {train_per_class}; it must be at least 1")
+        rng = np.random.default_rng(seed)
+        keep = []
+        for c in range(len(names)):
+            idx = np.flatnonzero(train_y == c)
+            keep.append(idx if len(idx) <= train_per_class else rng.choice(idx, train_per_class, replace=False))
+        keep_idx = np.sort(np.concatenate(keep))
+        train_idx, train_y = train_idx[keep_idx], train_y[keep_idx]
+    if limit is not None:
+        if limit < 1:
+            raise UserError(f"data.limit is {limit}; it must be at least 1")
+        train_idx, train_y = train_idx[:limit], train_y[:limit]
+    return train_idx, train_y.astype(np.int32), test_idx, None if test_y is None else test_y.astype(np.int32), names
+
+
 def subset(ds: Dataset, *, classes: list[int] | None = None, train_per_class: int | None = None,
            limit: int | None = None, seed: int = 0) -> Dataset:
     """Keep some classes and/or fewer training images.
@@ -129,40 +177,10 @@ def subset(ds: Dataset, *, classes: list[int] | None = None, train_per_class: in
     Raises:
         UserError: An unknown or repeated class index, or a non-positive count.
     """
-    if classes is not None:
-        k = ds.num_classes
-        bad = [c for c in classes if not 0 <= c < k]
-        if bad:
-            raise UserError(f"data.classes: class {bad[0]} does not exist; {ds.name} has {k} classes (0..{k - 1})")
-        if len(set(classes)) != len(classes):
-            raise UserError(f"data.classes {list(classes)} repeats a class; list each class once")
-        if len(classes) < MIN_CLASSES:
-            raise UserError(f"data.classes {list(classes)} keeps {len(classes)} class; a classifier needs at least "
-                            f"{MIN_CLASSES}")
-        relabel = np.full(k, -1, np.int32)
-        relabel[np.asarray(classes, dtype=np.int64)] = np.arange(len(classes), dtype=np.int32)
-
-        def pick(x, y):
-            if x is None:
-                return None, None
-            keep = relabel[y] >= 0
-            return x[keep], relabel[y[keep]]
-
-        train_x, train_y = pick(ds.train_x, ds.train_y)
-        test_x, test_y = pick(ds.test_x, ds.test_y)
-        ds = Dataset(ds.name, train_x, train_y, test_x, test_y, [ds.class_names[c] for c in classes])
-    if train_per_class is not None:
-        if train_per_class < 1:
-            raise UserError(f"data.train_per_class is {train_per_class}; it must be at least 1")
-        rng = np.random.default_rng(seed)
-        keep = []
-        for c in range(ds.num_classes):
-            idx = np.flatnonzero(ds.train_y == c)
-            keep.append(idx if len(idx) <= train_per_class else rng.choice(idx, train_per_class, replace=False))
-        keep_idx = np.sort(np.concatenate(keep))
-        ds = replace(ds, train_x=ds.train_x[keep_idx], train_y=ds.train_y[keep_idx])
-    if limit is not None:
-        if limit < 1:
-            raise UserError(f"data.limit is {limit}; it must be at least 1")
-        ds = replace(ds, train_x=ds.train_x[:limit], train_y=ds.train_y[:limit])
-    return ds
+    if classes is None and train_per_class is None and limit is None:
+        return ds
+    train_idx, train_y, test_idx, test_y, names = subset_indices(
+        ds.name, ds.train_y, ds.test_y, ds.class_names, classes=classes, train_per_class=train_per_class, limit=limit,
+        seed=seed)
+    test_x = None if ds.test_x is None else ds.test_x[test_idx]
+    return Dataset(ds.name, ds.train_x[train_idx], train_y, test_x, test_y, names)

@@ -7,12 +7,16 @@ A dataset is named by a spec, ``scheme`` or ``scheme:arg``::
     tfds:cifar10                  an already prepared TensorFlow Datasets dataset (read without TensorFlow)
     folder:/data/pets             one sub-folder per class (optionally under train/ and test/)
     npz:/data/x.npz               arrays x, y (+ x_test, y_test, class_names)
+    arrayrecord:/data/pets_ar     ArrayRecord shards written by `cnncli data convert` (streams)
+    cifar10:/data/cifar-10-batches-py   CIFAR-10's python batches (cifar100: likewise)
     idx:/data/mnist               any MNIST-style directory of IDX files
     synthetic:32x32x3:5           deterministic learnable images for tests
 
 Every source is a `Source` (see `base`), one module each, registered in `SOURCES` under its scheme.
 Sources return the data in its natural form; `Source.load` then converts channels (gray = ITU-R 601
 luma, RGB = repeated gray) and resizes (Pillow, bilinear with antialiasing) so all splits share one shape.
+Sources that can stream (folders, ArrayRecord) also give their records one at a time
+(`Source.records`), for data.pipeline=stream.
 
 This module must stay cheap to import (the CLI imports it for `--help` and `cnncli datasets`):
 scikit-learn, Pillow and tensorflow_datasets are imported inside the functions that need them,
@@ -25,6 +29,7 @@ import importlib
 import pkgutil
 
 from cnncli.data.dataset import Dataset
+from cnncli.data.records import RecordData
 from cnncli.data.sources.base import SOURCES, Source
 from cnncli.errors import UserError
 
@@ -55,6 +60,18 @@ def load_dataset(spec: str, *, image_size: tuple[int, int] | None = None, channe
     scheme, arg = parse_spec(spec)
     source: Source = SOURCES.get(scheme)
     return source.load(arg, image_size=image_size, channels=channels)
+
+
+def load_records(spec: str) -> RecordData | None:
+    """The dataset named by `spec` as records read one at a time, or None if its source loads only whole.
+
+    Raises:
+        UserError: Unknown scheme, missing or malformed data.
+    """
+    scheme, arg = parse_spec(spec)
+    source: Source = SOURCES.get(scheme)
+    source.check_arg(arg)
+    return source.records(arg)
 
 
 def dataset_status() -> list[tuple[str, bool, str]]:

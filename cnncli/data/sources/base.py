@@ -8,6 +8,7 @@ import numpy as np
 
 from cnncli.data.dataset import Dataset
 from cnncli.data.images import resize_images, to_channels
+from cnncli.data.records import RecordData
 from cnncli.errors import UserError
 from cnncli.registry import Registry
 
@@ -61,12 +62,16 @@ class Source:
             UserError: The data is missing, unreadable or malformed, or the options are invalid.
         """
         _check_options(image_size, channels)
+        self.check_arg(arg)
+        return adapt(self.read(arg, image_size=image_size, channels=channels), image_size, channels)
+
+    def check_arg(self, arg: str | None) -> None:
+        """Raise a UserError when `arg` is missing but required, or given but not taken."""
         if self.arg == "required" and not arg:
             raise UserError(f"dataset '{self.scheme}' needs an argument: {self.usage}")
         if self.arg == "none" and arg:
             raise UserError(f"dataset '{self.scheme}' takes no argument (got '{self.scheme}:{arg}'); "
                             f"use just '{self.scheme}'")
-        return adapt(self.read(arg, image_size=image_size, channels=channels), image_size, channels)
 
     def read(self, arg: str | None, *, image_size: tuple[int, int] | None, channels: int | None) -> Dataset:
         """Return the data; may already apply `image_size`/`channels` where that is cheaper (folders)."""
@@ -75,6 +80,11 @@ class Source:
     def status(self) -> tuple[bool, str]:
         """(available here, one line: where it comes from or how to get it)."""
         raise NotImplementedError
+
+    def records(self, arg: str | None) -> RecordData | None:
+        """The dataset as records read one at a time (data.pipeline=stream), or None when this source
+        only loads whole (its data is small, or comes as arrays)."""
+        return None
 
 
 SOURCES = Registry("dataset")

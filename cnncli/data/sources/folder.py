@@ -1,7 +1,8 @@
-"""Image folders: folder:PATH with one sub-folder per class, optionally under train/ and test/."""
+"""Image folders: folder:PATH with one sub-folder per class, optionally under train/ and test/ (or val/)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -9,10 +10,13 @@ import numpy as np
 
 from cnncli.data.dataset import MIN_CLASSES, Dataset, cache_dir, cache_key, load_cached, save_cached
 from cnncli.data.images import decode_image, resize_image, to_channels
+from cnncli.data.records import FileRecords, RecordData
 from cnncli.data.sources.base import Source, register
 from cnncli.errors import UserError
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif"})
+# The held-out split beside train/: test/, else val/ (ImageNet's layout, whose test labels are not public).
+TEST_FOLDERS = ("test", "val")
 
 
 def _is_hidden(p: Path) -> bool:
@@ -63,15 +67,22 @@ def _folder_listing(files: list[Path], root: Path) -> list[tuple[str, int, int]]
     return listing
 
 
-def read_folder(path: Path, image_size: tuple[int, int] | None = None, channels: int | None = None) -> Dataset:
-    """Read `path/train/<class>/*` (+ optional `path/test/<class>/*`) or `path/<class>/*` (all train).
+@dataclass(frozen=True)
+class FolderListing:
+    """The image files of a folder dataset, per split, with their labels (nothing decoded)."""
 
-    Decoded arrays are cached under `cache_dir()`, keyed by the folder, the options and the
-    (name, size, mtime) of every file, so editing the folder invalidates the cache.
+    root: Path
+    roots: dict[str, Path]  # split -> folder of class sub-folders
+    class_names: list[str]
+    files: dict[str, list[tuple[Path, int]]]  # split -> (file, label)
+
+
+def list_folder(path: Path) -> FolderListing:
+    """The files of `path/train/<class>/*` (+ `path/test/<class>/*`, or ImageNet's `path/val/<class>/*`) or
+    `path/<class>/*` (all train).
 
     Raises:
-        UserError: Missing folder, fewer than 2 classes, an unreadable image, or mixed image sizes
-            without `image_size`.
+        UserError: Missing folder, fewer than 2 classes, a test class unknown to train, an empty class.
     """
     if not path.is_dir():
         raise UserError(f"folder: no such directory {path}; give a folder with one sub-folder of images per class")
@@ -79,7 +90,7 @@ def read_folder(path: Path, image_size: tuple[int, int] | None = None, channels:
     train_root, test_root = root, None
     if (root / "train").is_dir():
         train_root = root / "train"
-        test_root = root / "test" if (root / "test").is_dir() else None
+        test_root = next((root / name for name in TEST_FOLDERS if (root / name).is_dir()), None)
     class_names = [d.name for d in _class_dirs(train_root)]
     if len(class_names) < MIN_CLASSES:
         n = len(class_names)
@@ -99,6 +110,20 @@ def read_folder(path: Path, image_size: tuple[int, int] | None = None, channels:
         if label not in train_labels:
             raise UserError(f"class folder {train_root / name} has no images "
                             f"({', '.join(sorted(IMAGE_EXTENSIONS))}); add some or remove the folder")
+    return FolderListing(root, splits, class_names, files)
+
+
+def read_folder(path: Path, image_size: tuple[int, int] | None = None, channels: int | None = None) -> Dataset:
+    """Decode every image of the folder dataset at `path` (see `list_folder`) into memory.
+
+    Decoded arrays are cached under `cache_dir()`, keyed by the folder, the options and the
+    (name, size, mtime) of every file, so editing the folder invalidates the cache.
+
+    Raises:
+        UserError: What `list_folder` raises, an unreadable image, or mixed image sizes without `image_size`.
+    """
+    listing = list_folder(path)
+    root, files, splits, class_names = listing.root, listing.files, listing.roots, listing.class_names
     key = cache_key("folder", str(root), image_size and list(image_size), channels,
                     {s: _folder_listing([f for f, _ in fs], root) for s, fs in files.items()})
     cache = cache_dir() / f"folder-{root.name}-{key}.npz"
@@ -114,6 +139,7 @@ def read_folder(path: Path, image_size: tuple[int, int] | None = None, channels:
               for s, (imgs, y) in decoded.items()}
     train_x, train_y = arrays["train"]
     test_x, test_y = arrays.get("test", (None, None))
+    test_root = splits.get("test")
     if test_x is not None and len(test_x) and test_x.shape[1:] != train_x.shape[1:]:
         raise UserError(f"test images in {test_root} are {test_x.shape[1]}x{test_x.shape[2]} but train images are "
                         f"{train_x.shape[1]}x{train_x.shape[2]}; set data.image_size in the recipe")
@@ -124,14 +150,26 @@ def read_folder(path: Path, image_size: tuple[int, int] | None = None, channels:
     return ds
 
 
+def folder_records(path: Path) -> RecordData:
+    """The folder dataset at `path` as files read one at a time (data.pipeline=stream); nothing is decoded."""
+    listing = list_folder(path)
+    splits = {s: FileRecords(listing.root, [f.relative_to(listing.root).as_posix() for f, _ in fs],
+                             np.array([label for _, label in fs], np.int32))
+              for s, fs in listing.files.items() if fs}
+    return RecordData(listing.root.name, splits, listing.class_names, None)
+
+
 @register
 class FolderSource(Source):
-    """Image files, one sub-folder per class (optionally under train/ and test/): folder:PATH."""
+    """Image files, one sub-folder per class (optionally under train/ and test/ or val/): folder:PATH."""
 
     scheme, arg, usage = "folder", "required", "folder:PATH (PATH/<class>/*.png or PATH/train/<class>/...)"
 
     def read(self, arg, *, image_size, channels):
         return read_folder(Path(arg).expanduser(), image_size, channels)
+
+    def records(self, arg):
+        return folder_records(Path(arg).expanduser())
 
     def status(self):
         if find_spec("PIL") is None:
