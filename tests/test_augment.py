@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cnncli.data.augment import AUGMENTATIONS, affine_matrices, build_augment, op_parameters, preview_grid, warp_affine
+from cnncli.data.augment import AUGMENTATIONS, affine_matrices, build_augment, op_parameters, preview_draws, warp_affine
 from cnncli.errors import UserError
 
 N, H, W = 4, 16, 16
@@ -265,15 +265,17 @@ def test_policies_pick_ops_per_image():
     assert 0 < (diff < 1e-6).sum() < 16 and (diff > 1e-3).sum() > 40
 
 
-def test_preview_grid_layout():
-    x = (np.asarray(_batch(3, n=2)[0]) * 255).astype(np.uint8)
-    fn = jax.jit(build_augment([{"name": "invert"}]))
-    grid = preview_grid(x, fn, jax.random.key(0), draws=3)
-    assert grid.shape == (2 * H + 2, 4 * W + 3 * 2, 3) and grid.dtype == np.uint8
-    np.testing.assert_array_equal(grid[:H, :W], x[0])
-    np.testing.assert_array_equal(grid[H + 2:, :W], x[1])
-    np.testing.assert_array_equal(grid[:H, W + 2:2 * W + 2], 255 - x[0])
-    assert (grid[H:H + 2] == 255).all() and (grid[:, W:W + 2] == 255).all()
+def test_preview_draws_say_which_ops_fired():
+    x = (np.asarray(_batch(3, n=16)[0]) * 255).astype(np.uint8)
+    fn = build_augment([{"name": "invert", "p": 0.5}, {"name": "vflip", "p": 0.0}, {"name": "hflip"}])
+    images, fired = preview_draws(x, fn, jax.random.key(0), draws=3)
+    assert images.shape == (3, *x.shape) and images.dtype == np.uint8 and fired.shape == (3, 16, 3)
+    assert not fired[..., 1].any() and fired[..., 2].all()  # p = 0 never fires, p = 1 always
+    assert 0 < fired[..., 0].sum() < 48
+    for d in range(3):
+        for i in range(16):  # what fired is what happened: hflip always, invert where it says so
+            expected = x[i, :, ::-1]
+            np.testing.assert_array_equal(images[d, i], 255 - expected if fired[d, i, 0] else expected)
 
 
 SHARDED_CHECK = textwrap.dedent("""

@@ -18,19 +18,23 @@ def augment_preview(
     overrides: list[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE",
                                         help="Override a recipe key, e.g. --set augment.0.p=1 (repeatable)."),
 ) -> None:
-    """Write a grid: each row one training image, first the original, then `--draws` augmented versions.
+    """Write a grid: each row one training image (labelled with its class), first the original, then
+    `--draws` augmented versions, each captioned with the ops that fired on it; the same list is printed.
 
     Images are a random pick (the recipe's seed) of the recipe's training split, augmented exactly as
-    the training step does it, so the grid shows what the model will see.
+    the training step does it, so the grid shows what the model will see. Ops with p = 1 fire on every
+    draw and are named once in the title instead of under every image.
     """
     import jax
     import numpy as np
+    from rich.markup import escape
+    from rich.table import Table
 
     from cnncli import recipe as recipe_lib
     from cnncli.console import console
-    from cnncli.data.augment import build_augment, preview_grid
+    from cnncli.data.augment import build_augment, preview_draws
     from cnncli.data.pipeline import load_splits
-    from cnncli.inspect.figures import save_image
+    from cnncli.inspect import figures
 
     resolved = recipe_lib.load(recipe, overrides)
     if not resolved.augment:
@@ -38,8 +42,23 @@ def augment_preview(
     augment = build_augment(resolved.augment)
     splits = load_splits(resolved.data, resolved.seed)
     rng = np.random.default_rng(resolved.seed)
-    pick = rng.choice(len(splits.train_x), size=min(n, len(splits.train_x)), replace=False)
-    grid = preview_grid(splits.train_x[np.sort(pick)], augment, jax.random.key(resolved.seed), draws=draws)
-    width, height = save_image(grid, out, zoom)
-    console.print(f"wrote {out} ({width}x{height} px: {len(pick)} images x (original + {draws} draws))",
-                  highlight=False)
+    pick = np.sort(rng.choice(len(splits.train_x), size=min(n, len(splits.train_x)), replace=False))
+    images, fired = preview_draws(splits.train_x[pick], augment, jax.random.key(resolved.seed), draws=draws)
+    classes = [splits.class_names[c] for c in splits.train_y[pick]]
+    sometimes = [i for i, p in enumerate(augment.probabilities) if 0 < p < 1]
+    always = [augment.names[i] for i, p in enumerate(augment.probabilities) if p == 1]
+    captions = [[", ".join(augment.names[i] for i in sometimes if fired[d, r, i]) or "(none)" for d in range(draws)]
+                for r in range(len(pick))]
+    title = (f"{resolved.name}: {len(pick)} training images, {draws} draws; under each draw, the ops that fired"
+             + (f"; on every draw: {', '.join(always)}" if always else ""))
+    fig = figures.augment_preview(splits.train_x[pick], images, [f"{c} (#{i})" for c, i in zip(classes, pick)],
+                                  captions, title, zoom)
+    figures.save(fig, out)
+    table = Table(title="ops that fired" + (f" (besides {', '.join(always)}, always)" if always else ""))
+    table.add_column("image", overflow="fold")
+    for d in range(draws):
+        table.add_column(f"draw {d + 1}", overflow="fold")
+    for r, (c, i) in enumerate(zip(classes, pick)):
+        table.add_row(escape(f"{c} (#{i})"), *map(escape, captions[r]))
+    console.print(table)
+    console.print(f"wrote {out} ({len(pick)} images x (original + {draws} draws))", highlight=False)

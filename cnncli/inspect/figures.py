@@ -34,6 +34,8 @@ MAX_INPUT_CHANNELS = 16  # deeper filters show at most this many of their input 
 OVERLAY_ALPHA = 0.5
 CONFUSION_MIN, CONFUSION_PER_CLASS, CONFUSION_BASE = 5.0, 0.6, 1.5  # inches
 RELIABILITY_PANEL = 4.5  # inches: width of one reliability diagram
+PREVIEW_LABELS, PREVIEW_LINE, PREVIEW_MIN_TILE = 1.2, 0.12, 0.6  # inches: row labels, one caption line, tiles
+PREVIEW_FONT = 6  # points: the captions under augmented draws
 
 
 def save_image(image: np.ndarray, path: Path, zoom: int = 1) -> tuple[int, int]:
@@ -314,4 +316,47 @@ def reliability(panels: Sequence[tuple[str, dict[str, Any]]], title: str) -> Fig
                    ylabel="share" if col == 0 else None)
         bottom.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def augment_preview(originals: np.ndarray, draws: np.ndarray, row_labels: Sequence[str],
+                    captions: Sequence[Sequence[str]], title: str, zoom: int = 3) -> Figure:
+    """A labelled augmentation preview: one row per image (labelled with its class), the original, then draws.
+
+    Args:
+        originals: (n, h, w, C) uint8 images.
+        draws: (d, n, h, w, C) uint8 augmented versions.
+        row_labels: n labels drawn left of the rows (the class).
+        captions: n lists of d captions drawn under the draws (the ops that fired).
+        title: figure title.
+        zoom: each image pixel is drawn as about zoom x zoom PNG pixels.
+    """
+    d, n, h, w, _ = draws.shape
+    tile = max(w * zoom / DPI, PREVIEW_MIN_TILE)
+    chars = max(int(tile * CHARS_PER_INCH * TITLE_FONT / PREVIEW_FONT), 8)
+    wrapped = [[textwrap.fill(c, chars) for c in row] for row in captions]
+    lines = max([c.count("\n") + 1 for row in wrapped for c in row] + [1])
+    cell_h = tile * h / w + lines * PREVIEW_LINE + MARGIN
+    width = PREVIEW_LABELS + (d + 1) * (tile + MARGIN)
+    height = HEADER + PREVIEW_LINE + n * cell_h
+    fig = Figure(figsize=(width, height))
+    fig.suptitle(textwrap.fill(title, int(width * CHARS_PER_INCH)), fontsize=TITLE_FONT, y=1 - 0.1 * HEADER / height,
+                 va="top")
+    for col, header in enumerate(["original"] + [f"draw {i + 1}" for i in range(d)]):
+        x = (PREVIEW_LABELS + col * (tile + MARGIN) + tile / 2) / width
+        fig.text(x, 1 - (HEADER + PREVIEW_LINE / 2) / height, header, ha="center", va="center",
+                 fontsize=TITLE_FONT, weight="bold")
+    for r in range(n):
+        top = HEADER + PREVIEW_LINE + r * cell_h
+        bottom = height - top - tile * h / w
+        fig.text((PREVIEW_LABELS - MARGIN) / width, (bottom + tile * h / w / 2) / height, row_labels[r],
+                 ha="right", va="center", fontsize=TITLE_FONT)
+        for col, image in enumerate([originals[r]] + [draws[i, r] for i in range(d)]):
+            left = PREVIEW_LABELS + col * (tile + MARGIN)
+            ax = fig.add_axes((left / width, bottom / height, tile / width, tile * h / w / height))
+            ax.set_axis_off()
+            _show(ax, image)
+            if col:
+                fig.text((left + tile / 2) / width, (bottom - 0.02) / height, wrapped[r][col - 1], ha="center",
+                         va="top", fontsize=PREVIEW_FONT, linespacing=1.1)
     return fig

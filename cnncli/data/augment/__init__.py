@@ -4,7 +4,7 @@ The catalogue lives in the registry `AUGMENTATIONS`; each op is
 `op(images, labels, key, **params) -> (images, labels)` on float32 NHWC pixels in [0, 1] and
 (N, K) one-hot or soft labels. `build_augment` turns the recipe's `augment:` list into one function
 `(images, labels, key) -> (images, labels)` that applies the ops in the order written, each to a
-per-image Bernoulli(p) subset of the batch. `preview_grid` renders a few draws for a PNG preview.
+per-image Bernoulli(p) subset of the batch. `preview_draws` makes a few draws for a PNG preview.
 
     geometric   hflip vflip crop random_crop crop_and_pad translate rotate scale shear affine
                 perspective elastic
@@ -30,19 +30,14 @@ from cnncli.data.augment import geometric, pixel, policy  # noqa: F401  (they re
 from cnncli.data.augment.core import (
     AUGMENTATIONS,
     BATCH_ARGS,
-    AugmentFn,
     affine_matrices,
     sample_bilinear,
     warp_affine,
 )
 from cnncli.errors import UserError, suggest
 
-__all__ = ["AUGMENTATIONS", "affine_matrices", "build_augment", "op_parameters", "preview_grid",
+__all__ = ["AUGMENTATIONS", "Augment", "affine_matrices", "build_augment", "op_parameters", "preview_draws",
            "sample_bilinear", "warp_affine"]
-
-# Width of the separators between cells of a preview grid, and their grey level.
-PREVIEW_GAP = 2
-PREVIEW_GAP_VALUE = 255
 
 
 def op_parameters(name: str) -> dict[str, Any]:
@@ -89,15 +84,57 @@ def _validate(i: int, op: Any) -> tuple[Callable, float, dict[str, Any]]:
     return fn, float(p), checked
 
 
-def build_augment(ops: Sequence[Any]) -> AugmentFn | None:
+class Augment:
+    """The augmentation of a recipe's `augment:` list: a pure, jit-able `(images, labels, key) -> (images, labels)`.
+
+    `fired(key, n)` says which ops a call with the same key applies to each of n images (the preview
+    lists them); both draw their per-op keys and Bernoulli(p) choices through `_draws`.
+    """
+
+    def __init__(self, steps: list[tuple[Callable, float, dict[str, Any]]], names: list[str]):
+        self.steps = steps
+        self.names = names  # the op names, in order
+        self.probabilities = [p for _, p, _ in steps]
+
+    def _draws(self, key: jax.Array, n: int):
+        """(op key, which images keep the op's result: None for all) per op with p > 0."""
+        for k, (_, p, _) in zip(jax.random.split(key, len(self.steps)), self.steps, strict=True):
+            if p == 0.0:
+                yield None
+                continue
+            k_op, k_sel = jax.random.split(k)
+            yield k_op, (jax.random.bernoulli(k_sel, p, (n,)) if p < 1.0 else None)
+
+    def __call__(self, images: jax.Array, labels: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+        images = jnp.asarray(images, jnp.float32)
+        labels = jnp.asarray(labels, jnp.float32)
+        for (fn, _, params), draw in zip(self.steps, self._draws(key, images.shape[0]), strict=True):
+            if draw is None:
+                continue
+            k_op, keep = draw
+            new_images, new_labels = fn(images, labels, k_op, **params)
+            if keep is not None:
+                new_images = jnp.where(keep[:, None, None, None], new_images, images)
+                new_labels = jnp.where(keep[:, None], new_labels, labels)
+            images, labels = new_images.astype(jnp.float32), new_labels.astype(jnp.float32)
+        return images, labels
+
+    def fired(self, key: jax.Array, n: int) -> np.ndarray:
+        """(n, ops) booleans: whether a call with `key` on n images applies each op to each image."""
+        columns = [np.zeros(n, bool) if draw is None else np.ones(n, bool) if draw[1] is None
+                   else np.asarray(draw[1]) for draw in self._draws(key, n)]
+        return np.stack(columns, axis=1)
+
+
+def build_augment(ops: Sequence[Any]) -> Augment | None:
     """Build the augmentation function for a recipe's `augment:` list.
 
     Args:
         ops: AugmentOp-like objects (`name`, `p`, `.params()`) or mappings {'name': ..., 'p': ..., **params}.
 
     Returns:
-        None for an empty list; otherwise a pure, jit-able `fn(images, labels, key) -> (images, labels)`
-        that applies the ops in order. Each op runs on the whole batch and its result is kept for a
+        None for an empty list; otherwise an `Augment`, a pure, jit-able `fn(images, labels, key) -> (images,
+        labels)` that applies the ops in order. Each op runs on the whole batch and its result is kept for a
         Bernoulli(p) subset of images (`jnp.where`), so the graph is static; ops with p = 0 are skipped.
 
     Raises:
@@ -105,60 +142,37 @@ def build_augment(ops: Sequence[Any]) -> AugmentFn | None:
     """
     if not ops:
         return None
-    steps = [_validate(i, op) for i, op in enumerate(ops)]
-
-    def augment(images: jax.Array, labels: jax.Array, key: jax.Array) -> tuple[jax.Array, jax.Array]:
-        images = jnp.asarray(images, jnp.float32)
-        labels = jnp.asarray(labels, jnp.float32)
-        n = images.shape[0]
-        for k, (fn, p, params) in zip(jax.random.split(key, len(steps)), steps, strict=True):
-            if p == 0.0:
-                continue
-            k_op, k_sel = jax.random.split(k)
-            new_images, new_labels = fn(images, labels, k_op, **params)
-            if p < 1.0:
-                keep = jax.random.bernoulli(k_sel, p, (n,))
-                new_images = jnp.where(keep[:, None, None, None], new_images, images)
-                new_labels = jnp.where(keep[:, None], new_labels, labels)
-            images, labels = new_images.astype(jnp.float32), new_labels.astype(jnp.float32)
-        return images, labels
-
-    return augment
+    return Augment([_validate(i, op) for i, op in enumerate(ops)], [_spec_of(op)[0] for op in ops])
 
 
-def preview_grid(images_uint8: np.ndarray, augment_fn: AugmentFn | None, key: jax.Array,
-                 draws: int = 4) -> np.ndarray:
-    """Render originals and augmented draws side by side.
+def preview_draws(images_uint8: np.ndarray, augment_fn: Augment | None, key: jax.Array,
+                  draws: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Augmented versions of a few images, and which ops made each, for `cnncli augment-preview`.
 
     Args:
         images_uint8: (N, H, W, C) uint8 images.
-        augment_fn: from `build_augment` (None shows the originals repeated).
+        augment_fn: from `build_augment` (None repeats the originals).
         key: PRNG key; draw d uses `fold_in(key, d)`.
-        draws: augmented columns per image.
+        draws: how many augmented versions of each image.
 
     Mixing ops pair images within `images_uint8`, so they show only when it holds several images.
 
     Returns:
-        (N*H + (N-1)*gap, (draws+1)*W + draws*gap, C) uint8: one row per image, the original in the
-        first column, separated by white `PREVIEW_GAP`-pixel lines.
+        (draws, N, H, W, C) uint8 augmented images, and (draws, N, ops) booleans: the ops applied.
     """
     x = np.asarray(images_uint8)
     if x.ndim == 3:
         x = x[..., None]
-    n, h, w, c = x.shape
+    n = len(x)
     pixels = jnp.asarray(x, jnp.float32) / 255.0
     # One class everywhere: mixing ops still get valid labels, and the preview never shows them.
     labels = jnp.ones((n, 1), jnp.float32)
-    columns = [x]
+    if augment_fn is None:
+        return np.repeat(x[None], draws, axis=0), np.zeros((draws, n, 0), bool)
+    out, fired = [], []
     for d in range(draws):
-        if augment_fn is None:
-            columns.append(x)
-            continue
-        out, _ = augment_fn(pixels, labels, jax.random.fold_in(key, d))
-        columns.append(np.asarray(jnp.round(jnp.clip(out, 0.0, 1.0) * 255.0)).astype(np.uint8))
-    g = PREVIEW_GAP
-    grid = np.full((n * h + (n - 1) * g, (draws + 1) * w + draws * g, c), PREVIEW_GAP_VALUE, np.uint8)
-    for col, imgs in enumerate(columns):
-        for row in range(n):
-            grid[row * (h + g):row * (h + g) + h, col * (w + g):col * (w + g) + w] = imgs[row]
-    return grid
+        key_d = jax.random.fold_in(key, d)
+        images, _ = augment_fn(pixels, labels, key_d)
+        out.append(np.asarray(jnp.round(jnp.clip(images, 0.0, 1.0) * 255.0)).astype(np.uint8))
+        fired.append(augment_fn.fired(key_d, n))
+    return np.stack(out), np.stack(fired)

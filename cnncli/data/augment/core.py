@@ -36,7 +36,6 @@ MIN_SIGMA = 1e-3
 BATCH_ARGS = ("images", "labels", "key")
 
 Array = jax.Array
-AugmentFn = Callable[[Array, Array, Array], tuple[Array, Array]]
 
 
 # --------------------------------------------------------------------------------------------
