@@ -1,4 +1,4 @@
-"""`cnncli data ...`: dataset commands (prepare a TFDS dataset, convert any dataset to ArrayRecord)."""
+"""`cnncli data ...`: dataset commands (show counts and examples, prepare a TFDS dataset, convert to ArrayRecord)."""
 
 from pathlib import Path
 
@@ -6,7 +6,8 @@ import typer
 
 from cnncli.cli import DATA, app, command_group
 
-data_app = command_group(help="Prepare datasets (TensorFlow Datasets) and convert them to ArrayRecord shards.")
+data_app = command_group(help="Look at a dataset (class counts, examples), prepare TFDS datasets, convert to "
+                                "ArrayRecord shards.")
 app.add_typer(data_app, name="data", rich_help_panel=DATA)
 
 
@@ -61,3 +62,64 @@ def convert(
     skipped = f"; {len(result.skipped)} unreadable files skipped" if result.skipped else ""
     console.print(f"wrote {splits} ({len(result.class_names)} classes) to {out}{skipped}; "
                   f"use it as data.source=arrayrecord:{out}", highlight=False, soft_wrap=True)
+
+
+@data_app.command("show")
+def show(
+    source: str = typer.Argument(..., help="Any dataset: fashion_mnist, digits, folder:PATH, npz:PATH, ..."),
+    split: str = typer.Option("train", "--split", help="train, test, or all (both)."),
+    per_class: int = typer.Option(8, "--per-class", min=1, help="Example images per class in the grid."),
+    image_size: str = typer.Option(None, "--image-size", metavar="HxW", help="Resize images to HxW (folders of "
+                                                                              "mixed sizes need it) [default: the "
+                                                                              "source's size]."),
+    out: Path = typer.Option(None, "--out", help="PNG of the grid [default: data_NAME_SPLIT.png]."),
+    as_json: bool = typer.Option(False, "--json", help="Print the counts as one JSON object."),
+) -> None:
+    """Class counts, shares and imbalance (largest / smallest class) of a dataset, and a PNG grid of
+    random examples of each class, labelled with the class and its count."""
+    import json
+
+    from rich.markup import escape
+    from rich.table import Table
+
+    from cnncli.console import console
+    from cnncli.data.overview import class_counts, examples_per_class, split_arrays
+    from cnncli.data.sources import load_dataset
+    from cnncli.errors import UserError
+    from cnncli.inspect import figures
+
+    size = None
+    if image_size is not None:
+        try:
+            size = tuple(int(v) for v in image_size.lower().split("x"))
+        except ValueError:
+            size = ()
+        if len(size) != 2 or min(size) < 1:
+            raise UserError(f"--image-size expects HxW, e.g. 64x64; got '{image_size}'")
+    ds = load_dataset(source, image_size=size)
+    x, y = split_arrays(ds, split)
+    counts = class_counts(y, ds.class_names)
+    picks = examples_per_class(y, ds.num_classes, per_class)
+    h, w, c = x.shape[1:]
+    labels = [f"{row['class']} ({row['count']:,})" for row in counts["classes"]]
+    title = f"{source} / {split}: {counts['n']:,} images of {h}x{w}x{c}, {ds.num_classes} classes"
+    out = out or Path(f"data_{ds.name}_{split}.png")
+    figures.save(figures.class_examples([x[p] for p in picks], labels, title, per_class), out)
+    counts.update(source=source, split=split, image_shape=[h, w, c], figure=str(out))
+    if as_json:
+        print(json.dumps(counts))
+        return
+    table = Table(title=title)
+    for column in ("#", "class", "images", "share"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for row in counts["classes"]:
+        table.add_row(str(row["index"]), escape(row["class"]), f"{row['count']:,}", f"{row['share']:.1%}")
+    console.print(table)
+    if counts["imbalance"] is None:
+        ratio = "infinite: no images of " + ", ".join(counts["empty"])
+    elif counts["imbalance"] == 1:
+        ratio = "1.00 (every class has as many images)"
+    else:
+        ratio = f"{counts['imbalance']:.2f} ({counts['largest']} / {counts['smallest']})"
+    console.print(f"imbalance (largest / smallest class): {ratio}", highlight=False, soft_wrap=True)
+    console.print(f"wrote {out}", highlight=False, soft_wrap=True)

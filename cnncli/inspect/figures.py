@@ -360,3 +360,24 @@ def augment_preview(originals: np.ndarray, draws: np.ndarray, row_labels: Sequen
                 fig.text((left + tile / 2) / width, (bottom - 0.02) / height, wrapped[r][col - 1], ha="center",
                          va="top", fontsize=PREVIEW_FONT, linespacing=1.1)
     return fig
+
+
+def class_examples(images: Sequence[np.ndarray], row_labels: Sequence[str], title: str, cols: int) -> Figure:
+    """One row per class: its label on the left, then up to `cols` of its images (uint8 HWC each)."""
+    rows = len(images)
+    width = PREVIEW_LABELS + cols * TILE * 0.75
+    height = HEADER + rows * TILE * 0.75
+    side = TILE * 0.75 - MARGIN
+    fig = Figure(figsize=(width, height))
+    fig.suptitle(textwrap.fill(title, int(width * CHARS_PER_INCH)), fontsize=TITLE_FONT,
+                 y=1 - 0.1 * HEADER / height, va="top")
+    for r, (row, label) in enumerate(zip(images, row_labels)):
+        bottom = height - HEADER - (r + 1) * TILE * 0.75 + MARGIN / 2
+        fig.text((PREVIEW_LABELS - MARGIN) / width, (bottom + side / 2) / height, label, ha="right", va="center",
+                 fontsize=TITLE_FONT)
+        for c, image in enumerate(row[:cols]):
+            ax = fig.add_axes(((PREVIEW_LABELS + c * TILE * 0.75) / width, bottom / height, side / width,
+                               side / height))
+            ax.set_axis_off()
+            _show(ax, image)
+    return fig
