@@ -1,21 +1,19 @@
 """Process-wide settings of the host runtime that the jitted steps depend on for speed.
 
-XLA's CPU convolutions. XLA 0.10 hands convolutions to YNNPACK by default; its weight gradient of a
-3x3 layer ran 2.5x slower than XLA's older Eigen convolution (194 against 77 ms for 32x32x64 maps
-at batch 128, one core), and its forward pass no faster. `configure_xla` turns the YNNPACK
-convolution off for the fast path (`CNNCLI_CONV=fast`, the default); `CNNCLI_CONV=xla` keeps XLA's
-defaults for comparison. The flag only exists in the XLA of jaxlib 0.10 (an unknown flag is a
-fatal error in XLA), so it is set for that version only, and never over a user's own setting.
+XLA's CPU convolutions. XLA 0.10 hands convolutions to YNNPACK by default, whose weight gradients
+ran slower than XLA's older Eigen convolution and whose forward passes ran no faster
+(docs/performance.md, "The rules"). `configure_xla` turns the YNNPACK convolution off for the fast
+path (`CNNCLI_CONV=fast`, the default); `CNNCLI_CONV=xla` keeps XLA's defaults for comparison. The
+flag only exists in the XLA of jaxlib 0.10 (an unknown flag is a fatal error in XLA), so it is set
+for that version only, and never over a user's own setting.
 
-The allocator. Measured on the 2-core CPU (docs/performance.md): XLA's CPU runtime allocates every step's large
-buffers (the temporaries of a ResNet-18 training step are over 1 GB at batch 128) with `malloc`,
-and glibc serves blocks above its mmap threshold (at most 32 MB) with fresh `mmap`s that it
-unmaps again on `free`. Each step then page-faults its whole working set back in: about 306,000
-minor faults and a fifth of the CPU time of a ResNet-18 step. Serving large blocks from one heap
-(the main arena: glibc unmaps a per-thread heap as soon as it is empty) and never trimming it
-keeps the pages mapped between steps (0 faults per step after the first).
-The cost is that the process keeps its peak memory until it exits, which is what a training run
-needs anyway.
+The allocator. XLA's CPU runtime allocates every step's large buffers (the temporaries of a
+ResNet-18 training step are over 1 GB at batch 128) with `malloc`, and glibc serves blocks above
+its mmap threshold (at most 32 MB) with fresh `mmap`s that it unmaps again on `free`, so each step
+page-faults its whole working set back in. Serving large blocks from one heap (the main arena:
+glibc unmaps a per-thread heap as soon as it is empty) and never trimming it keeps the pages
+mapped between steps. The cost is that the process keeps its peak memory until it exits, which
+is what a training run needs anyway.
 """
 
 import ctypes

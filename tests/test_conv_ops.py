@@ -99,11 +99,11 @@ def test_each_fast_formulation_is_used_where_intended():
     tiny, large, pointwise, strided = (Geometry(padding=((1, 1), (1, 1))),) * 2 + (Geometry(), Geometry((2, 2)))
     assert conv_ops.is_tiny((8, 2, 2, 32), (3, 3, 32, 32), tiny)
     assert not conv_ops.is_tiny((8, 4, 4, 32), (3, 3, 32, 32), large)
-    assert conv_ops.winograd_applies(large, (3, 3, 32, 64), (16, 16))
-    assert not conv_ops.winograd_applies(large, (3, 3, 32, 64), (32, 32))  # XLA's is faster on large maps
-    assert not conv_ops.winograd_applies(large, (3, 3, 3, 64), (16, 16))  # an RGB stem: too narrow
-    assert not conv_ops.winograd_applies(strided, (3, 3, 32, 64), (8, 8))
-    assert not conv_ops.winograd_applies(pointwise, (1, 1, 32, 64), (16, 16))
+    assert conv_ops.winograd_weight_grad_applies(large, (3, 3, 32, 64), (16, 16))
+    assert not conv_ops.winograd_weight_grad_applies(large, (3, 3, 32, 64), (32, 32))  # XLA's is faster on large maps
+    assert not conv_ops.winograd_weight_grad_applies(large, (3, 3, 3, 64), (16, 16))  # an RGB stem: too narrow
+    assert not conv_ops.winograd_weight_grad_applies(strided, (3, 3, 32, 64), (8, 8))
+    assert not conv_ops.winograd_weight_grad_applies(pointwise, (1, 1, 32, 64), (16, 16))
     # Winograd forward passes and input gradients: ResNet-18's and VGG-16's 32x32 to 8x8 layers
     for side, cin, cout in ((32, 64, 64), (16, 64, 128), (16, 128, 128), (8, 256, 256)):
         assert conv_ops.winograd_conv_applies(large, (3, 3, cin, cout), (side, side))

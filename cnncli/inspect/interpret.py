@@ -394,8 +394,8 @@ def _pictured(module: nnx.Module, image: tuple[int, int, int]) -> np.ndarray | N
 
 PCA_DIMS = 50  # t-SNE on more dimensions than this is first reduced by PCA (van der Maaten's practice)
 PERPLEXITY = 30.0
-# scikit-learn's Barnes-Hut t-SNE synchronizes its OpenMP threads at every iteration; on a busy
-# 2-core machine (load ~10) two threads took 31 s for 200 points and one thread 1.7 s.
+# scikit-learn's Barnes-Hut t-SNE synchronizes its OpenMP threads at every iteration, which a busy
+# machine makes far slower than one thread (docs/performance.md, "The rules").
 TSNE_THREADS = 1
 
 

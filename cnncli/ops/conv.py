@@ -1,39 +1,26 @@
 """The models' 2-D convolution (NHWC input, HWIO kernel) with a custom gradient that is fast on CPU.
 
 `conv2d` is `lax.conv_general_dilated` with a `jax.custom_vjp` that picks, per layer and per
-pass, the formulation that measured fastest on the 2-core CPU (one thread per core, batch 128,
-figures in docs/performance.md):
+pass, the formulation that measured fastest on the 2-core CPU. Each choice is one predicate or
+constant below, and docs/performance.md ("The rules") gives the measurements behind each by name:
 
-- tiny outputs (a side of at most `TINY_MAP` pixels, e.g. VGG's last block on 32x32 images): XLA's
-  CPU convolution falls off a cliff there (a 3x3 512->512 layer on 2x2 maps took 1.9 s forward,
-  1 GFLOP/s); written as one matrix product of the windows every kernel tap sees, side by side
-  (im2col), with the kernel, forward + both gradients take 27 ms, all matmuls;
-- single-channel inputs (the first layer of every grayscale model): XLA's convolution of a 1-channel
-  image runs at a few GFLOP/s (LeNet-5's conv1: 5.9 ms forward at batch 128); as a sum over taps of
-  broadcast multiply-adds, built channel-major (`single_channel_conv`), 0.4 ms, and 0.7 ms with the
-  ReLU and max-pool after it (LeNet-5 evaluation ran 3.3x faster); the weight gradient stays XLA's;
-- the input gradient of a layer with fewer than `NARROW_INPUT` input channels (RGB stems;
-  adversarial attacks need the first layer's): one matrix product of the output gradient
-  and the kernel, and a sum of its taps' parts (col2im), where XLA's transposed convolution, which
-  vectorises over the input channels, runs at a fraction of its rate; with few output channels on
-  a small map (LeNet-5's two layers), one product per image row with a banded matrix of the
-  kernel instead (`banded_input_grad`);
-- the forward pass and input gradient of a 3x3 stride-1 layer with channel counts that are multiples
-  of 64 on maps from 8x8 to 32x32 that tile into 4x4 blocks (CIFAR ResNet-18's and VGG-16's layers
-  but the stems and the 4x4 and 2x2 maps): Winograd F(4x4, 3x3) (`winograd.conv3x3`), a quarter of
-  the direct form's multiplications (VGG-16 trained 1.22-1.24x faster, evaluated 1.12x, attacked
-  with FGSM 1.27x; ResNet-18 1.05-1.17x, 1.15x, 1.17x);
-- the weight gradient of a 3x3 stride-1 layer on maps below 24x24: Winograd F(m x m, 3 x 3) (see
-  `cnncli.ops.winograd`), fewer multiplications than the direct form, which XLA computes slower
-  than its forward pass;
-- the weight gradient of a 1x1 layer: one matrix product of the (subsampled) input and the output
-  gradient;
-- everything else (the forward pass and input gradient of other 3x3 layers, strided, dilated, grouped
-  layers): XLA's own convolution, already near this machine's matmul rate.
+- `is_tiny`: outputs with a side of at most `TINY_MAP` pixels are one matrix product of the windows
+  every kernel tap sees (im2col), forward and both gradients, because XLA's CPU convolution
+  collapses on such maps;
+- `is_single_channel`: a one-channel input (a grayscale stem) is a sum over taps of broadcast
+  multiply-adds, because XLA's convolution vectorises over input channels and there is one;
+- `is_banded` / `is_narrow`: the input gradient of a layer with few input channels is banded
+  products or one product and a sum (col2im), for the same reason in XLA's transposed convolution;
+- `winograd_conv_applies`: the forward pass and input gradient of 3x3 stride-1 layers with wide,
+  whole 4x4-tiled maps are Winograd F(4x4, 3x3) (`winograd.conv3x3`), a quarter of the
+  multiplications;
+- `winograd_weight_grad_applies`: the weight gradient of 3x3 stride-1 layers on small maps is
+  Winograd too (`winograd.weight_grad3x3`), because XLA computes it slower than its forward pass;
+- a 1x1 layer's weight gradient is one matrix product;
+- everything else is XLA's own convolution, already near this machine's matmul rate.
 
-The weight gradient of a layer with a large input reads that input as the forward pass stored it
-(`stored`), rather than letting XLA recompute the batch norm, ReLU and residual sums before it inside
-its transposed copy (ResNet-18 trained 1.2x faster).
+A large input is read by its weight gradient as the forward pass stored it (`stored`), so that XLA
+does not recompute the producers of that input inside its transposed copy.
 
 `CNNCLI_CONV=xla` selects the plain `lax` convolution everywhere, differentiated by JAX, with XLA's
 default CPU library (see `cnncli.runtime`): the baseline the fast path is measured and tested
@@ -59,31 +46,20 @@ from cnncli.runtime import CONV_MODE_ENV as MODE_ENV
 
 MODES = ("fast", "xla")
 DIMENSIONS = ("NHWC", "HWIO", "NHWC")
-TINY_MAP = 2  # output sides up to this take the im2col form (4x4 maps are faster in XLA)
-# Narrower layers (an RGB stem) leave Winograd's per-position products too small to pay for its
-# transforms; XLA's direct weight gradient is as fast there.
+TINY_MAP = 2  # output sides up to this take im2col: XLA is fast again from 4x4 maps up
+# Narrower layers (an RGB stem) leave Winograd's per-position products too small to pay for its transforms.
 WINOGRAD_MIN_CHANNELS = 16
-# On large maps (32x32) XLA's own weight gradient was faster than Winograd's (126 against 55 GFLOP/s
-# for 64 channels, docs/conv_layers.py); from 16x16 down Winograd is as fast or faster.
+# From 32x32 maps up XLA's own weight gradient is faster: the transforms' memory traffic outweighs the savings.
 WINOGRAD_MAX_MAP = 24
-# The forward pass and input gradient of 3x3 stride-1 layers whose channel counts are multiples of 64
-# and whose maps tile exactly into 4x4 blocks between 8x8 and 32x32 run as Winograd F(4x4, 3x3)
-# (`winograd.conv3x3`). Forward alone against XLA's, batch 128: 8x8 x 256 2.2x, 16x16 x 128 1.9x,
-# 32x32 x 64 1.08x; not taken: 12x12 x 96 0.99x, 14x14 x 96 0.92x, 28x28 x 48 0.98x, 6x6 x 128 0.73x.
-# 4x4 x 512 alone ran 1.6-1.8x, but VGG-16 then trained 1.09x faster than with no Winograd forward
-# pass, against 1.24x without its 4x4 layers (alternated in one process). Larger or partially tiled
-# maps ran 1.05-1.8x alone (56x56 x 128, 224x224 x 64, 14x14 x 512) but no whole model has tried them.
+# Winograd forward passes pay only with per-position products at least this wide (multiples of it)...
 WINOGRAD_CONV_CHANNELS = 64
+# ...and on whole 4x4 tiles of maps in this range: on 4x4 maps VGG-16's step lost what the layer gained.
 WINOGRAD_CONV_MAPS = (8, 32)
-# Below this many input channels the input gradient is one matrix product and a sum (col2im_input_grad).
+# Below this many input channels XLA's transposed convolution runs at a fraction of its rate.
 NARROW_INPUT = 16
-# A narrow layer's input gradient is one banded product per image row (`banded_input_grad`) where
-# that product does at most this many flops per element of col2im's product (2 * O * padded
-# width / KW): LeNet-5's conv2 (90) and conv1 (77) ran 1.2-1.4x faster; a 5x5 layer with 64
-# outputs (256) 0.93x, 3x3 RGB stems (170-1450) 0.2-0.7x.
+# The banded form does 2 * O * padded width / KW flops per element of col2im's product; above this it loses.
 BANDED_MAX_FLOPS = 128
-# Below this many input elements (LeNet-5's layers: 150,000) recomputing a layer's input inside its
-# weight gradient costs less than the conditional that prevents it (`stored`).
+# Below this many input elements recomputing a layer's input costs less than the conditional of `stored`.
 STORE_MIN_ELEMENTS = 1 << 20
 
 
@@ -140,12 +116,7 @@ def tap_windows(x: jax.Array, geom: Geometry, kernel_hw, out_hw):
 
 def im2col_conv(x: jax.Array, w: jax.Array, geom: Geometry) -> jax.Array:
     """The convolution as one matrix product: the input windows of all kernel taps side by side, times
-    the kernel as a (KH * KW * C, O) matrix.
-
-    On VGG-16's 2x2 maps (batch 128, 512 channels) forward + both gradients took 27 ms, against 43 ms
-    for a sum over taps of one window times w[i, j] each (nine small products and the sums of their
-    padded gradients).
-    """
+    the kernel as a (KH * KW * C, O) matrix (one product rather than one per tap: fewer, larger matmuls)."""
     kh, kw, cin, out = w.shape
     oh, ow = geom.output_hw(x.shape[1:3], (kh, kw))
     cols = jnp.concatenate([seen for _, _, seen in tap_windows(x, geom, (kh, kw), (oh, ow))], axis=-1)
@@ -156,9 +127,9 @@ def im2col_conv(x: jax.Array, w: jax.Array, geom: Geometry) -> jax.Array:
 def single_channel_conv(x: jax.Array, w: jax.Array, geom: Geometry) -> jax.Array:
     """A one-channel input's convolution as a sum over taps of the window the tap sees times w[i, j, 0].
 
-    Built channel-major, (O, N, OH, OW) with the output pixels minor, then transposed to NHWC: XLA
-    vectorises the multiply-adds along the image rows. Built NHWC with the O (6 in LeNet-5) output
-    channels minor, the same sum fused into the max-pool after it and ran 7x slower.
+    Built channel-major, (O, N, OH, OW) with the output pixels minor, then transposed to NHWC, so
+    that XLA vectorises the multiply-adds along the image rows; built NHWC with the few output
+    channels minor, XLA fused the sum into the max-pool after it and ran it unvectorised.
     """
     kh, kw, _, out = w.shape
     oh, ow = geom.output_hw(x.shape[1:3], (kh, kw))
@@ -174,14 +145,9 @@ def col2im_input_grad(x: jax.Array, w: jax.Array, g: jax.Array, geom: Geometry) 
 
     One matrix product of the kernel and the output gradient, (KH * KW * C, O) x (O, N * OH * OW),
     is what every kernel tap sends back to the pixel it saw; the taps' parts are then padded into
-    place and summed (col2im), each kernel row's taps first, then the rows. XLA's transposed
-    convolution vectorises over the C input channels, so with few of them it runs at a fraction of
-    its rate: LeNet-5's conv2 (6 channels) 2.4 against 1.2 ms, an RGB stem's 15 against 4.8 ms
-    (batch 128). Channel-major, (C, N, H, W), the sums run along the image rows rather than over
-    C channels: 1.0 against 1.5 ms for LeNet-5's conv2 (the LeNet-5 step: train 1.09x, FGSM 1.17x,
-    before its layers took `banded_input_grad`). The sum is stored: read by a max-pool's gradient,
-    XLA recomputed it once per window position (LeNet-5 trained 1.2x faster with it stored, 0.94x
-    without).
+    place and summed (col2im), each kernel row's taps first, then the rows. Channel-major,
+    (C, N, H, W), the sums run along the image rows rather than over a few channels. The sum is
+    stored: read by a max-pool's gradient, XLA would recompute it once per window position.
     """
     kh, kw, c, out = w.shape
     n, oh, ow, _ = g.shape
@@ -202,9 +168,8 @@ def banded_input_grad(x: jax.Array, w: jax.Array, g: jax.Array, geom: Geometry) 
     B_i[(ox, o), (x, c)] = w[i, j, c, o] where x = ox * stride + j * dilation (zero elsewhere).
     One product of the output gradient's rows, (N * OH, OW * O), with all KH bands side by side
     gives every input row's parts; the KH parts of a row are then summed. The bands are mostly
-    zeros (LeNet-5's conv2: 5 of every 14 columns), but the product is a well-shaped matmul and the
-    sum adds whole rows: LeNet-5's conv2 0.88 against 1.19 ms for `col2im_input_grad` (the LeNet-5
-    step: train 1.08x, FGSM 1.09x). The sum is stored, as col2im's is.
+    zeros, but the product is one well-shaped matmul and the sum adds whole rows instead of
+    KH * KW shifted taps. The sum is stored, as col2im's is.
     """
     kh, kw, c, out = w.shape
     n, oh, ow, _ = g.shape
@@ -254,14 +219,14 @@ def _unit_stride_3x3(geom: Geometry, w_shape: tuple[int, ...]) -> bool:
             and geom.groups == 1 and all(0 <= p <= 2 for pair in geom.padding for p in pair))
 
 
-def winograd_applies(geom: Geometry, w_shape: tuple[int, ...], out_hw: tuple[int, int]) -> bool:
-    """Whether the layer is a 3x3 stride-1 convolution whose weight gradient Winograd computes."""
+def winograd_weight_grad_applies(geom: Geometry, w_shape: tuple[int, ...], out_hw: tuple[int, int]) -> bool:
+    """Whether a 3x3 stride-1 layer's weight gradient, for output `out_hw`, runs as `winograd.weight_grad3x3`."""
     return (_unit_stride_3x3(geom, w_shape) and min(out_hw) < WINOGRAD_MAX_MAP
             and min(w_shape[2:]) >= WINOGRAD_MIN_CHANNELS)
 
 
 def winograd_conv_applies(geom: Geometry, w_shape: tuple[int, ...], out_hw: tuple[int, int]) -> bool:
-    """Whether a 3x3 stride-1 convolution producing out_hw runs as Winograd F(4x4, 3x3) (`winograd.conv3x3`).
+    """Whether a 3x3 stride-1 layer's forward pass (or input gradient) runs as F(4x4, 3x3) (`winograd.conv3x3`).
 
     The forward pass is asked with the layer's output size, the input gradient with its input size.
     """
@@ -301,9 +266,8 @@ def stored(x: jax.Array, anchor: jax.Array) -> jax.Array:
 
     A layer's input is usually cheap elementwise work on earlier buffers (batch norm, ReLU, and in a
     ResNet the residual sums of a whole stage). XLA's CPU fusion recomputes such producers inside
-    every consumer, including the transposed copy its weight-gradient convolution makes of x: that
-    copy then gathered a dozen strided inputs per element (ResNet-18's 32x32 stage: 70-90 ms per
-    copy against 7 ms for a plain transpose; a sixth of the training step's CPU time).
+    every consumer, including the transposed copy its weight-gradient convolution makes of x, which
+    then gathers a dozen strided inputs per element.
 
     XLA does not fuse across a conditional, and it cannot resolve this one at compile time: its
     predicate reads the first element of `anchor`, an array computed before x is needed (the
@@ -336,7 +300,7 @@ def input_grad(x, w, g, geom: Geometry) -> jax.Array:
 
 def weight_grad(x, w, g, geom: Geometry) -> jax.Array:
     """d(sum(conv * g)) / dw."""
-    if winograd_applies(geom, w.shape, g.shape[1:3]):
+    if winograd_weight_grad_applies(geom, w.shape, g.shape[1:3]):
         return winograd.weight_grad3x3(x, g, geom.padding)
     if w.shape[:2] == (1, 1) and geom.groups == 1:
         return _pointwise_weight_grad(x, g, geom).reshape(w.shape)

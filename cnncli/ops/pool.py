@@ -10,9 +10,9 @@ forward pass is the maximum alone and the backward pass one elementwise loop ove
 The backward pass reads the input as the forward pass stored it (`cnncli.ops.conv.stored`): XLA
 would otherwise recompute it there, once per window position, from whatever produced it (LeNet-5's
 first convolution, 25 multiply-adds a pixel). The conditional's predicate reads the pool's first
-output, so a data-parallel step sends that one number from its device to the others. With the
-ReLU moved after the pool (`cnncli.models.layers.activates_after_pool`), a LeNet-5 training step
-ran 1.16x faster and an FGSM step 1.22x; VGG-16's training step was unchanged.
+output, so a data-parallel step sends that one number from its device to the others. The speed-ups
+(with the ReLU moved after the pool, `cnncli.models.layers.activates_after_pool`) are in
+docs/performance.md ("The rules", `window_max`).
 """
 
 from __future__ import annotations

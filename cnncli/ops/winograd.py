@@ -8,13 +8,10 @@ outputs where direct convolution needs 36; F(4x4, 3x3) needs 36 per 16 outputs i
 The weight gradient is the same algorithm transposed: dU[u, v] = sum over tiles of V[u, v]^T dM[u, v],
 with dM the output gradient through the adjoint of the output transform, then dW = G^T dU G.
 
-Where each applies is `cnncli.ops.conv`'s choice, measured on the 2-core CPU at batch 128
-(`docs/conv_layers.py`, docs/performance.md). XLA's direct convolution runs near the machine's fp32
-matmul rate, so the transforms' memory traffic decides: `conv3x3` (forward passes and input
-gradients) wins with channel counts that keep the per-position products large (multiples of 64),
-and the whole models measured gained on maps from 8x8 to 32x32; the weight gradient, which XLA
-computes slower than its forward pass, wins on 16x16, 8x8 and 4x4 maps (205 against 195, 355
-against 330, 370 against 361 GFLOP/s) but lost on 32x32 maps (55 against 126).
+Where each applies is `cnncli.ops.conv`'s choice (`winograd_conv_applies`,
+`winograd_weight_grad_applies`); docs/performance.md ("The rules") has the measurements. XLA's
+direct convolution runs near the machine's matmul rate, so the transforms' memory traffic decides
+where fewer multiplications pay: with wide channels on small and middle-sized maps.
 
 Everything is written as strided slices, signed sums and per-position matrix products, so XLA
 fuses each transform into a few loops and calls its matmul for the products; the transforms'
@@ -62,7 +59,7 @@ TRANSFORMS = {
                  at=np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0],
                               [0, 1, -1, 8, -8, 1]], np.float64)),
 }
-# Output sides up to which the smaller tile is faster: on 4x4 maps F(4x4)'s tile is mostly padding.
+# Output sides up to which the weight gradient takes F(2x2): on 4x4 maps F(4x4)'s 6x6 tile is mostly padding.
 SMALL_MAP = 4
 
 
@@ -143,9 +140,8 @@ def conv3x3(x: jax.Array, w: jax.Array, padding: tuple[tuple[int, int], tuple[in
     flipped, its channels swapped, the padding 2 - p), so `cnncli.ops.conv` uses this for both.
     Unlike the weight gradient above, the transforms here run in two separable stages (rows, then
     columns: 22 + 132 terms per tile for B^T d B instead of 484) and the 36 per-position products are
-    one batched product. On ResNet-18's 16x16 x 128 layer (batch 128, one run): 22.2 ms, against
-    27.5 ms for the 2-D sums with the same batched product, 44.4 ms with 36 separate products and
-    30.6 ms for XLA's direct forward; with the kernel transform as fused sums, 16.0 against 30.7.
+    one batched product, which is what made the forward pass faster than XLA's (the weight gradient
+    measured slower in this form, so it keeps its 2-D sums).
     """
     t = TRANSFORMS[4]
     m, a = t.m, t.a
@@ -158,8 +154,8 @@ def conv3x3(x: jax.Array, w: jax.Array, padding: tuple[tuple[int, int], tuple[in
     row_mix = jnp.stack([_combine(t.bt[u], lambda r: xp[:, r: r + m * (th - 1) + 1: m]) for u in range(a)])
     tiles = jnp.stack([_combine(t.bt[v], lambda s: row_mix[:, :, :, s: s + m * (tw - 1) + 1: m]) for v in range(a)],
                       axis=1)
-    # G w G^T per channel pair, as signed sums XLA fuses into one pass (an einsum with G took 6.7
-    # against 0.8 ms for a 256 -> 256 kernel: XLA made its 3-long contractions dot products)
+    # G w G^T per channel pair, as signed sums XLA fuses into one pass: as an einsum with G, XLA made
+    # its 3-long contractions dot products, several times slower
     kernel_rows = [_combine(t.g[u], lambda i: w[i]) for u in range(a)]
     kernel = jnp.stack([_combine(t.g[v], row.__getitem__) for row in kernel_rows for v in range(a)])
     prod = lax.dot_general(tiles.reshape(a * a, -1, c), kernel, (((2,), (1,)), ((0,), (0,))))

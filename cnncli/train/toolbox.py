@@ -3,7 +3,8 @@
 Small pure functions the steps and the loop plug in where a recipe asks for them. Device-side ones
 (EMA update, weighted loss, balanced draw, flip TTA) run inside jit; host-side ones (class weight
 vector, early stopping) are functions of the run's history, so a resumed run decides exactly as the
-uninterrupted one did.
+uninterrupted one did (which is why early stopping is not flax.training.early_stopping, whose state
+would need checkpointing).
 """
 
 from collections.abc import Callable, Iterator, Sequence

@@ -5,6 +5,8 @@ The catalogue lives in the registry `AUGMENTATIONS`; each op is
 (N, K) one-hot or soft labels. `build_augment` turns the recipe's `augment:` list into one function
 `(images, labels, key) -> (images, labels)` that applies the ops in the order written, each to a
 per-image Bernoulli(p) subset of the batch. `preview_draws` makes a few draws for a PNG preview.
+Hand-written so that augmentation runs inside the jitted step with no host pipeline (its cost:
+docs/toolbox.md).
 
     geometric   hflip vflip crop random_crop crop_and_pad translate rotate scale shear affine
                 perspective elastic

@@ -7,9 +7,8 @@ per image (`lax.switch` under `vmap` becomes a select over every branch anyway),
     geometric candidates cost a single bilinear gather, and
   * the cheap pixel-wise candidates on the warped batch, picked with a chain of `jnp.where`
     that XLA fuses into one pass.
-Measured on the 2-core CPU, batch 128: 0.77 ms per round on 28x28x1 and 1.6 ms on 32x32x3, against
-3.4 ms and 13.4 ms for `vmap(lax.switch)` over per-image branches (each geometric branch then
-gathers on its own).
+Under `vmap(lax.switch)` each geometric branch would gather on its own; this form is several times
+faster (docs/performance.md, "The rules", `policy_round`).
 Magnitude 0 makes every candidate the identity, so a policy at magnitude 0 changes nothing.
 (Autocontrast is blended in by the magnitude for that reason.)
 """

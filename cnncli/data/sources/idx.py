@@ -1,4 +1,8 @@
-"""MNIST-style IDX files: idx:DIR (and the reader Fashion-MNIST uses)."""
+"""MNIST-style IDX files: idx:DIR (and the reader Fashion-MNIST uses).
+
+Hand-written with NumPy: it reads Debian's gzipped files offline, without the TensorFlow that TFDS
+needs to prepare them (docs/design.md, habit 10).
+"""
 
 from __future__ import annotations
 

@@ -118,10 +118,10 @@ def activates_after_pool(layer: nnx.Module, following: nnx.Module) -> bool:
     """Whether a convolution's activation may run after the max-pool that follows it.
 
     The values are the same (the activation preserves order, so it commutes with the maximum), and
-    the activation and its gradient then cover a quarter of the pixels. With the max-pool's own
-    gradient (`cnncli.ops.pool`) LeNet-5 trained 1.16x faster: its first convolution is stored once
-    for the pool's gradient instead of recomputed for the activation's. Not while a recorder
-    watches, so that every layer reports its own output.
+    the activation and its gradient then cover a quarter of the pixels; with the max-pool's own
+    gradient (`cnncli.ops.pool`) the convolution before it is stored once for the pool's gradient
+    instead of recomputed for the activation's. Not while a recorder watches, so that every layer
+    reports its own output.
     """
     return (isinstance(layer, Conv) and isinstance(following, Pool) and following.pool_kind == "max"
             and layer.act_name in ORDER_PRESERVING and layer.post_norm is None and not is_recording())
