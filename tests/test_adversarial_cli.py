@@ -197,7 +197,11 @@ def test_adversarial_training_reports_robust_validation_accuracy(tmp_path):
                  "--set", "train.adversarial={attack: pgd, eps: 0.1, steps: 2, step_size: 0.05, mix: 0.5}")
     assert result.exit_code == 0, result.output
     rows = metric_rows(tmp_path / "run")
-    assert all(0.0 <= r["val_robust_acc"] <= 1.0 for r in rows) and len(rows) == 2
+    n_val = json.loads((tmp_path / "run" / "data.json").read_text())["n_val"]
+    assert len(rows) == 2 and n_val == 64
+    for r in rows:  # a count of the validation images that survive the attack, and fewer than without it
+        assert r["val_robust_acc"] * n_val == pytest.approx(round(r["val_robust_acc"] * n_val), abs=1e-6)
+        assert r["val_robust_acc"] < r["val_acc"]
     assert "robust" in result.stderr and "validation robust accuracy" in result.stdout
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     most_robust = max(rows, key=lambda r: r["val_robust_acc"])  # the best checkpoint is the most robust epoch
@@ -215,4 +219,6 @@ def test_benchmark_fgsm_mode():
     result = cli("benchmark", "--model", "lenet5", "--mode", "fgsm", "--steps", "2", "--warmup", "1", "--json")
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout.strip().splitlines()[-1])
-    assert out["mode"] == "fgsm" and out["impl"] == "cnncli" and out["img_per_s"] > 0
+    assert out["mode"] == "fgsm" and out["impl"] == "cnncli" and out["steps"] == 2 and out["batch"] == 128
+    # an FGSM step is two forward passes' work (forward, then the input gradient): LeNet-5's 2 x 416,520 flops each
+    assert out["gflops"] == pytest.approx(out["img_per_s"] * 2 * 2 * 416_520 / 1e9, rel=1e-3, abs=0.05)

@@ -4,7 +4,9 @@ Real-data results are in each recipe's header (measured with its command); this 
 """
 
 import json
+import math
 
+import numpy as np
 import pytest
 
 from cnncli.recipe import bundled_recipes, load, read_yaml
@@ -27,5 +29,8 @@ def test_recipe_runs(path, tmp_path):
     result = cli("train", path, "--run-dir", tmp_path / "run", *SMOKE,
                  "--set", f"data.source=synthetic:{shape}")
     assert result.exit_code == 0, result.output
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["test"]["n"] == 500 and 0.0 <= summary["test"]["top1"] <= 1.0
+    test = json.loads((tmp_path / "run" / "summary.json").read_text())["test"]
+    confusion = np.array(test["confusion"])
+    # top-1 and the confusion matrix are summed separately by the eval step: they must agree
+    assert test["n"] == confusion.sum() == 500 and test["top1"] == pytest.approx(np.trace(confusion) / 500)
+    assert test["top1"] <= test["top5"] and math.isfinite(test["loss"])
