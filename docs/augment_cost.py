@@ -19,7 +19,7 @@ from cnncli.data.augment import build_augment
 from cnncli.recipe import load
 from cnncli.train import optim
 from cnncli.train.state import TrainState, build, init_totals
-from cnncli.train.steps import data_mesh, make_train_step
+from cnncli.train.steps import StepOptions, data_mesh, make_train_step
 
 CHUNKS, BLOCK, ROUNDS = 50, 50, 8  # batches in the synthetic epoch, steps per timed block, rounds
 SHAPE, CLASSES = (28, 28, 1), 10
@@ -33,7 +33,7 @@ class Runner:
         tx = optim.build_optimizer(recipe.optim, optim.learning_rate(recipe.optim, recipe.schedule, epochs=1,
                                                                       steps_per_epoch=CHUNKS), net.params)
         self.step = make_train_step(net.train_def, tx, num_classes=CLASSES, batch_size=recipe.train.batch_size,
-                                    mesh=data_mesh(), augment=augment)
+                                    mesh=data_mesh(), options=StepOptions(augment=augment))
         self.state = TrainState(net.params, net.rest, tx.init(net.params), jnp.zeros((), jnp.int32))
         self.totals, self.calls, self.start = init_totals(), 0, jnp.int32(0)
 

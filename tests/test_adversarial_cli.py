@@ -152,12 +152,12 @@ def _train_step(make_perturb, mix):
     """
     from cnncli.recipe import validate
     from cnncli.train.state import TrainState, build, init_totals
-    from cnncli.train.steps import data_mesh, make_train_step
+    from cnncli.train.steps import StepOptions, data_mesh, make_train_step
 
     model = build(validate({"name": "t", "model": {"name": "mlp", "args": {"hidden": [16]}}}), (8, 8, 1), 3)
     tx = optax.sgd(0.5)
     step = make_train_step(model.train_def, tx, num_classes=3, batch_size=16, mesh=data_mesh(),
-                           perturb=make_perturb(model.train_def), mix=mix)
+                           options=StepOptions(perturb=make_perturb(model.train_def), mix=mix))
     rng = np.random.default_rng(0)
     xs = jnp.asarray(rng.integers(0, 256, (16, 8, 8, 1)), jnp.uint8)
     ys = jnp.asarray(rng.integers(0, 3, 16), jnp.int32)

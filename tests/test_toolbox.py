@@ -324,14 +324,15 @@ def test_class_weights_and_balanced_sampling_train(tmp_path, fashion):
 def test_bfloat16_computes_in_bf16_and_trains(tmp_path, fashion):
     from cnncli import recipe as recipe_lib
     from cnncli.train.state import TrainState, build, init_totals
-    from cnncli.train.steps import data_mesh, forward, make_train_step
+    from cnncli.train.steps import StepOptions, data_mesh, forward, make_train_step
 
     # ResNet-20: the zoo's own conv layers (raw lax ops) and Flax batch norm, on tiny 8x8 images; its
     # train step has 19 forward convolutions and their backward ones (all but the input gradient)
     recipe = recipe_lib.load("lenet5_fashion_mnist", ["model.name=resnet20", "train.precision=bfloat16"])
     model = build(recipe, (8, 8, 1), 10)
     tx = optax.sgd(0.1)
-    step = make_train_step(model.train_def, tx, num_classes=10, batch_size=4, mesh=data_mesh(), precision="bfloat16")
+    step = make_train_step(model.train_def, tx, num_classes=10, batch_size=4, mesh=data_mesh(),
+                           options=StepOptions(precision="bfloat16"))
     params, rest = jax.tree.map(jnp.copy, (model.params, model.rest))  # the step donates its state
     state = TrainState(params, rest, tx.init(params), jnp.zeros((), jnp.int32))
     args = (jnp.full((4, 8, 8, 1), 128, jnp.uint8), jnp.arange(4, dtype=jnp.int32), jnp.int32(0), jax.random.key(0))

@@ -17,7 +17,8 @@ run directory; the others keep the metrics rows (which every process computes al
 import math
 import signal
 import time
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from cnncli.adversarial.attacks import AttackConfig
 from cnncli.adversarial.robustness import make_perturb, make_robust_accuracy
@@ -39,6 +41,7 @@ from cnncli.train import toolbox
 from cnncli.train.evaluate import eval_batch, evaluate
 from cnncli.train.state import Model, TrainState, build, init_totals
 from cnncli.train.steps import (
+    StepOptions,
     check_batch,
     data_mesh,
     make_eval_step,
@@ -128,6 +131,46 @@ def start_run(recipe: Recipe, splits: Splits, run: RunDir) -> None:
                               "n_train": len(splits.train_x), "n_val": len(splits.val_x)})
 
 
+@dataclass(frozen=True)
+class Best:
+    """The epoch a run reports (its `best` checkpoint): that epoch's validation top-1 and the score that chose it.
+
+    The score is val_acc, or val_robust_acc for an adversarially trained run (the cleanest epoch is
+    often less robust); it is None before the first epoch ends. Checkpoints keep this as a dict in
+    meta["best"]; older ones have no score, and then val_top1 stands in for it.
+    """
+
+    val_top1: float = -1.0
+    epoch: int = 0
+    score: float | None = None
+
+    def beaten_by(self, score: float) -> bool:
+        return score > (self.val_top1 if self.score is None else self.score)
+
+    def to_meta(self) -> dict[str, Any]:
+        meta = {"val_top1": self.val_top1, "epoch": self.epoch}
+        return meta if self.score is None else {**meta, "score": self.score}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> "Best":
+        return cls(meta["val_top1"], meta["epoch"], meta.get("score"))
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """What stays fixed while a run trains; the loop's sections read it."""
+
+    recipe: Recipe
+    splits: Splits
+    run: RunDir
+    display: Any
+    tune: Any  # a cnncli.transfer.finetune.FineTuning, or None
+    model: Model
+    mesh: Mesh
+    steps_per_epoch: int
+    lr: Callable  # the schedule: global step -> learning rate (before a plateau's scale)
+
+
 def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, display=None,
           tune=None) -> dict[str, Any]:
     """Train `recipe` on `splits`, writing metrics and checkpoints into `run`; returns the summary.
@@ -138,6 +181,8 @@ def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, 
     display = display or _NullDisplay()
     if run.writes:
         run.path.mkdir(parents=True, exist_ok=True)
+
+    # ---- Setup: the mesh, the model, its optimizer and the state that training carries ----
     mesh = data_mesh()
     check_batch(recipe.train.batch_size, mesh)
     spe = steps_per_epoch(recipe, len(splits.train_x))
@@ -149,136 +194,186 @@ def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, 
           else optim_lib.build_optimizer(recipe.optim, lr, model.params, plateau=plateau))
     ema = toolbox.init_ema(model.params, model.rest) if recipe.train.ema is not None else None
     state = TrainState(model.params, model.rest, tx.init(model.params), jnp.zeros((), jnp.int32), ema)
-    totals = init_totals()
+    s = _Setup(recipe, splits, run, display, tune, model, mesh, spe, lr)
 
-    start_epoch, start_step, best = 0, 0, {"val_top1": -1.0, "epoch": 0}
-    point = distributed.agree(lambda: _resume_point(run)) if resume else None
-    if resume and not run.writes:
-        run.set_metrics(point["metrics"] if point else [])
-    if resume and point is None:  # killed before its first checkpoint
-        run.truncate_metrics(0)
-        display.message(f"{run.path} has no checkpoint yet: starting it from the beginning")
-    elif resume:
-        # meta says where to continue: epoch index (= epochs completed) and steps done within it
-        meta = point["meta"]
-        state, totals = checkpoint.restore(Path(point["checkpoint"]), state)
-        start_epoch, start_step, best = meta["epoch"], meta["step_in_epoch"], meta.get("best", best)
-        if start_step == 0:
-            totals = init_totals()
-        run.truncate_metrics(start_epoch)
-        display.message(f"resuming {run.path} at epoch {start_epoch + 1}, step {start_step}")
-
+    # ---- Resume: the latest checkpoint's state, the position it was saved at, the best epoch so far ----
+    state, totals, start_epoch, start_step, best = (_resume(s, state) if resume
+                                                    else (state, init_totals(), 0, 0, Best()))
     state, totals = replicate((state, totals), mesh)
-    penalty = (lambda p: optim_lib.penalty(p, recipe.optim)) if (recipe.optim.l1 or recipe.optim.l2) else None
-    adversarial = recipe.train.adversarial
-    perturb, attack_cfg = None, None
-    if adversarial is not None:
 
-        attack_cfg = training_attack(adversarial)
-        perturb = make_perturb(model.train_def, attack_cfg, adversarial.eps)
-        if adversarial.attack == "pgd" and adversarial.step_size > adversarial.eps:
-            display.message(f"warning: train.adversarial.step_size={adversarial.step_size:g} is larger than "
-                            f"eps={adversarial.eps:g}: every step overshoots the ball and is projected back")
-    weights = toolbox.class_weight_vector(recipe.train.class_weights, splits.train_y, splits.num_classes)
+    # ---- The jitted steps, and the source of each epoch's batches ----
     stacked = distributed.multiprocess()  # batches as (steps, batch, ...) arrays: see stack_batches
     train_step = make_train_step(model.train_def, tx, num_classes=splits.num_classes,
-                                 batch_size=recipe.train.batch_size, mesh=mesh,
-                                 augment=_augment(recipe),
-                                 label_smoothing=recipe.train.label_smoothing, penalty=penalty,
-                                 perturb=perturb, mix=adversarial.mix if adversarial else 1.0,
-                                 class_weights=None if weights is None else replicate(jnp.asarray(weights), mesh),
-                                 ema_decay=recipe.train.ema, precision=recipe.train.precision,
-                                 distill=tune.distill if tune else None, stacked=stacked)
-    has_val = len(splits.val_x) > 0
-    val_batch = eval_batch(len(splits.val_x), recipe.train.eval_batch_size, mesh) if has_val else 0
-    val_step = make_eval_step(model.eval_def, num_classes=splits.num_classes, batch_size=val_batch,
-                              mesh=mesh, stacked=stacked) if has_val else None
-    val_robust = None
-    if has_val and adversarial is not None:
-
-        val_robust = make_robust_accuracy(model.eval_def, attack_cfg, num_classes=splits.num_classes,
-                                          batch_size=val_batch, mesh=mesh)
-    # an adversarially trained run keeps its most robust epoch: the cleanest one is often less robust
-    select = "val_robust_acc" if val_robust is not None else "val_acc"
-    epoch_data = (_sharded_epochs if stacked else _device_epochs)(recipe, splits, mesh, tune)
+                                 batch_size=recipe.train.batch_size, mesh=mesh, options=_step_options(s, stacked))
     key = jax.random.key(recipe.seed)
+    validate = _validation(s, stacked, robust_key=jax.random.fold_in(key, ROBUST_STREAM))
+    epoch_batches = (_sharded_epochs if stacked else _device_epochs)(recipe, splits, mesh, tune)
     shuffle_key, augment_key = jax.random.fold_in(key, SHUFFLE_STREAM), jax.random.fold_in(key, AUGMENT_STREAM)
+    select = "val_robust_acc" if recipe.train.adversarial is not None else "val_acc"  # the score of Best
 
-    def save(epoch: int, step_in_epoch: int, is_best: bool, score: float | None = None) -> None:
-        meta = {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": epoch * spe + step_in_epoch,
-                "best": best}
-        checkpoint.save(run.checkpoints, state=state, totals=totals, meta=meta, best=is_best,
-                        keep_top=recipe.train.keep_checkpoints, score=score)
-
-    def interrupted(where: str) -> Interrupted:
-        """Ctrl-C; with early_stopping.restore_best the summary reports the best epoch, as an early stop would."""
-        if _restores_best(recipe) and best["epoch"] > 0:
-            display.finish()
-            finish(recipe, splits, run, model, state, mesh, best, stopped="user")
-            where += f"; summary.json reports the best epoch ({best['epoch']})"
-        return Interrupted(where)
-
+    # ---- The epochs ----
     lr_scale = optim_lib.get_plateau_scale(state.opt_state) or 1.0
-    stopped_early = False
+    stopped = None
     display.start(epochs=epochs, steps_per_epoch=spe, first_epoch=start_epoch, first_step=start_step)
     with _StopFlag() as stop:
         for epoch in range(start_epoch, epochs):
             if _stalled(recipe, run):  # checked here, not after an epoch, so a resumed stopped run stays stopped
-                stopped_early = True
+                stopped = "early"
                 display.message(f"early stopping after epoch {epoch}: no validation accuracy gain for "
-                                f"{recipe.train.early_stopping.patience} epochs (best: epoch {best['epoch']})")
+                                f"{recipe.train.early_stopping.patience} epochs (best: epoch {best.epoch})")
                 break
-            xs, ys, aux = epoch_data(jax.random.fold_in(shuffle_key, epoch), spe)
-            epoch_start = jnp.int32(epoch * spe)
-            t0, first = time.perf_counter(), (start_step if epoch == start_epoch else 0)
-            for i in range(first, spe):
-                state, totals = train_step(state, totals, xs, ys, epoch_start, augment_key, aux)
-                log = (i + 1) % recipe.train.log_every == 0 or i + 1 == spe
-                if i + 1 < spe and stop.requested(in_sync=log):
-                    save(epoch, i + 1, is_best=False)
-                    raise interrupted(f"epoch {epoch + 1}, step {i + 1}/{spe}")
-                if log:
-                    row = _train_row(totals)
-                    _check_finite(row, epoch, i + 1, run)
-                    elapsed = time.perf_counter() - t0
-                    display.update(epoch=epoch, step=i + 1, loss=row["train_loss"], acc=row["train_acc"],
-                                   lr=float(lr(epoch * spe + i)) * lr_scale,
-                                   img_per_s=(i + 1 - first) * recipe.train.batch_size / max(elapsed, 1e-9))
-            seconds = time.perf_counter() - t0
+
+            # ---- Steps of one epoch ----
+            first = start_step if epoch == start_epoch else 0
+            batches = epoch_batches(jax.random.fold_in(shuffle_key, epoch), spe)
+            state, totals, seconds = _epoch_steps(s, train_step, state, totals, batches, augment_key,
+                                                  epoch=epoch, first=first, lr_scale=lr_scale, best=best, stop=stop)
+
+            # ---- End of epoch: validation, the best epoch, metrics, the plateau's lr, a checkpoint ----
             row = {"epoch": epoch + 1, "step": (epoch + 1) * spe, **_train_row(totals),
                    "lr": float(lr((epoch + 1) * spe - 1)) * lr_scale, "seconds": round(seconds, 3),
                    "img_per_s": round((spe - first) * recipe.train.batch_size / seconds, 1)}
-            if has_val:
-                val = evaluate(model.eval_def, state.params, state.rest, splits.val_x, splits.val_y,
-                               splits.class_names, batch_size=val_batch, mesh=mesh, step_fn=val_step)
-                row.update(val_loss=val["loss"], val_acc=val["top1"], val_top5=val["top5"])
-                if val_robust is not None:
-                    # the same starts every epoch, so epochs are compared on the same attack
-                    row["val_robust_acc"] = val_robust(state.params, state.rest, splits.val_x, splits.val_y,
-                                                       adversarial.eps, jax.random.fold_in(key, ROBUST_STREAM))
-                if state.ema is not None:
-                    val = evaluate(model.eval_def, state.ema["params"], state.ema["rest"], splits.val_x, splits.val_y,
-                                   splits.class_names, batch_size=val_batch, mesh=mesh, step_fn=val_step)
-                    row.update(val_ema_loss=val["loss"], val_ema_acc=val["top1"])
+            if validate is not None:
+                row.update(validate(state))
             if tune is not None:
                 row.update(tune.epoch_metrics(state.params, state.rest))
-            is_best = has_val and row[select] > best.get("score", best["val_top1"])
-            if is_best or not has_val:
-                best = {"val_top1": row.get("val_acc", -1.0), "epoch": epoch + 1, "score": row.get(select, -1.0)}
+            improved = validate is None or best.beaten_by(row[select])  # without validation, the latest is best
+            if improved:
+                best = Best(row.get("val_acc", -1.0), epoch + 1, row.get(select, -1.0))
             run.append_metrics(row)
             if plateau:
-                lr_scale = optim_lib.plateau_scale([r["val_loss"] for r in run.read_metrics()],
-                                                   recipe.schedule.factor, recipe.schedule.patience)
-                state = replicate(replace(state, opt_state=optim_lib.set_plateau_scale(state.opt_state, lr_scale)),
-                                  mesh)
-            save(epoch + 1, 0, is_best=is_best or not has_val, score=row.get("val_acc"))
+                state, lr_scale = _plateau(s, state)
+            _save(s, state, totals, best, epoch + 1, 0, is_best=improved, score=row.get("val_acc"))
             display.epoch_done(row)
             totals = replicate(init_totals(), mesh)
             if epoch + 1 < epochs and stop.requested(in_sync=True):
-                raise interrupted(f"end of epoch {epoch + 1}")
+                raise _interrupted(s, state, best, f"end of epoch {epoch + 1}")
+
+    # ---- Finish: the reported checkpoint on the test split, summary.json ----
     display.finish()
-    return finish(recipe, splits, run, model, state, mesh, best, stopped="early" if stopped_early else None,
-                  tune=tune)
+    return finish(recipe, splits, run, model, state, mesh, best, stopped=stopped, tune=tune)
+
+
+def _resume(s: _Setup, state: TrainState) -> tuple[TrainState, dict, int, int, Best]:
+    """The latest checkpoint's state and totals, the epoch and step to continue at, and the best epoch so
+    far; a run stopped before its first checkpoint starts from the beginning."""
+    run, totals = s.run, init_totals()
+    point = distributed.agree(lambda: _resume_point(run))
+    if not run.writes:
+        run.set_metrics(point["metrics"] if point else [])
+    if point is None:  # killed before its first checkpoint
+        run.truncate_metrics(0)
+        s.display.message(f"{run.path} has no checkpoint yet: starting it from the beginning")
+        return state, totals, 0, 0, Best()
+    # meta says where to continue: epoch index (= epochs completed) and steps done within it
+    meta = point["meta"]
+    state, totals = checkpoint.restore(Path(point["checkpoint"]), state)
+    epoch, step = meta["epoch"], meta["step_in_epoch"]
+    best = Best.from_meta(meta["best"]) if "best" in meta else Best()
+    if step == 0:
+        totals = init_totals()
+    run.truncate_metrics(epoch)
+    s.display.message(f"resuming {run.path} at epoch {epoch + 1}, step {step}")
+    return state, totals, epoch, step, best
+
+
+def _step_options(s: _Setup, stacked: bool) -> StepOptions:
+    """What the train step adds to cross-entropy, from the recipe (and a fine-tuning's distillation)."""
+    recipe, adversarial = s.recipe, s.recipe.train.adversarial
+    penalty = (lambda p: optim_lib.penalty(p, recipe.optim)) if (recipe.optim.l1 or recipe.optim.l2) else None
+    perturb = None
+    if adversarial is not None:
+        perturb = make_perturb(s.model.train_def, training_attack(adversarial), adversarial.eps)
+        if adversarial.attack == "pgd" and adversarial.step_size > adversarial.eps:
+            s.display.message(f"warning: train.adversarial.step_size={adversarial.step_size:g} is larger than "
+                              f"eps={adversarial.eps:g}: every step overshoots the ball and is projected back")
+    weights = toolbox.class_weight_vector(recipe.train.class_weights, s.splits.train_y, s.splits.num_classes)
+    return StepOptions(augment=_augment(recipe), label_smoothing=recipe.train.label_smoothing, penalty=penalty,
+                       perturb=perturb, mix=adversarial.mix if adversarial else 1.0,
+                       class_weights=None if weights is None else replicate(jnp.asarray(weights), s.mesh),
+                       ema_decay=recipe.train.ema, precision=recipe.train.precision,
+                       distill=s.tune.distill if s.tune else None, stacked=stacked)
+
+
+def _validation(s: _Setup, stacked: bool, robust_key: jax.Array) -> Callable[[TrainState], dict] | None:
+    """The end-of-epoch validation: state -> the metrics row's val_* entries; None without a validation split."""
+    splits, model, mesh, adversarial = s.splits, s.model, s.mesh, s.recipe.train.adversarial
+    if len(splits.val_x) == 0:
+        return None
+    batch = eval_batch(len(splits.val_x), s.recipe.train.eval_batch_size, mesh)
+    step = make_eval_step(model.eval_def, num_classes=splits.num_classes, batch_size=batch, mesh=mesh,
+                          stacked=stacked)
+    robust = None
+    if adversarial is not None:
+        robust = make_robust_accuracy(model.eval_def, training_attack(adversarial), num_classes=splits.num_classes,
+                                      batch_size=batch, mesh=mesh)
+    val = partial(evaluate, model.eval_def, x=splits.val_x, y=splits.val_y, class_names=splits.class_names,
+                  batch_size=batch, mesh=mesh, step_fn=step)
+
+    def validate(state: TrainState) -> dict[str, float]:
+        clean = val(params=state.params, rest=state.rest)
+        row = {"val_loss": clean["loss"], "val_acc": clean["top1"], "val_top5": clean["top5"]}
+        if robust is not None:
+            # the same starts every epoch, so epochs are compared on the same attack
+            row["val_robust_acc"] = robust(state.params, state.rest, splits.val_x, splits.val_y, adversarial.eps,
+                                           robust_key)
+        if state.ema is not None:
+            averaged = val(params=state.ema["params"], rest=state.ema["rest"])
+            row.update(val_ema_loss=averaged["loss"], val_ema_acc=averaged["top1"])
+        return row
+
+    return validate
+
+
+def _epoch_steps(s: _Setup, train_step, state, totals, batches, augment_key, *, epoch: int, first: int,
+                 lr_scale: float, best: Best, stop: _StopFlag):
+    """Steps `first`.. of one epoch over `batches` (xs, ys, aux), with progress every train.log_every
+    steps; returns the state, the totals and the seconds it took. Ctrl-C checkpoints the step and
+    raises Interrupted."""
+    spe, batch_size, log_every = s.steps_per_epoch, s.recipe.train.batch_size, s.recipe.train.log_every
+    xs, ys, aux = batches
+    epoch_start = jnp.int32(epoch * spe)
+    t0 = time.perf_counter()
+    for i in range(first, spe):
+        state, totals = train_step(state, totals, xs, ys, epoch_start, augment_key, aux)
+        log = (i + 1) % log_every == 0 or i + 1 == spe
+        if i + 1 < spe and stop.requested(in_sync=log):
+            _save(s, state, totals, best, epoch, i + 1, is_best=False)
+            raise _interrupted(s, state, best, f"epoch {epoch + 1}, step {i + 1}/{spe}")
+        if log:
+            row = _train_row(totals)
+            _check_finite(row, epoch, i + 1, s.run)
+            elapsed = time.perf_counter() - t0
+            s.display.update(epoch=epoch, step=i + 1, loss=row["train_loss"], acc=row["train_acc"],
+                             lr=float(s.lr(epoch * spe + i)) * lr_scale,
+                             img_per_s=(i + 1 - first) * batch_size / max(elapsed, 1e-9))
+    return state, totals, time.perf_counter() - t0
+
+
+def _plateau(s: _Setup, state: TrainState) -> tuple[TrainState, float]:
+    """The plateau schedule's lr scale after this epoch's validation loss, set in the optimizer state."""
+    schedule = s.recipe.schedule
+    scale = optim_lib.plateau_scale([r["val_loss"] for r in s.run.read_metrics()], schedule.factor, schedule.patience)
+    state = replace(state, opt_state=optim_lib.set_plateau_scale(state.opt_state, scale))
+    return replicate(state, s.mesh), scale
+
+
+def _save(s: _Setup, state, totals, best: Best, epoch: int, step_in_epoch: int, is_best: bool,
+          score: float | None = None) -> None:
+    """Checkpoint the state at `step_in_epoch` of epoch index `epoch` (0 with the epochs completed)."""
+    meta = {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": epoch * s.steps_per_epoch + step_in_epoch,
+            "best": best.to_meta()}
+    checkpoint.save(s.run.checkpoints, state=state, totals=totals, meta=meta, best=is_best,
+                    keep_top=s.recipe.train.keep_checkpoints, score=score)
+
+
+def _interrupted(s: _Setup, state, best: Best, where: str) -> Interrupted:
+    """Ctrl-C; with early_stopping.restore_best the summary reports the best epoch, as an early stop would."""
+    if _restores_best(s.recipe) and best.epoch > 0:
+        s.display.finish()
+        finish(s.recipe, s.splits, s.run, s.model, state, s.mesh, best, stopped="user")
+        where += f"; summary.json reports the best epoch ({best.epoch})"
+    return Interrupted(where)
 
 
 def _device_epochs(recipe: Recipe, splits: Splits, mesh, tune):
@@ -346,7 +441,7 @@ def _restores_best(recipe: Recipe) -> bool:
     return rule is not None and rule.restore_best
 
 
-def finish(recipe: Recipe, splits: Splits, run: RunDir, model: Model, state, mesh, best,
+def finish(recipe: Recipe, splits: Splits, run: RunDir, model: Model, state, mesh, best: Best,
            stopped: str | None = None, tune=None) -> dict[str, Any]:
     """Evaluate the reported checkpoint on the test split and write summary.json.
 
@@ -357,11 +452,11 @@ def finish(recipe: Recipe, splits: Splits, run: RunDir, model: Model, state, mes
     rule = recipe.train.early_stopping
     which = "latest" if rule is not None and not rule.restore_best else "best"
     rows = run.read_metrics()
-    summary: dict[str, Any] = {"name": recipe.name, "best_epoch": best["epoch"],
-                               "best_val_acc": best["val_top1"] if best["val_top1"] >= 0 else None,
+    summary: dict[str, Any] = {"name": recipe.name, "best_epoch": best.epoch,
+                               "best_val_acc": best.val_top1 if best.val_top1 >= 0 else None,
                                "params": model.num_params, "epochs_run": len(rows)}
-    if recipe.train.adversarial is not None and best.get("score", -1.0) >= 0:
-        summary["best_val_robust_acc"] = best["score"]
+    if recipe.train.adversarial is not None and best.score is not None and best.score >= 0:
+        summary["best_val_robust_acc"] = best.score
     summary["train_seconds"] = round(sum(r.get("seconds", 0.0) for r in rows), 1)
     if stopped:
         summary["stopped"] = stopped

@@ -7,6 +7,7 @@ the step, with randomness from fold_in(key, step). Steps never print and never t
 """
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 import jax
@@ -111,62 +112,84 @@ def stack_batches(arrays: np.ndarray, order: np.ndarray, batch_size: int, mesh: 
                                                   (batches, batch_size, *arrays.shape[1:]))
 
 
+@dataclass(frozen=True)
+class StepOptions:
+    """What a training step does besides cross-entropy on its batch; the defaults turn everything off.
+
+    augment: (x, labels, key) -> (x, labels), applied to the [0, 1] batch inside the step.
+    label_smoothing: the targets' smoothing (optax.smooth_labels).
+    penalty: params -> a scalar added to the loss (L1/L2).
+    perturb, mix: adversarial training. `perturb(params, rest, x, labels, key) -> x_adv` makes
+        adversarial examples of the (augmented) batch, and the loss is (1 - mix) * loss(clean) +
+        mix * loss(adversarial) (Goodfellow et al.'s alpha = 1 - mix; Madry et al.'s PGD training is
+        mix = 1). The training accuracy is then measured on the clean half, or on the adversarial
+        batch when mix = 1.
+    class_weights: (k,) weights of the loss per class.
+    ema_decay: update state.ema after every step with this decay.
+    precision: bfloat16 computes the forward and backward pass in bfloat16 (with a train graphdef
+        from `split_model(model, 'bfloat16')`), the weights staying float32.
+    distill: (logits, aux_batch) -> (task_logits, loss) (Learning without Forgetting) takes extra
+        outputs off the logits and adds a loss on them; aux_batch is the batch's slice of `aux`, a
+        per-example array shuffled like xs (see `shuffle_like`).
+    stacked: batches come as (steps, batch_size, ...) arrays (several processes: see `stack_batches`).
+    """
+
+    augment: Callable | None = None
+    label_smoothing: float = 0.0
+    penalty: Callable | None = None
+    perturb: Callable | None = None
+    mix: float = 1.0
+    class_weights: jax.Array | None = None
+    ema_decay: float | None = None
+    precision: str = "float32"
+    distill: Callable | None = None
+    stacked: bool = False
+
+
 def make_train_step(train_def, tx: optax.GradientTransformation, *, num_classes: int, batch_size: int,
-                    mesh: Mesh, augment: Callable | None = None, label_smoothing: float = 0.0,
-                    penalty: Callable | None = None, perturb: Callable | None = None, mix: float = 1.0,
-                    class_weights: jax.Array | None = None, ema_decay: float | None = None,
-                    precision: str = "float32", distill: Callable | None = None, stacked: bool = False) -> Callable:
+                    mesh: Mesh, options: StepOptions = StepOptions()) -> Callable:
     """A jitted step(state, totals, xs, ys, epoch_start, key, aux=None) -> (state, totals).
 
     xs/ys are the epoch's shuffled uint8 images and labels on device; the batch is the slice that
-    starts at (state.step - epoch_start) * batch_size, or with `stacked` (several processes) row
-    state.step - epoch_start of (steps, batch_size, ...) arrays. state and totals are donated.
-
-    Adversarial training: `perturb(params, rest, x, labels, key) -> x_adv` makes adversarial examples
-    of the (augmented) batch, and the loss is (1 - mix) * loss(clean) + mix * loss(adversarial)
-    (Goodfellow et al.'s alpha = 1 - mix; Madry et al.'s PGD training is mix = 1). The training
-    accuracy is then measured on the clean half, or on the adversarial batch when mix = 1.
-    `class_weights` (k,) weight the loss per class; `ema_decay` updates state.ema after every step;
-    `precision` bfloat16 computes the forward and backward pass in bfloat16 (with a train graphdef
-    from `split_model(model, 'bfloat16')`), the weights staying float32.
-    `distill(logits, aux_batch) -> (task_logits, loss)` (Learning without Forgetting) takes extra
-    outputs off the logits and adds a loss on them; aux_batch is the batch's slice of `aux`, a
-    per-example array shuffled like xs (see `shuffle_like`).
+    starts at (state.step - epoch_start) * batch_size, or with `options.stacked` (several processes)
+    row state.step - epoch_start of (steps, batch_size, ...) arrays. state and totals are donated.
+    `options` (StepOptions) adds augmentation, adversarial examples, loss terms, EMA and precision.
     """
+    o = options
     batch_sharding = NamedSharding(mesh, P("data"))
 
     def step(state: TrainState, totals, xs, ys, epoch_start, key, aux=None):
         i = state.step - epoch_start
-        x = to_pixels(take_batch(xs, i, batch_size, stacked))
-        labels = jax.nn.one_hot(take_batch(ys, i, batch_size, stacked), num_classes)
+        x = to_pixels(take_batch(xs, i, batch_size, o.stacked))
+        labels = jax.nn.one_hot(take_batch(ys, i, batch_size, o.stacked), num_classes)
         step_key = jax.random.fold_in(key, state.step)
-        if augment is not None:
-            x, labels = augment(x, labels, step_key)
+        if o.augment is not None:
+            x, labels = o.augment(x, labels, step_key)
         x = jax.lax.with_sharding_constraint(x, batch_sharding)
-        targets = optax.smooth_labels(labels, label_smoothing) if label_smoothing else labels
+        targets = optax.smooth_labels(labels, o.label_smoothing) if o.label_smoothing else labels
         inputs, weights = x, None
-        if perturb is not None:
-            x_adv = perturb(state.params, state.rest, x, labels, jax.random.fold_in(step_key, PERTURB_STREAM))
-            inputs, targets, weights = _mix_adversarial(x, jax.lax.stop_gradient(x_adv), targets, mix)
+        if o.perturb is not None:
+            x_adv = o.perturb(state.params, state.rest, x, labels, jax.random.fold_in(step_key, PERTURB_STREAM))
+            inputs, targets, weights = _mix_adversarial(x, jax.lax.stop_gradient(x_adv), targets, o.mix)
             inputs = jax.lax.with_sharding_constraint(inputs, batch_sharding)
 
         def loss_fn(params):
             # one forward over clean + adversarial examples: one batch-norm update per step
-            if precision == "float32":
+            if o.precision == "float32":
                 logits, rest, aux_logits = forward(train_def, params, state.rest, inputs, with_aux=True)
             else:
-                logits, rest, aux_logits = forward(train_def, to_compute_dtype(params, precision),
-                                                   to_compute_dtype(state.rest, precision),
-                                                   inputs.astype(COMPUTE_DTYPES[precision]), with_aux=True)
+                logits, rest, aux_logits = forward(train_def, to_compute_dtype(params, o.precision),
+                                                   to_compute_dtype(state.rest, o.precision),
+                                                   inputs.astype(COMPUTE_DTYPES[o.precision]), with_aux=True)
                 rest = like_dtypes(rest, state.rest)
             kept = 0.0
-            if distill is not None:  # Learning without Forgetting: the old head's outputs are kept
-                logits, kept = distill(logits, take_batch(aux, i, batch_size, stacked))
-            loss = weighted_cross_entropy(logits, targets, class_weights, weights)
+            if o.distill is not None:  # Learning without Forgetting: the old head's outputs are kept
+                logits, kept = o.distill(logits, take_batch(aux, i, batch_size, o.stacked))
+            loss = weighted_cross_entropy(logits, targets, o.class_weights, weights)
             # auxiliary classifiers (GoogLeNet) join the training loss with the paper's weight
-            aux_loss = sum(AUX_WEIGHT * weighted_cross_entropy(a, targets, class_weights, weights)
+            aux_loss = sum(AUX_WEIGHT * weighted_cross_entropy(a, targets, o.class_weights, weights)
                            for a in aux_logits)
-            reg = penalty(params) if penalty is not None else 0.0
+            reg = o.penalty(params) if o.penalty is not None else 0.0
             return loss + aux_loss + reg + kept, (loss, logits[:batch_size], rest)
 
         grads, (loss, logits, rest) = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -175,7 +198,7 @@ def make_train_step(train_def, tx: optax.GradientTransformation, *, num_classes:
         correct = jnp.sum(jnp.argmax(logits, -1) == jnp.argmax(labels, -1))
         totals = {"loss": totals["loss"] + loss * batch_size, "correct": totals["correct"] + correct,
                   "count": totals["count"] + batch_size}
-        ema = state.ema if ema_decay is None else ema_update(state.ema, params, rest, ema_decay, state.step)
+        ema = state.ema if o.ema_decay is None else ema_update(state.ema, params, rest, o.ema_decay, state.step)
         return TrainState(params, rest, opt_state, state.step + 1, ema), totals
 
     return jax.jit(step, donate_argnums=(0, 1))
