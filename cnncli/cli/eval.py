@@ -40,7 +40,7 @@ def eval_command(
 
     trained = load_trained(path, which, ema=ema)
     if head == "old":
-        from cnncli.transfer.finetune import old_head_view
+        from cnncli.train.trained_run import old_head_view
 
         trained = old_head_view(trained)
     elif head != "new":
