@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from typer.testing import CliRunner
@@ -61,3 +62,26 @@ def image_folder(root: Path, *, classes=("cat", "dog", "fox"), per_class: int = 
                 Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(base / name / f"{name}_{i:04d}.{ext}",
                                                                            format=fmt)
     return root
+
+
+# Runs each command of argv[1] (a JSON list of argument lists) through the CLI and prints the outcomes as JSON.
+_CLI_SCRIPT = """
+import json, sys
+from typer.testing import CliRunner
+from cnncli.cli import app
+out = []
+for args in json.loads(sys.argv[1]):
+    r = CliRunner().invoke(app, args)
+    out.append({"exit_code": r.exit_code, "stdout": r.stdout, "stderr": r.stderr})
+print(json.dumps(out))
+"""
+
+
+def cli_on_devices(devices: int, *commands) -> list[SimpleNamespace]:
+    """Run several `cnncli` commands, one after the other, in one fresh process with `devices` CPU devices
+    (XLA takes its device count once per process); returns each one's exit_code, stdout and stderr."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    argv = json.dumps([[str(a) for a in command] for command in commands])
+    proc = subprocess.run([sys.executable, "-c", _CLI_SCRIPT, argv], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return [SimpleNamespace(**r) for r in json.loads(proc.stdout.splitlines()[-1])]

@@ -75,15 +75,23 @@ def _wait_for_checkpoint(run_dir, proc, timeout=300):
     raise AssertionError("training made no progress")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
-def test_killed_mid_run_then_resumed_matches_uninterrupted(lenet_run, tmp_path, sig):
-    """3-epoch run killed after epoch 1 (mid-epoch 2), resumed: same metrics as the uninterrupted run."""
-    args = [*SMALL_LENET, "--set", "train.epochs=3"]
-    reference = tmp_path / "reference"
-    assert cli("train", "lenet5_fashion_mnist", "--run-dir", reference, *args).exit_code == 0
+THREE_EPOCHS = [*SMALL_LENET, "--set", "train.epochs=3"]
 
+
+@pytest.fixture(scope="module")
+def three_epochs(tmp_path_factory, fashion):
+    """The uninterrupted 3-epoch run that every interrupted-and-resumed run must reproduce."""
+    reference = tmp_path_factory.mktemp("reference") / "run"
+    assert cli("train", "lenet5_fashion_mnist", "--run-dir", reference, *THREE_EPOCHS).exit_code == 0
+    return reference
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_killed_mid_run_then_resumed_matches_uninterrupted(three_epochs, tmp_path, sig):
+    """3-epoch run killed after epoch 1 (mid-epoch 2), resumed: same metrics as the uninterrupted run."""
+    reference = three_epochs
     run_dir = tmp_path / "interrupted"
-    proc = cli_process("train", "lenet5_fashion_mnist", "--run-dir", run_dir, *args)
+    proc = cli_process("train", "lenet5_fashion_mnist", "--run-dir", run_dir, *THREE_EPOCHS)
     _wait_for_checkpoint(run_dir, proc)
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
