@@ -9,6 +9,7 @@ type-checked exactly like the file.
 from __future__ import annotations
 
 import re
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationErro
 
 from cnncli.errors import UserError, suggest
 
-BUNDLED_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+# Package data (pyproject.toml), so that `pip install cnncli` ships them; a plain directory once installed.
+BUNDLED_RECIPES = Path(str(resources.files("cnncli") / "recipes"))
 PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")  # a recipe name is a directory name under runs/
 
 
@@ -190,7 +192,8 @@ class Recipe(Section):
 
 
 def resolve_path(name_or_path: str | Path) -> Path:
-    """A recipe file, or the name of a bundled recipe (with or without `.yaml`)."""
+    """A recipe file, or the name of a bundled recipe (with or without `.yaml`, and as `recipes/NAME.yaml`
+    from any directory: the recipe headers and the README use that form)."""
     path = Path(name_or_path)
     if path.is_file():
         return path

@@ -210,7 +210,7 @@ def test_adversarial_training_reports_robust_validation_accuracy(tmp_path):
 
 
 def test_bundled_pgd_recipe_is_valid():
-    recipe = load_recipe(REPO / "recipes" / "lenet5_fashion_mnist_pgd.yaml")
+    recipe = load_recipe("lenet5_fashion_mnist_pgd")
     adv = recipe.train.adversarial
     assert recipe.model.name == "lenet5" and adv.attack == "pgd" and adv.eps == 0.1
 

@@ -13,10 +13,12 @@ from PIL import Image
 
 from cnncli.data.dataset import Dataset, subset
 from cnncli.data.images import resize_images, to_channels
+from cnncli.data.pipeline import load_splits
 from cnncli.data.sources import SOURCES, dataset_status, fashion_mnist, folder, idx, load_dataset
 from cnncli.data.sources import tfds as tfds_source
 from cnncli.data.sources.fashion_mnist import FASHION_MNIST_CLASSES
 from cnncli.errors import UserError
+from cnncli.recipe import DataConfig
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 needs_fashion = pytest.mark.skipif(not idx.has_idx(FASHION_DIR), reason="dataset-fashion-mnist not installed")
@@ -348,11 +350,17 @@ def test_folder_errors(tmp_path):
         load_dataset(f"folder:{tmp_path / 'nope'}")
     assert str(e.value) == (f"folder: no such directory {tmp_path / 'nope'}; give a folder with one sub-folder of "
                             "images per class")
-    root = make_folder(tmp_path / "one", classes=("cat",))
+    (tmp_path / "flat").mkdir()
+    save_png(tmp_path / "flat" / "0.png", np.zeros((6, 5), np.uint8))
     with pytest.raises(UserError) as e:
-        load_dataset(f"folder:{root}")
-    assert str(e.value) == (f"found 1 class folder in {root}: a classifier needs at least 2 sub-folders, "
-                            "one per class")
+        load_dataset(f"folder:{tmp_path / 'flat'}")
+    assert str(e.value) == (f"found no class folder in {tmp_path / 'flat'}: give a folder with one sub-folder of "
+                            "images per class (training needs at least 2)")
+    root = make_folder(tmp_path / "one", classes=("cat",))
+    assert load_dataset(f"folder:{root}").class_names == ["cat"]  # enough to evaluate a trained model on
+    with pytest.raises(UserError) as e:
+        load_splits(DataConfig(source=f"folder:{root}"), seed=0)
+    assert str(e.value) == f"dataset 'folder:{root}' has 1 class: a classifier needs at least 2"
     root = make_folder(tmp_path / "corrupt")
     (root / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     with pytest.raises(UserError) as e:

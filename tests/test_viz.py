@@ -198,10 +198,10 @@ def test_tsne_gives_one_point_per_example(lenet):
 
 
 def _folder_of_test_images(x, y, names, root):
-    """Two images per class as PNG files in class folders named so that they sort in label order."""
+    """Two images per class as PNG files in class folders named after the classes (eval matches them by name)."""
     files = []
     for k, name in enumerate(names):
-        folder = root / f"{k}_{name.replace('/', '-')}"
+        folder = root / name.replace("/", "-")
         folder.mkdir(parents=True)
         for j in np.flatnonzero(y == k)[:2]:
             Image.fromarray(x[j, ..., 0]).save(folder / f"{j}.png")

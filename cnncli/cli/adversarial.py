@@ -6,6 +6,7 @@ from pathlib import Path
 import typer
 
 from cnncli.cli import ATTACK, app
+from cnncli.cli.eval import CLASS_MAP
 from cnncli.errors import UserError
 
 DEFAULT_EPS = "0,0.02,0.05,0.1,0.2"
@@ -50,7 +51,12 @@ def adversarial(
     use_predictions: bool = typer.Option(False, "--use-predictions",
                                          help="Attack the model's predictions instead of the labels (no label "
                                               "leaking)."),
-    split: str = typer.Option("test", "--split", help="train, val or test."),
+    split: str = typer.Option(None, "--split", help="train, val, test or all [default: test; with --data: test "
+                                                    "where the source has one, else all]."),
+    data: str = typer.Option(None, "--data", help="Attack images of another dataset source, e.g. folder:PATH, "
+                                                  "classes matched to the run's by name [default: the run's own "
+                                                  "data]."),
+    class_map: str = CLASS_MAP,
     limit: int = typer.Option(None, "--limit", min=1, help="Attack only the first N images of the split "
                                                            "[default: all]."),
     examples: int = typer.Option(8, "--examples", min=0, help="Images in the example grid (0: no grid)."),
@@ -65,9 +71,12 @@ def adversarial(
     Pixels are in [0, 1]; eps is the Linf (or L2) radius of the perturbation. Example:
     cnncli adversarial runs/lenet5_fashion_mnist --attack pgd --eps 0,0.05,0.1 --steps 20 --step-size 0.01
     """
+    from rich.markup import escape
+
     from cnncli.adversarial.attacks import ATTACKS, AttackConfig, check_config, check_eps, step_size_warning
     from cnncli.adversarial.robustness import robustness
     from cnncli.console import console, err_console, progress_bar
+    from cnncli.data.classes import parse_class_map
     from cnncli.train.steps import data_mesh
     from cnncli.train.trained_run import eval_data, load_trained
 
@@ -81,7 +90,10 @@ def adversarial(
     warning = step_size_warning(cfg, eps_values)
     if warning:
         err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
-    x, y, _ = eval_data(trained, split)
+    chosen = eval_data(trained, split, data, parse_class_map(class_map))
+    for note in chosen.notes:
+        err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
+    x, y, split = chosen.x, chosen.y, chosen.split
     if limit is not None:
         x, y = x[:limit], y[:limit]
     with progress_bar(f"{attack} on {split}", disable=as_json) as advance:

@@ -9,13 +9,22 @@ from cnncli.cli import INSPECT, app
 
 MAX_CONFUSION_CLASSES = 20  # larger confusion matrices are in --json only
 
+# --class-map of every command that takes --data (eval, adversarial, visualize)
+CLASS_MAP = typer.Option(None, "--class-map", metavar="DATA=RUN,...|FILE",
+                         help="With --data: map the source's class names to the run's where they differ, e.g. "
+                              "'tshirt=T-shirt/top,other=-' ('-' leaves a class out, '*=-' every class the run "
+                              "lacks), or a YAML file of that mapping [default: match by name].")
+
 
 @app.command("eval", rich_help_panel=INSPECT)
 def eval_command(
     path: Path = typer.Argument(..., help="Run directory (or one checkpoint inside it)."),
-    split: str = typer.Option("test", "--split", help="train, val or test."),
-    data: str = typer.Option(None, "--data", help="Evaluate on another dataset source with the same classes "
-                                                       "[default: the run's own data]."),
+    split: str = typer.Option(None, "--split", help="train, val, test, or all (every image) [default: test; with "
+                                                    "--data: test where the source has one, else all]."),
+    data: str = typer.Option(None, "--data", help="Evaluate on another dataset source, e.g. folder:PATH; its classes "
+                                                  "are matched to the run's by name (any order, a subset is fine) "
+                                                  "[default: the run's own data]."),
+    class_map: str = CLASS_MAP,
     which: str = typer.Option("best", "--checkpoint", help="best or latest checkpoint of the run."),
     head: str = typer.Option("new", "--head", help="new, or old: the head a fine-tuned run kept from its source, "
                                                    "evaluated on the source's data."),
@@ -33,32 +42,36 @@ def eval_command(
                                                                   "(implies --calibration)."),
 ) -> None:
     """Top-1/top-5 accuracy, loss, per-class precision/recall/F1, the confusion matrix and its most-confused pairs."""
-    from cnncli.console import console, progress_bar
+    from rich.markup import escape
+
+    from cnncli.console import console, err_console, progress_bar
+    from cnncli.data.classes import parse_class_map
     from cnncli.train.evaluate import evaluate
     from cnncli.train.steps import data_mesh
-    from cnncli.train.trained_run import eval_data, load_trained
+    from cnncli.train.trained_run import eval_data, load_trained, old_head_view
 
     trained = load_trained(path, which, ema=ema)
     if head == "old":
-        from cnncli.train.trained_run import old_head_view
-
         trained = old_head_view(trained)
     elif head != "new":
         from cnncli.errors import UserError
 
         raise UserError(f"--head must be new or old, got '{head}'")
-    x, y, names = eval_data(trained, split, data)
-    with progress_bar(f"eval {split}", disable=as_json) as advance:
-        result = evaluate(trained.model.eval_def, trained.model.params, trained.model.rest, x, y,
+    chosen = eval_data(trained, split, data, parse_class_map(class_map))
+    for note in chosen.notes:
+        err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
+    with progress_bar(f"eval {chosen.split}", disable=as_json) as advance:
+        result = evaluate(trained.model.eval_def, trained.model.params, trained.model.rest, chosen.x, chosen.y,
                           trained.class_names, batch_size=batch_size, mesh=data_mesh(), progress=advance, tta=tta)
-    result.update(split=split, source=data or trained.recipe.data.source, checkpoint=str(trained.checkpoint),
+    result.update(split=chosen.split, source=data or trained.recipe.data.source, checkpoint=str(trained.checkpoint),
                   weights="ema" if ema else "raw", tta=tta)
     if calibration or temperature:
         from cnncli.inspect.calibration import calibrate
 
-        with progress_bar(f"calibration {split}", disable=as_json) as advance:
-            result["calibration"] = calibrate(trained, x, y, split=split, out_dir=trained.run.plots, fit=temperature,
-                                              tta=tta, batch_size=batch_size, progress=advance)
+        with progress_bar(f"calibration {chosen.split}", disable=as_json) as advance:
+            result["calibration"] = calibrate(trained, chosen.x, chosen.y, split=chosen.split,
+                                              out_dir=trained.run.plots, fit=temperature, tta=tta,
+                                              batch_size=batch_size, progress=advance)
     if as_json:
         print(json.dumps(result))
         return

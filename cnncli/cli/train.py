@@ -123,9 +123,9 @@ def _train(recipe, run, *, resume: bool, overwrite: bool, dry_run: bool) -> None
                   f"{len(splits.val_x):,} val / {0 if splits.test_x is None else len(splits.test_x):,} test")
     main = distributed.is_main()  # the other processes of a multi-process run stay quiet
     if dry_run:
-        if main:
+        if main:  # the recipe alone on stdout: `--dry-run > my.yaml` writes a recipe that trains
             console.print(recipe.to_yaml(), highlight=False, markup=False)
-            console.print(model_line, highlight=False)
+            err_console.print(model_line, highlight=False)
         return
     if main:
         if overwrite and run.path.exists() and not resume:

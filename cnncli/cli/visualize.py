@@ -5,6 +5,7 @@ from pathlib import Path
 import typer
 
 from cnncli.cli import INSPECT, app
+from cnncli.cli.eval import CLASS_MAP
 from cnncli.errors import UserError, suggest
 
 # The names of cnncli.inspect.visualize.FIGURES and its t-SNE sample size, here so that --help imports no jax
@@ -26,7 +27,11 @@ def visualize(
     n: int = typer.Option(None, "--n", min=1, help="How many filters, feature maps, units or images [default: "
                                                    "filters, activations 64; top-patches 9; saliency, gradcam 8; "
                                                    "errors 16]."),
-    split: str = typer.Option("test", "--split", help="train, val or test."),
+    split: str = typer.Option(None, "--split", help="train, val, test or all [default: test; with --data: test "
+                                                    "where the source has one, else all]."),
+    data: str = typer.Option(None, "--data", help="Images of another dataset source, e.g. folder:PATH, classes "
+                                                  "matched to the run's by name [default: the run's own data]."),
+    class_map: str = CLASS_MAP,
     limit: int = typer.Option(None, "--limit", min=1, help=f"Use a random sample of this many images of the split "
                                                            f"[default: all; tsne: {TSNE_LIMIT}]."),
     out: Path = typer.Option(None, "--out", help="Folder for the PNG [default: RUN/plots]."),
@@ -38,7 +43,10 @@ def visualize(
                                                             "[default: counts]."),
 ) -> None:
     """Filters, feature maps, top-9 patches, t-SNE, saliency, Grad-CAM, confusion or errors of a trained run."""
-    from cnncli.console import console
+    from rich.markup import escape
+
+    from cnncli.console import console, err_console
+    from cnncli.data.classes import parse_class_map
     from cnncli.inspect import figures
     from cnncli.inspect.interpret import load_model, rows_by_name
     from cnncli.inspect.visualize import FIGURES, Job
@@ -53,7 +61,10 @@ def visualize(
                         + (f"; got '{normalize}'" if what == "confusion" else f", not to {what}"))
     trained = load_trained(run, which, ema=ema)
     model = load_model(trained)
-    job = Job(trained, model, rows_by_name(model), layer, image, n, split, limit, batch_size, normalize)
+    job = Job(trained, model, rows_by_name(model), layer, image, n, split, limit, batch_size, normalize, data,
+              parse_class_map(class_map))
     fig, name = FIGURES[what](job)
+    for note in job.notes:
+        err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
     path = figures.save(fig, (out or trained.run.plots) / f"{name}.png")
     console.print(f"wrote {path}", highlight=False, soft_wrap=True)

@@ -8,12 +8,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cnncli.data.dataset import subset
+from cnncli.data.dataset import MIN_CLASSES, subset
 from cnncli.data.sources import load_dataset
 from cnncli.errors import UserError
 from cnncli.recipe import DataConfig
 
 MIN_STD = 1e-3  # a constant channel (e.g. a blank border) must not divide by ~0
+SPLITS = ("train", "val", "test", "all")
 
 
 @dataclass(frozen=True)
@@ -40,15 +41,20 @@ class Splits:
         return tuple(int(d) for d in self.train_x.shape[1:])
 
     def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """The images and labels of split `name` (train, val or test)."""
+        """The images and labels of split `name`: train, val, test, or all (every image of the three)."""
         arrays = {"train": (self.train_x, self.train_y), "val": (self.val_x, self.val_y),
                   "test": (self.test_x, self.test_y)}
+        present = {k: v for k, v in arrays.items() if v[0] is not None and len(v[0])}
+        if name == "all":
+            return (np.concatenate([x for x, _ in present.values()]),
+                    np.concatenate([y for _, y in present.values()]))
         if name not in arrays:
-            raise UserError(f"unknown split '{name}'; choose train, val or test")
-        x, y = arrays[name]
-        if x is None or len(x) == 0:
-            raise UserError(f"the dataset '{self.source}' has no {name} split here")
-        return x, y
+            raise UserError(f"unknown split '{name}'; choose {', '.join(SPLITS)}")
+        if name not in present:
+            have = ", ".join(f"{k} ({len(v[0]):,} images)" for k, v in present.items())
+            raise UserError(f"the dataset '{self.source}' has no {name} split; it has {have}: choose one with "
+                            f"--split, or --split all for every image")
+        return arrays[name]
 
 
 def channel_stats(x: np.ndarray, mode: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -76,13 +82,17 @@ def split_train_val(x: np.ndarray, y: np.ndarray, fraction: float, seed: int):
     return x[train], y[train], x[val], y[val]
 
 
-def load_splits(data: DataConfig, seed: int) -> Splits:
-    """Load the recipe's dataset, select classes/subsets, split off validation, compute statistics."""
+def load_splits(data: DataConfig, seed: int, *, min_classes: int = MIN_CLASSES) -> Splits:
+    """Load the recipe's dataset, select classes/subsets, split off validation, compute statistics.
+
+    Training needs `min_classes` (2) classes; evaluating a trained model on data of one of its classes does not.
+    """
 
     ds = load_dataset(data.source, image_size=data.image_size, channels=data.channels)
     ds = subset(ds, classes=data.classes, train_per_class=data.train_per_class, limit=data.limit, seed=seed)
-    if ds.num_classes < 2:
-        raise UserError(f"dataset '{data.source}' has {ds.num_classes} class: a classifier needs at least 2")
+    if ds.num_classes < min_classes:
+        raise UserError(f"dataset '{data.source}' has {ds.num_classes} class: a classifier needs at least "
+                        f"{min_classes}")
     train_x, train_y, val_x, val_y = split_train_val(ds.train_x, ds.train_y, data.val_fraction, seed)
     mean, std = channel_stats(train_x, data.preprocess)
     return Splits(source=data.source, train_x=train_x, train_y=train_y, val_x=val_x, val_y=val_y,

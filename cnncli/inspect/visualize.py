@@ -4,7 +4,7 @@ Each function takes a `Job` (the run, its model and layer table, the user's opti
 matplotlib figure and the PNG's base name; the CLI saves it.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,14 +56,19 @@ class Job:
     layer: str | None
     image: Path | None
     n: int | None
-    split: str
+    split: str | None  # None: test, or all the images of a --data source without a test split
     limit: int | None
     batch_size: int
     normalize: str | None = None  # confusion: None (counts), true (rows), pred (columns) or all
+    data: str | None = None  # another source, classes matched by name (train.trained_run.eval_data)
+    class_map: dict[str, str] | None = None
+    notes: list[str] = field(default_factory=list)  # about the class matching, for the user
 
     def split_data(self, default_limit: int | None = None):
         """(uint8 images, labels, class names, indices in the split) of a seeded sample of `limit` examples."""
-        x, y, names = eval_data(self.trained, self.split)
+        chosen = eval_data(self.trained, self.split, self.data, self.class_map)
+        self.split, self.notes = chosen.split, chosen.notes
+        x, y, names = chosen
         keep = sample(len(x), self.limit or default_limit)
         return x[keep], y[keep], names, keep
 

@@ -12,6 +12,7 @@ import numpy as np
 from flax import nnx
 
 from cnncli import recipe as recipe_lib
+from cnncli.data.classes import match_classes
 from cnncli.data.pipeline import load_splits
 from cnncli.errors import UserError
 from cnncli.models import build_model
@@ -106,28 +107,59 @@ def _build(recipe: Recipe, data: dict[str, Any]):
     return build(recipe, tuple(data["image_shape"]), len(data["class_names"]), data["mean"], data["std"])
 
 
-def eval_data(trained: TrainedRun, split: str = "test", source: str | None = None):
-    """Images, labels and class names of a split, from the run's data or another source with the same classes.
+@dataclass
+class EvalData:
+    """A split to evaluate a trained run on: images, labels as the run's class indices, and how it was chosen.
 
-    Another source is loaded whole (no validation hold-out) at the run's image size and channel count,
-    so that any folder of images can be evaluated; a different class count is an error.
+    Unpacks as (x, y, class_names).
     """
 
-    data_cfg = trained.recipe.data
-    if source is not None:
+    x: np.ndarray
+    y: np.ndarray
+    class_names: list[str]  # the run's
+    split: str  # the split taken (another source's default: test when it has one, else all)
+    notes: list[str]  # what the user should know about the class matching
+
+    def __iter__(self):
+        return iter((self.x, self.y, self.class_names))
+
+
+def eval_data(trained: TrainedRun, split: str | None = "test", source: str | None = None,
+              class_map: dict[str, str] | None = None) -> EvalData:
+    """A split of the run's data or of another source, labelled with the run's classes.
+
+    Another source is loaded whole (no validation hold-out, no subsets) at the run's image size and channel
+    count, so that any folder of images can be evaluated; its classes are matched to the run's by name
+    (`cnncli.data.classes`): their order does not matter and a subset of them is fine. Its `split` may be
+    None: test when it has one, else all its images.
+    """
+
+    notes = []
+    if source is None:
+        if class_map:
+            raise UserError("--class-map maps the classes of another source: give it with --data")
+        splits = load_splits(trained.recipe.data, trained.recipe.seed)
+        split = split or "test"
+        x, y = splits.split(split)
+        if len(splits.class_names) != len(trained.class_names):
+            raise UserError(f"the run's data '{trained.recipe.data.source}' now has {len(splits.class_names)} "
+                            f"classes, the model was trained on {len(trained.class_names)}; give the data with --data")
+    else:
         h, w, c = trained.image_shape
-        # the whole of the other source's splits (no hold-out, no subsets), the run's class selection kept
-        data_cfg = data_cfg.model_copy(update={"source": source, "image_size": (h, w), "channels": c,
-                                               "val_fraction": 0.0, "limit": None, "train_per_class": None})
-    splits = load_splits(data_cfg, trained.recipe.seed)
-    x, y = splits.split(split)
-    if splits.num_classes != len(trained.class_names):
-        raise UserError(f"data '{data_cfg.source}' has {splits.num_classes} classes, the model was trained on "
-                        f"{len(trained.class_names)} ({', '.join(trained.class_names[:5])}, ...)")
+        # the whole of the other source (no hold-out, no subsets); classes are matched below, by name
+        data_cfg = trained.recipe.data.model_copy(update={"source": source, "image_size": (h, w), "channels": c,
+                                                          "val_fraction": 0.0, "limit": None, "classes": None,
+                                                          "train_per_class": None})
+        splits = load_splits(data_cfg, trained.recipe.seed, min_classes=1)
+        match = match_classes(splits.class_names, trained.class_names, class_map, data=f"data '{source}'")
+        notes += [match.note] if match.note else []
+        if split is None:
+            split = "test" if splits.test_x is not None and len(splits.test_x) else "all"
+        x, y = match.apply(*splits.split(split))
     if tuple(x.shape[1:]) != trained.image_shape:
-        raise UserError(f"data '{data_cfg.source}' has images of shape {tuple(x.shape[1:])}, the model takes "
+        raise UserError(f"data '{splits.source}' has images of shape {tuple(x.shape[1:])}, the model takes "
                         f"{trained.image_shape}; set data.image_size / data.channels")
-    return x, np.asarray(y, np.int32), splits.class_names
+    return EvalData(x, np.asarray(y, np.int32), trained.class_names, split, notes)
 
 
 def output_graphdef(model, output: str):

@@ -33,6 +33,7 @@ import optax
 from flax import nnx
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from cnncli.data.classes import find_classes
 from cnncli.data.pipeline import load_splits, pad_for_eval
 from cnncli.errors import UserError, suggest
 from cnncli.inspect.summary import INPUT, layer_names
@@ -208,6 +209,20 @@ def _dotted(path: tuple) -> str:
 
 def _is_rng(path: tuple) -> bool:
     return "rngs" in path  # dropout's RNG state: the new run's seed, not the source's
+
+
+def select_head_classes(source: dict, target: dict, head: tuple, classes: list[int]) -> dict | None:
+    """`target` with the head's entries taken from `source` for the classes `classes` (source indices, in the
+    new order), e.g. the same classes reordered, or a subset; None when the head's shapes do not allow it."""
+    src, dst = flatten_dict(source), flatten_dict(target)
+    for path, value in dst.items():
+        if path[0] != NET or path[1: 1 + len(head)] != head or _is_rng(path):
+            continue
+        old = np.asarray(src.get(path))
+        if old.shape[:-1] != np.shape(value)[:-1] or np.shape(value)[-1] != len(classes):
+            return None  # a head whose last axis is not the classes: it is replaced instead
+        dst[path] = old[..., classes]
+    return unflatten_dict(dst)
 
 
 def transfer(source: dict, target: dict, *, skip: tuple | None) -> tuple[dict, list[str]]:
@@ -410,19 +425,27 @@ def prepare(source, recipe: Recipe, splits) -> FineTuning:
                         f"'{source.recipe.model.name}'; leave out the model section to use the source's")
     old_module = source_module(source)
     head, stages = anatomy(old_module, source.image_shape)
-    replace_head = cfg.new_head or cfg.mode == "lwf" or splits.num_classes != len(source.class_names)
+    # the head is kept only for the same classes, matched by name: their order and a subset do not matter
+    classes = find_classes(splits.class_names, source.class_names)
+    replace_head = cfg.new_head or cfg.mode == "lwf" or classes is None
     if cfg.mode == "lwf" and not cfg.keep_old_head:
         raise UserError("finetune.mode lwf distills into the old head: it needs finetune.keep_old_head: true")
 
     model = build_target(recipe, source, splits.image_shape, splits.num_classes)
     _, source_params, source_rest = nnx.split(old_module, nnx.Param, ...)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    reorder = not replace_head and classes != list(range(len(source.class_names)))
     problems = []
     merged = {}
     for name, src, dst in (("params", source_params, params), ("rest", source_rest, rest)):
         merged[name], found = transfer(nnx.to_pure_dict(src), nnx.to_pure_dict(dst),
-                                       skip=head if replace_head else None)
+                                       skip=head if replace_head or reorder else None)
         problems += found
+        if reorder and not found:
+            merged[name] = select_head_classes(nnx.to_pure_dict(src), merged[name], head, classes)
+            if merged[name] is None:
+                raise UserError(f"the source's head {'.'.join(map(str, head))} cannot be matched to the new "
+                                "classes by name; set finetune.new_head: true to train a new one")
     if problems:
         raise UserError(f"the source model does not fit the recipe: {len(problems)} parameters differ outside the "
                         f"head ({'; '.join(problems[:8])}{', ...' if len(problems) > 8 else ''}); "
@@ -449,6 +472,12 @@ def prepare(source, recipe: Recipe, splits) -> FineTuning:
     built = Model(train_def, eval_def, params, rest)
     tuning = FineTuning(model=built, plan=plan, labels=param_labels(params, plan),
                         multipliers=lr_multipliers(params, plan), head_replaced=replace_head)
+    if reorder:
+        tuning.notes.append(f"the source's head is kept for the {len(classes)} classes the data shares with it "
+                            f"({len(source.class_names)} in the source), matched by name, not by position")
+    elif replace_head and not cfg.new_head and cfg.mode != "lwf":
+        tuning.notes.append(f"new head: the data's classes ({', '.join(splits.class_names[:6])}"
+                            f"{', ...' if splits.num_classes > 6 else ''}) are not among the source's by name")
     if keep_old:
         tuning.old = OldTask(class_names=source.class_names, eval_def=output_graphdef(built, "old"))
         why = load_old_splits(tuning.old, source.recipe.data, source.recipe.seed)

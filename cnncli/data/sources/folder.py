@@ -95,10 +95,9 @@ def list_folder(path: Path) -> FolderListing:
         train_root = root / "train"
         test_root = next((root / name for name in TEST_FOLDERS if (root / name).is_dir()), None)
     class_names = [d.name for d in _class_dirs(train_root)]
-    if len(class_names) < MIN_CLASSES:
-        n = len(class_names)
-        raise UserError(f"found {n} class folder{'' if n == 1 else 's'} in {train_root}: a classifier needs at least "
-                        f"{MIN_CLASSES} sub-folders, one per class")
+    if not class_names:  # one class is enough to evaluate a trained model on; training checks for two
+        raise UserError(f"found no class folder in {train_root}: give a folder with one sub-folder of images per "
+                        f"class (training needs at least {MIN_CLASSES})")
     if test_root is not None:
         unknown = [d.name for d in _class_dirs(test_root) if d.name not in class_names]
         if unknown:
