@@ -1,18 +1,25 @@
 # cnncli: the two commands a newcomer needs are `make demo` and `make test` (both set up everything).
+# Versions come from constraints.txt (the set CI tests); pyproject.toml only states ranges.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+PIP := $(BIN)/pip install --quiet -c constraints.txt
 RUN_DIR ?= runs/lenet5_fashion_mnist
 
-.PHONY: setup data demo test lint bench clean
+.PHONY: setup data demo test test-wheel lint bench clean clean-runs
 
-$(BIN)/cnncli: pyproject.toml
+# cnncli and what training needs: no test tools, no PyTorch
+$(VENV)/.cnncli: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(PIP) -e .
 	touch $@
 
-setup: $(BIN)/cnncli  ## create .venv and install cnncli with its test tools
+# + the test extra: pytest, ruff, and the references the tests compare with (PyTorch, torchmetrics, TFDS)
+$(VENV)/.test: $(VENV)/.cnncli
+	$(PIP) -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.test  ## .venv with cnncli (editable) and its test tools
 
 # Fashion-MNIST from Debian (offline); without root or apt, cnncli still runs on `digits`.
 data:
@@ -20,21 +27,35 @@ data:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
 	  else sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist; fi; fi
 
-demo: setup data  ## train LeNet-5 on Fashion-MNIST and evaluate it
+demo: $(VENV)/.cnncli data  ## train LeNet-5 on Fashion-MNIST and evaluate it
 	$(BIN)/cnncli train lenet5_fashion_mnist --run-dir $(RUN_DIR) --overwrite
 	$(BIN)/cnncli eval $(RUN_DIR)
 
 test: setup data  ## the whole test suite (what .ci/run runs)
 	$(BIN)/python -m pytest -q
 
+# The package as a user gets it: a wheel in a fresh venv, run from outside the checkout (.ci/run runs it).
+test-wheel:
+	rm -rf build/wheel-check && mkdir -p build/wheel-check
+	$(PYTHON) -m venv build/wheel-check/venv
+	build/wheel-check/venv/bin/pip wheel --quiet --no-deps -w build/wheel-check/dist .
+	build/wheel-check/venv/bin/pip install --quiet -c constraints.txt build/wheel-check/dist/cnncli-*.whl
+	cd build/wheel-check && venv/bin/cnncli recipes
+	cd build/wheel-check && venv/bin/cnncli datasets | grep -q "cnncli\[tfds\]"  # TFDS is an extra, and says so
+	cd build/wheel-check && venv/bin/cnncli train recipes/mlp_fashion_mnist.yaml --data digits --epochs 1 \
+	  --run-dir run && venv/bin/cnncli eval run
+
 lint: setup
 	$(BIN)/ruff check cnncli tests
 
-bench: setup  ## cnncli vs the PyTorch peer, side by side (torch comes with the dev extra)
+bench: setup  ## cnncli vs the PyTorch peer, side by side (torch comes with the test extra)
 	@for m in lenet5 resnet18 vgg16; do \
 	  $(BIN)/python benchmarks/side_by_side.py --rounds 3 \
 	    --a "$(BIN)/cnncli benchmark --model $$m --json" \
 	    --b "$(BIN)/python benchmarks/torch_peer.py --model $$m"; done
 
-clean:
-	rm -rf $(VENV) runs .pytest_cache
+clean:  ## the virtualenv and caches; trained runs stay (make clean-runs deletes them)
+	rm -rf $(VENV) build dist .pytest_cache .ruff_cache
+
+clean-runs:  ## every run under runs/: trained models are lost
+	rm -rf runs

@@ -60,3 +60,60 @@ def test_installed_cli_lists_and_trains_recipes_from_any_directory(installed, tm
     assert trained.returncode == 0, trained.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["test"]["top1"] > 0.5  # one epoch of an MLP on the 8x8 digits learns
+
+
+# ----------------------------------------------------------------------------- what gets installed
+
+
+def _pyproject():
+    import tomllib
+
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def _name(requirement: str) -> str:
+    import re
+
+    return re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_dependencies_are_ranges_pinned_by_the_constraints_file():
+    project = _pyproject()["project"]
+    pins = {_name(line): line.split("==")[1] for line in (REPO / "constraints.txt").read_text().splitlines()
+            if "==" in line and not line.startswith("#")}
+    for requirement in project["dependencies"]:
+        assert "==" not in requirement and "<" in requirement and ">=" in requirement, requirement
+        assert _name(requirement) in pins, f"{requirement} has no pin in constraints.txt"
+    names = {_name(r) for r in project["dependencies"]}
+    # PyTorch is a test reference only, TFDS an extra whose error messages name it
+    assert not names & {"torch", "torchmetrics", "tensorflow-datasets", "tensorflow", "pytest"}
+    extras = project["optional-dependencies"]
+    assert {_name(r) for r in extras["tfds"]} == {"tensorflow-datasets"}
+    assert {"torch", "pytest", "cnncli"} <= {_name(r) for r in extras["test"]}
+    assert any(r.startswith("jax[cuda") for r in extras["cuda"])
+
+
+def make(tmp_path, *targets, dry=False):
+    return subprocess.run(["make", "-f", str(REPO / "Makefile"), *(["-n"] if dry else []), *targets], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_make_clean_keeps_trained_runs(tmp_path):
+    (tmp_path / "runs" / "lenet5").mkdir(parents=True)
+    (tmp_path / "runs" / "lenet5" / "recipe.yaml").write_text("name: lenet5\n")
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    assert make(tmp_path, "clean").returncode == 0
+    assert (tmp_path / "runs" / "lenet5" / "recipe.yaml").is_file() and not (tmp_path / ".venv").exists()
+    assert make(tmp_path, "clean-runs").returncode == 0
+    assert not (tmp_path / "runs").exists()
+
+
+def test_make_demo_installs_no_test_tools(tmp_path):
+    shutil.copy(REPO / "pyproject.toml", tmp_path)
+    shutil.copy(REPO / "constraints.txt", tmp_path)
+    demo = make(tmp_path, "demo", dry=True).stdout
+    installs = [line for line in demo.splitlines() if "pip install" in line]
+    assert installs and all("-c constraints.txt" in line for line in installs)
+    assert not any("[test]" in line or "torch" in line for line in installs), installs
+    test = make(tmp_path, "test", dry=True).stdout
+    assert any("'.[test]'" in line for line in test.splitlines() if "pip install" in line)

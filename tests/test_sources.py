@@ -462,6 +462,16 @@ def test_tfds_reads_prepared_array_record_without_tensorflow(tmp_path, monkeypat
     np.testing.assert_array_equal(load_dataset("tfds:tiny_shapes", channels=3).train_x[..., 0], ds.train_x[..., 0])
 
 
+def test_tfds_without_tensorflow_datasets_names_the_extra(tmp_path, monkeypatch):
+    _prepare_tiny_tfds(tmp_path / "tfds")
+    monkeypatch.setattr(tfds_source, "have_tfds", lambda: False)  # as after a plain `pip install cnncli`
+    with pytest.raises(UserError) as e:
+        load_dataset("tfds:tiny_shapes")
+    assert str(e.value) == (f"tfds:tiny_shapes is prepared in {tmp_path / 'tfds'}, and reading it needs TensorFlow "
+                            "Datasets: pip install 'cnncli[tfds]'")
+    assert SOURCES.get("tfds").status() == (False, "needs TensorFlow Datasets: pip install 'cnncli[tfds]'")
+
+
 # --- synthetic --------------------------------------------------------------------------------------------
 
 

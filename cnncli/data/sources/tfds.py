@@ -25,6 +25,7 @@ from cnncli.errors import UserError
 TFDS_DATA_DIR_ENV = "TFDS_DATA_DIR"
 DEFAULT_TFDS_DATA_DIR = "~/tensorflow_datasets"
 PREPARE_INSTALL = "pip install 'cnncli[prepare]'"
+TFDS_INSTALL = "pip install 'cnncli[tfds]'"  # reading prepared datasets: TensorFlow Datasets, no TensorFlow
 # Decoding one example at a time pays Python overhead per call; batches of this size amortise it.
 DECODE_BATCH = 1024
 TRAIN_SPLIT, TEST_SPLIT = "train", "test"
@@ -69,13 +70,18 @@ def prepared_names(data_dir: str | os.PathLike | None = None) -> list[str]:
 
 def status(data_dir: str | os.PathLike | None = None) -> tuple[bool, str]:
     """(any dataset readable here, one line) for `cnncli datasets`."""
-    if find_spec("tensorflow_datasets") is None:
-        return False, "needs tensorflow-datasets and array-record: pip install tensorflow-datasets array-record"
+    if not have_tfds():
+        return False, f"needs TensorFlow Datasets: {TFDS_INSTALL}"
     d = tfds_data_dir(data_dir)
     names = prepared_names(d)
     if names:
         return True, f"prepared in {d}: {', '.join(names)}"
     return False, f"none prepared in {d}; run `cnncli data prepare tfds:NAME` (needs {PREPARE_INSTALL} and internet)"
+
+
+def have_tfds() -> bool:
+    """Whether TensorFlow Datasets is installed (the optional `tfds` extra)."""
+    return find_spec("tensorflow_datasets") is not None
 
 
 def _not_prepared(name: str, data_dir: Path) -> UserError:
@@ -128,6 +134,8 @@ def load_tfds(name: str, data_dir: str | os.PathLike | None = None):
     cached = load_cached(cache, short)
     if cached is not None:
         return cached
+    if not have_tfds():
+        raise UserError(f"tfds:{name} is prepared in {d}, and reading it needs TensorFlow Datasets: {TFDS_INSTALL}")
 
     import tensorflow_datasets as tfds
 
@@ -163,7 +171,7 @@ def prepare_tfds(name: str, data_dir: str | os.PathLike | None = None) -> Path:
     Raises:
         UserError: TensorFlow is not installed (names the pip command), or `name` is unknown to TFDS.
     """
-    if find_spec("tensorflow") is None:
+    if find_spec("tensorflow") is None or not have_tfds():
         raise UserError(f"preparing tfds:{name} needs TensorFlow: run `{PREPARE_INSTALL}` (and have internet "
                         f"access), then `cnncli data prepare tfds:{name}` again")
     import tensorflow_datasets as tfds
