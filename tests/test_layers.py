@@ -1,4 +1,4 @@
-"""Layer blocks: output sizes, pooling paths against XLA's reduce_window, normalizations, HoG."""
+"""Layer blocks: output sizes, pooling paths against XLA's reduce_window, normalizations, HoG, locally connected."""
 
 import itertools
 import math
@@ -16,6 +16,7 @@ from cnncli.models.layers import (
     LRN,
     Conv,
     Dense,
+    LocallyConnected,
     Pool,
     SeparableConv,
     Stack,
@@ -194,3 +195,44 @@ def test_hog_sees_edge_orientation():
     assert int(jnp.argmax(features.sum(0))) == 4
     assert hog.output_shape((1, 16, 16, 1)) == (1, 3 * 3 * 4 * 9)
     assert float(jnp.abs(hog(jnp.ones((1, 16, 16, 1)))).max()) < 1e-3  # a flat image has no edges
+
+
+def _local_reference(x, kernel, bias, k, stride, pad):
+    """A locally connected layer written as loops over output positions (NumPy, no JAX)."""
+    x = np.pad(np.asarray(x, np.float64), ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    oh, ow, _, cout = kernel.shape
+    out = np.zeros((x.shape[0], oh, ow, cout))
+    for i in range(oh):
+        for j in range(ow):
+            window = x[:, i * stride: i * stride + k, j * stride: j * stride + k, :]  # (N, k, k, C)
+            features = window.transpose(0, 3, 1, 2).reshape(len(x), -1)  # channel-major, as documented
+            out[:, i, j] = features @ np.asarray(kernel[i, j], np.float64) + np.asarray(bias[i, j])
+    return out
+
+
+@pytest.mark.parametrize("k,stride,padding,pad", [(3, 1, "same", 1), (5, 2, 0, 0), (2, 2, "valid", 0)])
+def test_locally_connected_matches_a_loop_over_positions(k, stride, padding, pad):
+    layer = LocallyConnected(3, 4, k, input_hw=(9, 9), stride=stride, padding=padding, act=None, rngs=nnx.Rngs(0))
+    layer.bias[...] = jax.random.normal(jax.random.key(1), layer.bias[...].shape)
+    x = jax.random.normal(jax.random.key(2), (2, 9, 9, 3))
+    y = layer(x)
+    assert y.shape == layer.output_shape(x.shape)
+    ref = _local_reference(x, np.asarray(layer.kernel[...]), np.asarray(layer.bias[...]), k, stride, pad)
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_locally_connected_layer_with_one_filter_everywhere_is_a_convolution():
+    conv = Conv(2, 5, 3, padding="valid", act=None, rngs=nnx.Rngs(0))
+    local = LocallyConnected(2, 5, 3, input_hw=(8, 8), padding="valid", act=None, rngs=nnx.Rngs(1))
+    # the conv's HWIO kernel in the local layer's channel-major window order, copied to every position
+    shared = np.asarray(conv.kernel[...]).transpose(2, 0, 1, 3).reshape(-1, 5)
+    local.kernel[...] = jnp.broadcast_to(shared, local.kernel[...].shape)
+    local.bias[...] = jnp.broadcast_to(conv.bias[...], local.bias[...].shape)
+    x = jax.random.normal(jax.random.key(3), (2, 8, 8, 2))
+    np.testing.assert_allclose(np.asarray(local(x)), np.asarray(conv(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_locally_connected_weights_fix_the_input_size():
+    layer = LocallyConnected(1, 2, 3, input_hw=(8, 8), rngs=nnx.Rngs(0))
+    with pytest.raises(UserError, match="unshared weights fix the input size"):
+        layer.output_shape((1, 10, 10, 1))

@@ -77,7 +77,8 @@ RUN_SPECS = {
                                                                       "act": "prelu"},
                                             {"pool": "conv"}, {"conv": 16, "separable": True, "act": "maxout"},
                                             {"conv": 16, "depthwise": True, "dilation": 2}, "lrn", "lcn",
-                                            "l2pool3s2", "gap", {"fc": 16, "act": "gelu", "dropout": 0.2},
+                                            "l2pool3s2", {"local": 8, "kernel": 2, "act": "relu"}, "gap",
+                                            {"fc": 16, "act": "gelu", "dropout": 0.2},
                                             "leaky_relu", {"fc": "classes"}, "softmax"]})],
 }
 # One model per block type trains a real step in the default run; the others (same blocks, more of

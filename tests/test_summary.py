@@ -1,6 +1,7 @@
 """`cnncli summary` and the analysis engine reproduce the lectures' tables, derived from the layers."""
 
 import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -185,3 +186,26 @@ def test_summary_of_a_run_directory_uses_its_recipe_and_data(tmp_path):
     (run / "data.json").write_text(json.dumps({"image_shape": [32, 32, 3], "class_names": list("abcde")}))
     data = json.loads(cli("summary", run, "--json").stdout)
     assert data["input_shape"] == [32, 32, 3] and data["layers"][-1]["output_shape"] == [5]
+
+
+def test_locally_connected_layer_has_the_lectures_4m_parameters_against_10k_for_a_convolution():
+    # 200x200 input, 40K hidden units, 10x10 windows: 40,000 * 100 unshared weights; 100 shared 10x10
+    # filters: 100 * 100. Biases off, as the lecture counts weights only.
+    def first_row(kind, width):
+        net = abstract("sequential", (200, 200, 1), 10,
+                       layers=[{kind: width, "kernel": 10, "bias": False}, "gap", {"fc": "classes"}])
+        return summarize(net).layers[1]
+
+    local, conv = first_row("local", 1), first_row("conv", 100)
+    assert local.output_shape == (200, 200, 1) and math.prod(local.output_shape) == 40_000
+    assert local.params == 40_000 * 10 * 10 == 4_000_000
+    assert conv.params == 100 * 10 * 10 == 10_000
+    assert local.receptive_field == conv.receptive_field == (10, 10)
+    assert local.macs == 40_000 * 100  # each hidden unit still reads its 10x10 window once
+
+
+def test_summary_cli_reproduces_the_locally_connected_example():
+    result = cli("summary", "sequential", "--input", "200x200x1", "--json",
+                 "--set", "layers=[{local: 1, kernel: 10, bias: false}, gap, fc]")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["layers"][1]["params"] == 4_000_000

@@ -62,6 +62,9 @@ def png_size(path) -> tuple[int, int]:
     ("top-patches", ["--n", "4"], "top_patches_pool2", figures.grid_pixels(4, 2, 2 * figures.TILE)),
     ("saliency", ["--n", "3"], "saliency", figures.grid_pixels(6, 4)),  # 3 (image, map) pairs, 2 pairs a row
     ("gradcam", ["--n", "3", "--layer", "conv2"], "gradcam_conv2", figures.grid_pixels(6, 4)),
+    ("deconv", ["--n", "4"], "deconv_pool2", figures.grid_pixels(8, 4, 2 * figures.TILE)),  # (projections, patches)
+    ("smoothgrad", ["--n", "3"], "smoothgrad", figures.grid_pixels(6, 4)),
+    ("guided-backprop", ["--n", "3"], "guided_backprop", figures.grid_pixels(6, 4)),
     ("confusion", [], "confusion_test", (round(figures.confusion_size(10) * figures.DPI),) * 2),
     ("errors", ["--n", "4"], "errors_test", figures.grid_pixels(4, 2, 1.5 * figures.TILE)),
     ("tsne", [], "tsne_test", tuple(round(s * figures.DPI) for s in figures.TSNE_SIZE)),
@@ -301,7 +304,7 @@ def test_confident_errors_are_wrong_and_sorted():
     (["--what", "activations", "--layer", "fc1"], "'fc1' has no feature map"),
     (["--what", "filters", "--layer", "pool1"], "no weights that are pictures; choose one of: conv1, conv2"),
     (["--what", "top-patch"], "(did you mean: top-patches?)"),
-    (["--what", "tsne", "--image", "x.png"], "--image applies to activations, saliency and gradcam"),
+    (["--what", "tsne", "--image", "x.png"], "--image applies to activations, saliency, smoothgrad"),
 ])
 def test_visualize_user_errors(lenet_run, args, message):
     result = cli("visualize", lenet_run, *args)

@@ -10,7 +10,9 @@ from cnncli.errors import UserError, suggest
 
 # The names of cnncli.inspect.visualize.FIGURES and its t-SNE sample size, here so that --help imports no jax
 # (tests/test_layout.py checks that they agree).
-WHATS = ("filters", "activations", "top-patches", "tsne", "saliency", "gradcam", "confusion", "errors")
+WHATS = ("filters", "activations", "top-patches", "deconv", "tsne", "saliency", "smoothgrad", "guided-backprop",
+         "gradcam", "confusion", "errors")
+IMAGE_WHATS = ("activations", "saliency", "smoothgrad", "guided-backprop", "gradcam")
 TSNE_LIMIT = 2000
 NORMALIZE = ("true", "pred", "all")  # the keys of cnncli.inspect.visualize.NORMALIZED
 
@@ -21,11 +23,13 @@ def visualize(
     what: str = typer.Option(..., "--what", help=f"One of: {', '.join(WHATS)}."),
     layer: str = typer.Option(None, "--layer", help="Layer name as `cnncli summary` prints it [default: the first "
                                                     "layer with weights (filters), the first layer (activations), "
-                                                    "the last convolutional one (top-patches, gradcam)]."),
-    image: Path = typer.Option(None, "--image", help="An image file for activations, saliency, gradcam [default: "
-                                                     "images of --split]."),
-    n: int = typer.Option(None, "--n", min=1, help="How many filters, feature maps, units or images [default: "
-                                                   "filters, activations 64; top-patches 9; saliency, gradcam 8; "
+                                                    "the last convolutional one (top-patches, deconv, "
+                                                    "gradcam)]."),
+    image: Path = typer.Option(None, "--image", help="An image file for activations, saliency, smoothgrad, "
+                                                     "guided-backprop, gradcam [default: images of --split]."),
+    n: int = typer.Option(None, "--n", min=1, help="How many filters, feature maps, units (top-patches, deconv: 9) "
+                                                   "or images [default: filters, activations 64; top-patches, "
+                                                   "deconv 9; saliency, smoothgrad, guided-backprop, gradcam 8; "
                                                    "errors 16]."),
     split: str = typer.Option(None, "--split", help="train, val, test or all [default: test; with --data: test "
                                                     "where the source has one, else all]."),
@@ -42,7 +46,8 @@ def visualize(
                                                             "diagonal), pred (columns: precision) or all "
                                                             "[default: counts]."),
 ) -> None:
-    """Filters, feature maps, top-9 patches, t-SNE, saliency, Grad-CAM, confusion or errors of a trained run."""
+    """Filters, feature maps, top-9 patches, deconvnet projections, t-SNE, saliency (vanilla, SmoothGrad, guided
+    backpropagation), Grad-CAM, confusion or errors of a trained run."""
     from rich.markup import escape
 
     from cnncli.console import console, err_console
@@ -54,8 +59,8 @@ def visualize(
 
     if what not in WHATS:
         raise UserError(f"--what '{what}' is unknown{suggest(what, WHATS)}; choose one of: {', '.join(WHATS)}")
-    if image is not None and what not in ("activations", "saliency", "gradcam"):
-        raise UserError(f"--image applies to activations, saliency and gradcam, not to {what}")
+    if image is not None and what not in IMAGE_WHATS:
+        raise UserError(f"--image applies to {', '.join(IMAGE_WHATS)}, not to {what}")
     if normalize is not None and (what != "confusion" or normalize not in NORMALIZE):
         raise UserError(f"--normalize applies to --what confusion and is one of: {', '.join(NORMALIZE)}"
                         + (f"; got '{normalize}'" if what == "confusion" else f", not to {what}"))

@@ -202,6 +202,39 @@ def top_patches(patches: Sequence[np.ndarray], units: Sequence[int], values: np.
     return fig
 
 
+def projections_beside_patches(projections: Sequence[np.ndarray], patches: Sequence[np.ndarray],
+                               units: Sequence[int], values: np.ndarray, title: str, cols: int | None = None) -> Figure:
+    """For each unit, its top projections (k, h, w, C float, signed) beside its top patches (uint8), 3x3 each.
+
+    As Zeiler & Fergus lay out their figure 2: each projection is scaled on its own with zero at
+    mid-gray, so the structure that drove the unit shows whatever its magnitude.
+    """
+    n = len(units)
+    pairs = columns(n, cols)
+    fig, axes = _grid(2 * n, 2 * pairs, title, tile=2 * TILE, captions=1)
+    for i, (proj, unit_patches, unit, value) in enumerate(zip(projections, patches, units, values)):
+        scaled = np.stack([signed_to_unit(p) for p in proj])
+        _show(axes[2 * i], mosaic(scaled, columns(len(scaled)), fill=0.5))
+        axes[2 * i].set_title(f"unit {unit}: projections", fontsize=8)
+        _show(axes[2 * i + 1], mosaic(unit_patches.astype(np.float32) / 255.0, columns(len(unit_patches))))
+        axes[2 * i + 1].set_title(f"patches (max {value:.2g})", fontsize=8)
+    return fig
+
+
+def signed_maps(images: np.ndarray, maps: np.ndarray, image_captions: Sequence[str], map_captions: Sequence[str],
+                title: str, cols: int | None = None) -> Figure:
+    """Each image (uint8 HWC) next to a signed pixel-space map (H, W, C): zero mid-gray, bright positive."""
+    n = len(images)
+    pairs = columns(n, cols)
+    fig, axes = _grid(2 * n, 2 * pairs, title, captions=1)
+    for i, (image, m) in enumerate(zip(images, maps)):
+        _show(axes[2 * i], image)
+        axes[2 * i].set_title(image_captions[i], fontsize=7)
+        _show(axes[2 * i + 1], signed_to_unit(m))
+        axes[2 * i + 1].set_title(map_captions[i], fontsize=7)
+    return fig
+
+
 def tsne(points: np.ndarray, labels: np.ndarray, class_names: Sequence[str], title: str) -> Figure:
     """A 2-D embedding, one dot per example, colored by class, with a legend of class names."""
     fig = Figure(figsize=TSNE_SIZE)

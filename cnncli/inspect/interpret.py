@@ -23,11 +23,14 @@ from cnncli.data.pipeline import pad_for_eval
 from cnncli.errors import UserError, suggest
 from cnncli.inspect.summary import INPUT, LayerRow, activations, layer_names, summarize
 from cnncli.models.layers import recording, stop_recording
+from cnncli.models.layers.activations import relu_backward
 from cnncli.train.toolbox import flip_tta_logits
 
 BATCH = 256  # images per jitted batch in passes over a split
 TOP = 9  # patches per unit, as Zeiler & Fergus show them
 CAM_METHOD = "bilinear"  # Grad-CAM maps are upsampled to the image like the paper's figures
+SMOOTH_SAMPLES = 50  # SmoothGrad: noisy copies per image (Smilkov et al. 2017 found 50 enough)
+SMOOTH_NOISE = 0.15  # SmoothGrad: noise std as a fraction of the image's value range (the paper's 10-20%)
 
 
 def load_model(trained) -> nnx.Module:
@@ -278,22 +281,93 @@ def unit_patch(image: np.ndarray, row: LayerRow, position: tuple[int, int]) -> n
 # ----------------------------------------------------------------------------- gradients
 
 
-def saliency(model: nnx.Module, pixels: jax.Array, classes: np.ndarray) -> np.ndarray:
+def saliency(model: nnx.Module, pixels: jax.Array, classes: np.ndarray, *, samples: int = 0,
+             noise: float = SMOOTH_NOISE, seed: int = 0) -> np.ndarray:
     """|d score(class) / d pixel|, maximum over channels (Simonyan et al. 2014): (N, H, W).
 
-    The score is the class logit (before the softmax), as in the paper.
+    The score is the class logit (before the softmax), as in the paper. With `samples` > 0 this is
+    SmoothGrad (Smilkov et al. 2017): the gradient averaged over `samples` copies of each image with
+    Gaussian noise of std `noise` x (the image's max - min) added, which removes most of the
+    vanilla gradient's speckle; the absolute value is taken after averaging.
     """
     graphdef, state = nnx.split(model)
 
     @jax.jit
-    def grad(state, px, classes):
+    def grad(state, px, classes, key):
+        def gradient(px):
+            def score(px):
+                logits = nnx.merge(graphdef, state)(px)
+                return jnp.take_along_axis(logits, classes[:, None], axis=1).sum()
+
+            return jax.grad(score)(px)
+
+        if samples == 0:
+            g = gradient(px)
+        else:
+            span = (px.max(axis=(1, 2, 3)) - px.min(axis=(1, 2, 3)))[:, None, None, None]
+
+            def add(total, k):
+                return total + gradient(px + noise * span * jax.random.normal(k, px.shape)), None
+
+            g = jax.lax.scan(add, jnp.zeros_like(px), jax.random.split(key, samples))[0] / samples
+        return jnp.abs(g).max(axis=-1)
+
+    return np.asarray(grad(state, pixels, jnp.asarray(classes, jnp.int32), jax.random.key(seed)))
+
+
+class _Watch:
+    """A layer recorder that keeps the output of the `index`-th layer called (-1: none).
+
+    Any active recorder also keeps each convolution's ReLU before the max-pool that follows it
+    (`activates_after_pool`), so the backward pass sees the layers in the paper's order.
+    """
+
+    def __init__(self, index: int = -1):
+        self.index, self.calls, self.value = index, 0, None
+
+    def record(self, layer, xs, y):
+        if self.calls == self.index:
+            self.value = y
+        self.calls += 1
+
+
+def projections(model: nnx.Module, pixels: jax.Array, rule: str, *, classes: np.ndarray | None = None,
+                layer: str | None = None, units: np.ndarray | None = None,
+                positions: np.ndarray | None = None) -> np.ndarray:
+    """A score of each image projected back to pixel space: (N, H, W, C), signed.
+
+    The score is the logit of `classes`, or the activation of `units` of `layer` at `positions`
+    (row, column; ignored for a flat layer), all other activations of the layer set to zero as in
+    Zeiler & Fergus. The pass back follows `rule` at every ReLU: 'deconvnet' (Zeiler & Fergus
+    2014: the signal is rectified, whatever the forward pass did; max-pools unpool with the
+    forward pass' switches and convolutions apply their transposed filters, which is what their
+    gradients do), 'guided' (guided backpropagation, Springenberg et al. 2015: the gradient, also
+    rectified) or 'gradient' (plain backpropagation).
+    """
+    index = -1 if layer is None else layer_names(model).index(layer) - 1  # minus "input"
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def project(state, px, which, positions):
         def score(px):
-            logits = nnx.merge(graphdef, state)(px)
-            return jnp.take_along_axis(logits, classes[:, None], axis=1).sum()
+            watch = _Watch(index)
+            token = recording(watch)
+            try:
+                logits = nnx.merge(graphdef, state)(px)
+            finally:
+                stop_recording(token)
+            out = logits if watch.value is None else watch.value
+            n = len(px)
+            if out.ndim == 4:
+                return out[jnp.arange(n), positions[:, 0], positions[:, 1], which].sum()
+            return out[jnp.arange(n), which].sum()
 
-        return jnp.abs(jax.grad(score)(px)).max(axis=-1)
+        with relu_backward(rule):
+            return jax.grad(score)(px)
 
-    return np.asarray(grad(state, pixels, jnp.asarray(classes, jnp.int32)))
+    which = classes if layer is None else units
+    positions = np.zeros((len(pixels), 2), np.int32) if positions is None else positions
+    return np.asarray(project(state, pixels, jnp.asarray(which, jnp.int32), jnp.asarray(positions, jnp.int32)))
 
 
 class _Tap:

@@ -15,6 +15,8 @@ from cnncli.console import progress_bar
 from cnncli.errors import UserError
 from cnncli.inspect import figures
 from cnncli.inspect.interpret import (
+    SMOOTH_NOISE,
+    SMOOTH_SAMPLES,
     TOP,
     activations,
     check_layer,
@@ -27,6 +29,7 @@ from cnncli.inspect.interpret import (
     penultimate_layer,
     pictured_layers,
     probabilities,
+    projections,
     read_images,
     saliency,
     sample,
@@ -38,7 +41,8 @@ from cnncli.inspect.interpret import (
 from cnncli.train.trained_run import eval_data
 
 # How many filters / feature maps / units / images a figure shows when --n is not given.
-DEFAULT_N = {"filters": 64, "activations": 64, "top-patches": 9, "saliency": 8, "gradcam": 8, "errors": 16}
+DEFAULT_N = {"filters": 64, "activations": 64, "top-patches": 9, "deconv": 9, "saliency": 8, "smoothgrad": 8,
+             "guided-backprop": 8, "gradcam": 8, "errors": 16}
 TSNE_LIMIT = 2000  # t-SNE of more points takes minutes on a laptop CPU
 # What each `--normalize` of the confusion matrix divides by (sklearn's `normalize`).
 NORMALIZED = {"true": "each row sums to 1: recall on the diagonal",
@@ -125,6 +129,28 @@ def _top_patches(job: Job):
     return figures.top_patches(patches, units, top.value[units, 0], title), f"top_patches_{layer}"
 
 
+def _deconv(job: Job):
+    """Zeiler & Fergus: each strong unit's top-9 activations projected to pixels, beside its top-9 patches."""
+    layer = job.layer or last_spatial_layer(job.rows)
+    row = check_layer(layer, job.rows)
+    x, _, _, _ = job.split_data()
+    with progress_bar(f"top activations of {layer}") as advance:
+        top = top_units(job.model, x, layer, batch_size=job.batch_size, progress=advance)
+    units = top.strongest(job.count("deconv", len(top.value)))
+    images = top.index[units].reshape(-1)
+    with progress_bar(f"deconvnet projections of {len(units)} units"):
+        maps = projections(job.model, to_pixels(x[images]), "deconvnet", layer=layer,
+                           units=np.repeat(units, top.index.shape[1]), positions=top.position[units].reshape(-1, 2))
+    maps = maps.reshape(len(units), -1, *maps.shape[1:])
+    crops = [np.stack([unit_patch(m, row, pos) for m, pos in zip(maps[k], top.position[u])])
+             for k, u in enumerate(units)]
+    patches = [np.stack([unit_patch(x[i], row, pos) for i, pos in zip(top.index[u], top.position[u])])
+               for u in units]
+    title = (f"{layer}: deconvnet projections of each unit's {TOP} strongest activations ({job.split}, "
+             f"{len(x):,} images; the rest of the layer set to 0), beside the patches that caused them")
+    return figures.projections_beside_patches(crops, patches, units, top.value[units, 0], title), f"deconv_{layer}"
+
+
 def _tsne(job: Job):
     from cnncli.inspect import figures
 
@@ -158,6 +184,23 @@ def _saliency(job: Job):
     maps = saliency(job.model, to_pixels(x), pred)
     title = "saliency: |d score / d pixel| of the predicted class, maximum over channels"
     return figures.heat_maps(x, maps, *_captions(job, pred, conf, y, names), title, overlay=False), "saliency"
+
+
+def _smoothgrad(job: Job):
+    x, y, names = job.images("smoothgrad")
+    pred, conf = _predicted(job, x)
+    maps = saliency(job.model, to_pixels(x), pred, samples=SMOOTH_SAMPLES, noise=SMOOTH_NOISE)
+    title = (f"SmoothGrad: |mean d score / d pixel| over {SMOOTH_SAMPLES} copies with noise "
+             f"{SMOOTH_NOISE:g} x range, predicted class")
+    return figures.heat_maps(x, maps, *_captions(job, pred, conf, y, names), title, overlay=False), "smoothgrad"
+
+
+def _guided_backprop(job: Job):
+    x, y, names = job.images("guided-backprop")
+    pred, conf = _predicted(job, x)
+    maps = projections(job.model, to_pixels(x), "guided", classes=pred)
+    title = "guided backpropagation of the predicted class (gray = 0, bright = raises the score)"
+    return figures.signed_maps(x, maps, *_captions(job, pred, conf, y, names), title), "guided_backprop"
 
 
 def _gradcam(job: Job):
@@ -206,6 +249,7 @@ def _errors(job: Job):
     return figures.examples(x[wrong], captions, title), f"errors_{job.split}"
 
 
-FIGURES = {"filters": _filters, "activations": _activations, "top-patches": _top_patches, "tsne": _tsne,
-            "saliency": _saliency, "gradcam": _gradcam, "confusion": _confusion, "errors": _errors}
+FIGURES = {"filters": _filters, "activations": _activations, "top-patches": _top_patches, "deconv": _deconv,
+           "tsne": _tsne, "saliency": _saliency, "smoothgrad": _smoothgrad, "guided-backprop": _guided_backprop,
+           "gradcam": _gradcam, "confusion": _confusion, "errors": _errors}
 WHATS = tuple(FIGURES)

@@ -11,11 +11,13 @@
         - {fc: classes}                                              # the class scores (softmax is in the loss)
 
 Each item has one kind key: `conv` (output channels; kernel, stride, padding same/valid/N,
-dilation, groups, depthwise, separable, norm, act, bias), `pool` (max/avg/l2/conv/global; window,
+dilation, groups, depthwise, separable, norm, act, bias), `local` (a locally connected layer: a
+convolution's windows with a different filter at every position; output channels; kernel, stride,
+padding, act, bias), `pool` (max/avg/l2/conv/global; window,
 stride, padding, ceil), `act` (any activation), `norm` (batch/lrn/lcn), `dropout` (rate), `fc`
 (width or `classes`; act, norm, dropout), `flatten`, `softmax` (accepted last and ignored: the loss
 applies it), `repeat` (N times its own `layers`). Strings are a compact form of the same:
-`conv32k3s1p1`, `conv64k5`, `maxpool`, `maxpool3s2`, `avgpool`, `l2pool`, `gap`, `relu`, `bn`, `lrn`,
+`conv32k3s1p1`, `conv64k5`, `local16k5`, `maxpool`, `maxpool3s2`, `avgpool`, `l2pool`, `gap`, `relu`, `bn`, `lrn`,
 `lcn`, `dropout0.5`, `fc128`, `fc`, `flatten`; one string may chain them with '-':
 `"conv32k3-relu-maxpool-fc10"`.
 
@@ -36,6 +38,7 @@ from cnncli.models.layers import (
     Dropout,
     Flatten,
     GlobalPool,
+    LocallyConnected,
     Norm,
     Pool,
     SeparableConv,
@@ -43,18 +46,19 @@ from cnncli.models.layers import (
 )
 from cnncli.models.registry import DEFAULT_INPUTS, MNIST_INPUT, MODELS
 
-KINDS = ("conv", "pool", "fc", "repeat", "flatten", "softmax", "dropout", "act", "norm")
-PRIMARY = KINDS[:6]  # with one of these, `act`, `norm` and `dropout` are its options
+KINDS = ("conv", "local", "pool", "fc", "repeat", "flatten", "softmax", "dropout", "act", "norm")
+PRIMARY = KINDS[:7]  # with one of these, `act`, `norm` and `dropout` are its options
 OPTIONS = {
     "conv": {"kernel", "stride", "padding", "dilation", "groups", "depthwise", "separable", "norm", "act", "bias",
              "fit"},
+    "local": {"kernel", "stride", "padding", "act", "bias", "fit"},
     "pool": {"window", "stride", "padding", "ceil", "fit"},
     "fc": {"act", "norm", "dropout", "bias"},
     "repeat": {"layers"},
     "act": set(), "norm": set(), "dropout": set(), "flatten": set(), "softmax": set(),
 }
 NORM_TOKENS = {"bn": "batch", "batchnorm": "batch", "lrn": "lrn", "lcn": "lcn"}
-CONV_TOKEN = re.compile(r"^(sep)?conv(\d+)(?:k(\d+))?(?:s(\d+))?(?:p(\d+))?(?:d(\d+))?$")
+CONV_TOKEN = re.compile(r"^(sep)?(conv|local)(\d+)(?:k(\d+))?(?:s(\d+))?(?:p(\d+))?(?:d(\d+))?$")
 POOL_TOKEN = re.compile(r"^(max|avg|l2)pool(?:(\d+))?(?:s(\d+))?$")
 NUMBER_TOKEN = re.compile(r"^(fc|dropout)([\d.]+)?$")
 FITS = ("exact", "floor")
@@ -64,12 +68,16 @@ def parse_token(token: str, where: str) -> dict[str, Any]:
     """One compact layer string -> the layer's mapping form."""
     t = token.strip().lower()
     if m := CONV_TOKEN.match(t):
-        spec: dict[str, Any] = {"conv": int(m[2])}
-        for key, value in zip(("kernel", "stride", "padding", "dilation"), m.groups()[2:], strict=True):
+        spec: dict[str, Any] = {m[2]: int(m[3])}
+        for key, value in zip(("kernel", "stride", "padding", "dilation"), m.groups()[3:], strict=True):
             if value is not None:
                 spec[key] = int(value)
         if m[1]:
+            if m[2] == "local":
+                raise UserError(f"{where}: '{token}': a locally connected layer has no separable form")
             spec["separable"] = True
+        if m[2] == "local" and "dilation" in spec:
+            raise UserError(f"{where}: '{token}': a locally connected layer has no dilation")
         return spec
     if m := POOL_TOKEN.match(t):
         spec = {"pool": m[1]}
@@ -90,7 +98,7 @@ def parse_token(token: str, where: str) -> dict[str, Any]:
         if m[1] == "fc":
             return {"fc": int(m[2]) if m[2] else "classes"}
         return {"dropout": float(m[2] or 0.5)}
-    known = ["conv32k3s1p1", "maxpool", "avgpool", "gap", "bn", "dropout0.5", "fc10", "flatten",
+    known = ["conv32k3s1p1", "local16k5", "maxpool", "avgpool", "gap", "bn", "dropout0.5", "fc10", "flatten",
              *ACTIVATIONS.names()]
     raise UserError(f"{where}: cannot read layer '{token}'{suggest(t, known)}; e.g. {', '.join(known[:8])}")
 
@@ -150,6 +158,13 @@ def _build_layer(kind: str, spec: dict, b: StackBuilder, num_classes: int, rngs)
             return "sepconv", SeparableConv(b.channels, int(value), kernel, **common)
         groups = b.channels if spec.get("depthwise") else int(spec.get("groups", 1))
         return "conv", Conv(b.channels, int(value), kernel, groups=groups, **common)
+    if kind == "local":
+        if b.spatial is None:
+            raise UserError("a locally connected layer needs an image-shaped input (H x W x C), got a flat vector")
+        return "local", LocallyConnected(b.channels, int(value), spec.get("kernel", 3), input_hw=b.spatial,
+                                         stride=spec.get("stride", 1), padding=spec.get("padding", "same"),
+                                         bias=spec.get("bias", True), act=spec.get("act"),
+                                         exact=_fit(spec, "local"), rngs=rngs)
     if kind == "pool":
         if value == "global":
             return "gap", GlobalPool()

@@ -28,7 +28,7 @@ from cnncli.models.layers.blocks import (
     activates_after_pool,
 )
 from cnncli.models.layers.classifier import Classifier
-from cnncli.models.layers.conv import Conv, SeparableConv
+from cnncli.models.layers.conv import Conv, LocallyConnected, SeparableConv
 from cnncli.models.layers.core import Layer, global_windows, is_recording, recording, resolve_axis, stop_recording
 from cnncli.models.layers.dense import Dense
 from cnncli.models.layers.norms import LRN, Norm
@@ -48,6 +48,7 @@ __all__ = [
     "GlobalPool",
     "LRN",
     "Layer",
+    "LocallyConnected",
     "Norm",
     "Pool",
     "SeparableConv",

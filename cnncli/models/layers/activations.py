@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +26,68 @@ LEAKY_SLOPE = 0.01
 ACTIVATIONS = Registry("activation")
 
 
-ACTIVATIONS.register("relu", jax.nn.relu, help="max(0, x)")
+# How a ReLU passes the signal backwards while `relu_backward` is active (visualization only; training
+# never sets it). Zeiler & Fergus' deconvnet rectifies the signal itself and ignores the forward pass;
+# guided backpropagation (Springenberg et al. 2015) also keeps the ordinary gradient's gate.
+RELU_RULES = ("gradient", "deconvnet", "guided")
+_RELU_RULE: contextvars.ContextVar[str] = contextvars.ContextVar("cnncli_relu_rule", default="gradient")
+
+
+@jax.custom_vjp
+def _deconvnet_relu(x):
+    return jax.nn.relu(x)
+
+
+def _deconvnet_fwd(x):
+    return jax.nn.relu(x), None
+
+
+def _deconvnet_bwd(_, g):
+    return (jax.nn.relu(g),)
+
+
+_deconvnet_relu.defvjp(_deconvnet_fwd, _deconvnet_bwd)
+
+
+@jax.custom_vjp
+def _guided_relu(x):
+    return jax.nn.relu(x)
+
+
+def _guided_fwd(x):
+    return jax.nn.relu(x), x > 0
+
+
+def _guided_bwd(open_gate, g):
+    return (jax.nn.relu(g) * open_gate,)
+
+
+_guided_relu.defvjp(_guided_fwd, _guided_bwd)
+
+
+@contextlib.contextmanager
+def relu_backward(rule: str) -> Iterator[None]:
+    """Within this block (at trace time), every ReLU's backward pass follows `rule` (see RELU_RULES)."""
+    if rule not in RELU_RULES:
+        raise ValueError(f"unknown ReLU backward rule '{rule}'; one of {RELU_RULES}")
+    token = _RELU_RULE.set(rule)
+    try:
+        yield
+    finally:
+        _RELU_RULE.reset(token)
+
+
+def relu(x: jax.Array) -> jax.Array:
+    """max(0, x); its gradient is the ordinary one unless `relu_backward` chose another rule."""
+    rule = _RELU_RULE.get()
+    if rule == "deconvnet":
+        return _deconvnet_relu(x)
+    if rule == "guided":
+        return _guided_relu(x)
+    return jax.nn.relu(x)
+
+
+ACTIVATIONS.register("relu", relu, help="max(0, x)")
 
 
 ACTIVATIONS.register("sigmoid", jax.nn.sigmoid, help="1 / (1 + exp(-x))")

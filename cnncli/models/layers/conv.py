@@ -1,7 +1,9 @@
-"""Convolution units: conv -> [batch norm] -> activation -> [LRN/LCN], and the depthwise-separable form."""
+"""Convolution units: conv -> [batch norm] -> activation -> [LRN/LCN], the depthwise-separable form, and the
+locally connected layer (a convolution's windows without weight sharing)."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import lax
@@ -138,3 +140,72 @@ class SeparableConv(Conv):
     def describe(self):
         return "separable " + super().describe()
 
+
+
+class LocallyConnected(Layer):
+    """A locally connected layer: a convolution's windows, but a different filter at every output position.
+
+    The lectures' contrast with a convolution: both are local, neither shares weights here, so a
+    200x200 input with 10x10 windows and one output map (40K hidden units) has 40K x 100 = 4M
+    weights, against 100 x 100 = 10K for 100 shared 10x10 filters. The kernel is (out_h, out_w,
+    kh * kw * in_channels, out_channels) with the window's features in channel-major order (what
+    `lax.conv_general_dilated_patches` produces); the bias is per position and channel, as in
+    Keras' LocallyConnected2D. Same windows, MACs and receptive field as the convolution.
+    """
+
+    kind = "local"
+
+    def __init__(self, in_channels: int, out_channels: int, kernel=3, *, input_hw: tuple[int, int], stride=1,
+                 padding="same", bias: bool = True, norm: str | None = None, act: str | None = "relu",
+                 exact: bool = False, rngs: nnx.Rngs):
+        if norm not in (None, "none"):
+            raise UserError(f"a locally connected layer takes no norm (got '{norm}'): add a norm layer after it")
+        self.kernel_size, self.stride, self.padding = pair(kernel), pair(stride), padding_pair(padding)
+        self.in_channels, self.out_channels, self.exact, self.act_name = in_channels, out_channels, exact, act
+        (oh, _, _), (ow, _, _) = self._resolve((1, *input_hw, in_channels))
+        self.out_hw = (oh, ow)
+        kh, kw = self.kernel_size
+        fan_in = kh * kw * in_channels
+        # He initialization over fan-out, as a convolution's (CONV_INIT): one filter per position.
+        std = (2.0 / (kh * kw * out_channels)) ** 0.5
+        self.kernel = nnx.Param(std * jax.random.normal(rngs.params(), (oh, ow, fan_in, out_channels), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((oh, ow, out_channels), jnp.float32)) if bias else None
+        self.act = make_activation(act, out_channels)
+        if act_pieces(act) != 1:
+            raise UserError("maxout is not supported after a locally connected layer")
+
+    def _resolve(self, shape):
+        n, h, w, _ = spatial_shape(shape, "a locally connected layer")
+        return [resolve_axis(size, k, s, 1, p, exact=self.exact)
+                for size, k, s, p in zip((h, w), self.kernel_size, self.stride, self.padding, strict=True)]
+
+    def output_shape(self, shape):
+        if shape[-1] != self.in_channels:
+            raise UserError(f"expects {self.in_channels} input channels, got {shape[-1]}")
+        (oh, _, _), (ow, _, _) = self._resolve(shape)
+        if (oh, ow) != self.out_hw:
+            raise UserError(f"was built for a {self.out_hw[0]}x{self.out_hw[1]} output (unshared weights fix the "
+                            f"input size), got an input of {shape[1]}x{shape[2]}")
+        return (shape[0], oh, ow, self.out_channels)
+
+    def forward(self, x):
+        (_, ph0, ph1), (_, pw0, pw1) = self._resolve(x.shape)
+        patches = lax.conv_general_dilated_patches(x, self.kernel_size, self.stride, ((ph0, ph1), (pw0, pw1)),
+                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = jnp.einsum("nhwk,hwkc->nhwc", patches, self.kernel[...])
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y if self.act is None else self.act(y)
+
+    def macs(self, in_shapes, out_shape):
+        kh, kw = self.kernel_size
+        return out_shape[1] * out_shape[2] * self.out_channels * kh * kw * self.in_channels
+
+    def windows(self, in_shape):
+        return tuple(Window(k, s, lo) for (_, lo, _), k, s in zip(self._resolve(in_shape), self.kernel_size,
+                                                                     self.stride, strict=True))
+
+    def describe(self):
+        kh, kw = self.kernel_size
+        extra = f"/{self.stride[0]}" if self.stride != (1, 1) else ""
+        return f"local {kh}x{kw}{extra}, {self.out_channels} (unshared){describe_suffix(None, self.act_name)}"
