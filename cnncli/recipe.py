@@ -266,6 +266,8 @@ def load(path_or_name: str | Path, overrides: list[str] = (), defaults: dict[str
     raw.setdefault("name", "_".join(re.split(r"[^A-Za-z0-9_.+-]+", path.stem)).lstrip("."))  # 'my run' -> my_run
     for key, value in (defaults or {}).items():
         raw.setdefault(key, value)
+    if "gan" in raw and "model" not in raw:
+        raise UserError(f"{path} is a GAN recipe: train it with `cnncli gan train {path_or_name}`")
     if "finetune" in raw and "model" not in raw:
         raise UserError(f"{path} is a fine-tune recipe (its model comes from the source): run it with "
                         f"`cnncli fine-tune SOURCE {path_or_name}`")
@@ -276,11 +278,17 @@ def load(path_or_name: str | Path, overrides: list[str] = (), defaults: dict[str
 
 def validate(raw: dict[str, Any], source: str = "recipe", overrides: list[str] = ()) -> Recipe:
     """The Recipe of `raw`; an error names the `--set` that set the bad key, else `source` (the file)."""
+    return validate_section(Recipe, raw, source, overrides)
+
+
+def validate_section(schema: type[BaseModel], raw: dict[str, Any], source: str = "recipe",
+                     overrides: list[str] = ()):
+    """`raw` validated as `schema` (a recipe-like model); the first problem is a UserError naming its key."""
     try:
-        return Recipe.model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as e:
         err = e.errors()[0]
-        raise UserError(f"{_blame(err['loc'], overrides) or source}: {_describe(err)}") from None
+        raise UserError(f"{_blame(err['loc'], overrides) or source}: {_describe(err, schema)}") from None
 
 
 def _blame(loc: tuple, overrides: list[str]) -> str | None:
@@ -294,12 +302,12 @@ def _blame(loc: tuple, overrides: list[str]) -> str | None:
     return None
 
 
-def _describe(err: dict[str, Any]) -> str:
+def _describe(err: dict[str, Any], schema: type[BaseModel] | None = None) -> str:
     """One readable line for a pydantic error: the dotted key path, the problem, a suggestion."""
     loc = [str(p) for p in err["loc"]]
     path = ".".join(loc)
     if err["type"] == "extra_forbidden":
-        valid = _fields_at(loc[:-1])
+        valid = _fields_at(loc[:-1], schema or Recipe)
         return f"unknown key '{path}'{suggest(loc[-1], valid)}; valid keys here: {', '.join(valid)}"
     if err["type"] == "missing":
         return f"missing key '{path}'"
@@ -325,9 +333,9 @@ def _section_model(annotation: Any) -> type[BaseModel] | None:
     return next((c for c in candidates if isinstance(c, type) and issubclass(c, Section)), None)
 
 
-def _fields_at(loc: list[str]) -> list[str]:
-    """The valid field names of the section at `loc` (list indices skipped)."""
-    model: Any = Recipe
+def _fields_at(loc: list[str], schema: type[BaseModel]) -> list[str]:
+    """The valid field names of the section at `loc` of `schema` (list indices skipped)."""
+    model: Any = schema
     for part in loc:
         if part.isdigit():
             continue

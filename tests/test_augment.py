@@ -27,7 +27,8 @@ ZERO_PARAMS = {
     "gamma": {"amount": 0.0}, "sharpen": {"amount": 0.0}, "emboss": {"amount": 0.0}, "grayscale": {"amount": 0.0},
     "gaussian_noise": {"std": 0.0}, "gaussian_blur": {"sigma": 0.0}, "salt_pepper": {"amount": 0.0},
     "coarse_dropout": {"size": 0.0}, "cutout": {"size": 0}, "random_erasing": {"scale": [0.0, 0.0]},
-    "fog": {"amount": 0.0}, "snow": {"amount": 0.0}, "mixup": {"alpha": 0.0}, "cutmix": {"alpha": 0.0},
+    "fog": {"amount": 0.0}, "snow": {"amount": 0.0}, "clouds": {"amount": 0.0}, "superpixels": {"replace": 0.0},
+    "mixup": {"alpha": 0.0}, "cutmix": {"alpha": 0.0},
     "randaugment": {"magnitude": 0.0}, "trivialaugment": {"magnitude": 0.0},
 }
 # Ops without a magnitude: deterministic given p = 1.
@@ -60,7 +61,8 @@ def test_catalogue_is_complete_and_covered():
     expected = {"hflip", "vflip", "crop", "crop_and_pad", "random_crop", "translate", "rotate", "scale", "shear",
                 "affine", "perspective", "elastic", "brightness", "contrast", "saturation", "hue", "gamma", "invert",
                 "sharpen", "emboss", "grayscale", "gaussian_noise", "gaussian_blur", "salt_pepper", "coarse_dropout",
-                "cutout", "random_erasing", "fog", "snow", "mixup", "cutmix", "randaugment", "trivialaugment"}
+                "cutout", "random_erasing", "fog", "clouds", "snow", "superpixels", "mixup", "cutmix", "randaugment",
+                "trivialaugment"}
     assert expected <= set(AUGMENTATIONS.names())
     # Every op must declare how to make it the identity (or have no magnitude), so the tests below cover it.
     assert set(AUGMENTATIONS.names()) == set(ZERO_PARAMS) | NO_MAGNITUDE
@@ -107,6 +109,34 @@ def test_op_contract(name):
     img, lab = off(x3, y, jax.random.key(3))
     np.testing.assert_array_equal(np.asarray(img), np.asarray(x3))
     np.testing.assert_array_equal(np.asarray(lab), np.asarray(y))
+
+
+def test_superpixels_paint_segments_with_their_mean():
+    from cnncli.data.augment.pixel import slic
+
+    # two flat halves with a little noise: SLIC should not mix them, and painting keeps each segment's sum
+    x = np.zeros((2, 16, 16, 1), np.float32)
+    x[:, :, 8:] = 0.8
+    x += 0.05 * np.random.default_rng(0).random(x.shape, dtype=np.float32)
+    segment, means = slic(jnp.asarray(x), 16)
+    seg = np.asarray(segment).reshape(2, 16, 16)
+    for i in range(2):
+        left, right = set(seg[i, :, :8].ravel()), set(seg[i, :, 8:].ravel())
+        assert not left & right, "a segment straddles the edge between the halves"
+        for s in np.unique(seg[i]):
+            np.testing.assert_allclose(np.asarray(means)[i, s, 0], x[i][seg[i] == s].mean(), rtol=1e-5)
+    out, _ = _jit("superpixels", {"segments": 16, "replace": 1.0})(jnp.asarray(x), jnp.ones((2, 1)), jax.random.key(0))
+    out = np.asarray(out)
+    assert len(np.unique(out[0])) <= 16 < len(np.unique(x[0]))
+    np.testing.assert_allclose(out.sum(axis=(1, 2, 3)), x.sum(axis=(1, 2, 3)), rtol=1e-5)  # means keep the sums
+
+
+def test_clouds_brighten_a_dark_image():
+    x, y = _batch(1, seed=4)
+    x = 0.5 * x
+    out, _ = _jit("clouds", {"amount": 1.0})(x, y, jax.random.key(5))
+    out = np.asarray(out)
+    assert (out >= np.asarray(x) - 1e-6).all() and out.mean() > float(x.mean()) + 0.05
 
 
 # ---- geometric references ------------------------------------------------------------------

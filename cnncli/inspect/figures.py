@@ -235,6 +235,25 @@ def signed_maps(images: np.ndarray, maps: np.ndarray, image_captions: Sequence[s
     return fig
 
 
+def class_rows(images: np.ndarray, class_names: Sequence[str], title: str) -> Figure:
+    """One row per class (K, n, H, W, C uint8), the class name at the left of its row."""
+    k, n = images.shape[:2]
+    label = 1.3  # inches for the class names
+    width, height = label + n * TILE * 0.6, k * TILE * 0.6 + HEADER
+    fig = Figure(figsize=(width, height))
+    fig.suptitle(textwrap.fill(title, max(int(width * CHARS_PER_INCH), 20)), fontsize=TITLE_FONT,
+                 y=1 - 0.1 * HEADER / height, va="top")
+    ax = fig.add_axes((label / width, 0.0, 1 - label / width, (height - HEADER) / height))
+    tiles = images.reshape(k * n, *images.shape[2:]).astype(np.float32) / 255.0
+    _show(ax, mosaic(tiles, n))
+    h = images.shape[2] + GAP
+    ax.set_yticks([r * h + (h - GAP) / 2 for r in range(k)], list(class_names), fontsize=8)
+    ax.set_xticks([])
+    for side in ax.spines.values():
+        side.set_visible(False)
+    return fig
+
+
 def tsne(points: np.ndarray, labels: np.ndarray, class_names: Sequence[str], title: str) -> Figure:
     """A 2-D embedding, one dot per example, colored by class, with a legend of class names."""
     fig = Figure(figsize=TSNE_SIZE)

@@ -12,7 +12,8 @@ docs/toolbox.md).
                 perspective elastic
     colour      brightness contrast saturation hue gamma invert sharpen emboss grayscale
     noise       gaussian_noise gaussian_blur salt_pepper coarse_dropout cutout random_erasing
-    weather     fog snow
+    regions     superpixels
+    weather     fog clouds snow
     mixing      mixup cutmix            (the only ops that change labels)
     policies    randaugment trivialaugment
 """

@@ -43,6 +43,13 @@ FOG_PERSISTENCE = 0.5
 SNOW_DENSITY = 0.08
 SNOW_STREAK = 3
 SNOW_WHITEN = 0.3
+# Clouds: a fog field with more contrast (a steep sigmoid around a per-image cover level), so it
+# forms bright blobs with edges, as imgaug's Clouds does with its sparse, high-alpha cloud layers.
+CLOUD_SHARPNESS = 10.0
+# Superpixels: SLIC (Achanta et al. 2012) iterations and compactness (weight of position against
+# intensity, per grid step), as scikit-image's defaults for grey-level images.
+SLIC_ITERATIONS = 5
+SLIC_COMPACTNESS = 0.1
 
 
 # ---- colour --------------------------------------------------------------------------------
@@ -232,6 +239,20 @@ def fog(images, labels, key, amount=0.5):
     return clip01(images * (1.0 - f) + f), labels
 
 
+@augmentation("clouds", amount=Num(0.0, 1.0), help="bright cloud blobs with soft edges over the image, covering "
+                                                    "up to `amount` of it")
+def clouds(images, labels, key, amount=0.5):
+    """Clouds: a smooth random field thresholded softly at a per-image cover level, blended toward white."""
+    n, h, w, _ = images.shape
+    kf, kc = jax.random.split(key)
+    field = smooth_noise(kf, n, h, w)
+    cover = per_image(amount * uniform(kc, n, 0.5, 1.0))  # fraction of the sky with cloud, roughly
+    # field quantile ~ 1 - cover lies near 1 - cover for a field spread over [0, 1]; amount 0 leaves no cloud
+    alpha = jax.nn.sigmoid(CLOUD_SHARPNESS * (field - (1.0 - cover))) * jnp.minimum(cover * 4.0, 1.0)
+    alpha = jnp.where(cover > 0, alpha, 0.0)
+    return clip01(images * (1.0 - alpha) + alpha * (0.85 + 0.15 * field)), labels
+
+
 @augmentation("snow", amount=Num(0.0, 1.0), help="overlay falling snowflake streaks and whiten by `amount`")
 def snow(images, labels, key, amount=0.3):
     """Snow: sparse bright flakes smeared diagonally into short streaks, over a slightly whitened image."""
@@ -250,6 +271,58 @@ def snow(images, labels, key, amount=0.3):
     whiten = per_image(SNOW_WHITEN * amount * uniform(kd, n, 0.5, 1.0))
     base = images + whiten * (1.0 - images)
     return clip01(base * (1.0 - flakes) + flakes), labels
+
+
+# ---- superpixels ---------------------------------------------------------------------------
+
+def slic(images, segments: int, iterations: int = SLIC_ITERATIONS, compactness: float = SLIC_COMPACTNESS):
+    """SLIC superpixels of each image: (N, H*W) segment index of every pixel, and (N, S, C) segment means.
+
+    Centres start on a regular grid of about `segments` cells and move by k-means on (row, column,
+    colour), position weighted by compactness / grid step. Every pixel is compared with every centre
+    (no 2S window as in the paper: at CIFAR sizes that is cheaper than gathering neighbourhoods).
+    """
+    n, h, w, c = images.shape
+    per_axis = max(1, round(math.sqrt(segments)))
+    step = max(h, w) / per_axis
+    rows, cols = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32), indexing="ij")
+    scale = compactness / step
+    position = jnp.stack([rows.reshape(-1), cols.reshape(-1)], -1) * scale  # (P, 2)
+    colour = images.reshape(n, h * w, c)
+    features = jnp.concatenate([jnp.broadcast_to(position, (n, h * w, 2)), colour], -1)  # (N, P, 2 + C)
+    grid = (jnp.arange(per_axis, dtype=jnp.float32) + 0.5) * jnp.asarray([h, w], jnp.float32)[:, None] / per_axis
+    start = jnp.stack(jnp.meshgrid(grid[0], grid[1], indexing="ij"), -1).reshape(-1, 2)  # (S, 2) pixel coords
+    idx = (jnp.clip(start[:, 0].astype(jnp.int32), 0, h - 1) * w + jnp.clip(start[:, 1].astype(jnp.int32), 0, w - 1))
+    centres = features[:, idx]  # (N, S, 2 + C)
+
+    def assign(centres):
+        d = (jnp.sum(features**2, -1)[:, :, None] - 2 * jnp.einsum("npf,nsf->nps", features, centres)
+             + jnp.sum(centres**2, -1)[:, None, :])
+        return jax.nn.one_hot(jnp.argmin(d, -1), centres.shape[1], dtype=features.dtype)  # (N, P, S)
+
+    def update(_, centres):
+        a = assign(centres)
+        counts = a.sum(1)[..., None]
+        means = jnp.einsum("nps,npf->nsf", a, features) / jnp.maximum(counts, 1.0)
+        return jnp.where(counts > 0, means, centres)  # an empty segment keeps its centre
+
+    centres = jax.lax.fori_loop(0, iterations, update, centres)
+    a = assign(centres)
+    means = jnp.einsum("nps,npc->nsc", a, colour) / jnp.maximum(a.sum(1)[..., None], 1.0)
+    return jnp.argmax(a, -1), means
+
+
+@augmentation("superpixels", segments=Num(1, 1024, integer=True), replace=Num(0.0, 1.0),
+              help="SLIC superpixels (about `segments`); each replaced by its mean colour with probability `replace`")
+def superpixels(images, labels, key, segments=64, replace=0.5):
+    """imgaug's Superpixels: segment with SLIC, then paint a random fraction of the segments with their mean."""
+    n, h, w, c = images.shape
+    segment, means = slic(images, segments)
+    chosen = jax.random.bernoulli(key, replace, means.shape[:2])  # (N, S)
+    pick = jnp.take_along_axis(chosen, segment, axis=1)[..., None]  # (N, P, 1)
+    painted = jnp.take_along_axis(means, segment[..., None], axis=1)  # (N, P, C)
+    out = jnp.where(pick, painted, images.reshape(n, h * w, c))
+    return out.reshape(n, h, w, c), labels
 
 
 # ---- mixing --------------------------------------------------------------------------------
