@@ -39,6 +39,7 @@ REFERENCE_COUNTS = [
     ("googlenet", (224, 224, 3), 1000, {"variant": "torchvision", "aux": True}, 13_004_888),
     ("nin", (32, 32, 3), 10, {}, 966_986),  # the NIN release's CIFAR-10 model
     ("linear", (28, 28, 1), 10, {}, 7_850),
+    ("bovw", (28, 28, 1), 10, {}, 256 * (1 + 4) * 10 + 10),  # only the linear layer on the pyramid trains
 ]
 
 # How each registered model is exercised for real (small input, small width where the model has one).
@@ -73,6 +74,7 @@ RUN_SPECS = {
                         ((16, 16, 8), {"widths": [4, 8, 4], "reduce": [4, 4, 4], "blocks": 2})],
     "nin": [((28, 28, 1), {}), ((32, 32, 3), {"pool": "l2", "activation": "elu"})],
     "hog_mlp": [((28, 28, 1), {}), ((32, 32, 3), {"hidden": [32, 16], "dropout": 0.1})],
+    "bovw": [((28, 28, 1), {"words": 16}), ((32, 32, 3), {"words": 8, "pyramid": [1, 2, 4]})],
     "sequential": [((28, 28, 1), {"layers": ["conv8k3-relu-maxpool", {"conv": 8, "kernel": 3, "norm": "batch",
                                                                       "act": "prelu"},
                                             {"pool": "conv"}, {"conv": 16, "separable": True, "act": "maxout"},
@@ -85,7 +87,7 @@ RUN_SPECS = {
 # them: each compiles for 5-50 s on the shared 2-core CPU) are traced always and trained one step
 # with CNNCLI_SLOW_TESTS=1.
 FAST = {"linear", "mlp", "lenet5", "vgg11_bn", "resnet18", "resnet20", "alexnet_small", "inception_naive", "nin",
-        "hog_mlp", "sequential"}
+        "hog_mlp", "bovw", "sequential"}
 SLOW = set(RUN_SPECS) - FAST
 RUN_SLOW = os.environ.get("CNNCLI_SLOW_TESTS") == "1"
 DEEPEST = {"resnet101", "resnet110", "resnet152"}  # 10-25 s just to trace; same blocks as resnet50/56

@@ -14,7 +14,7 @@ from cnncli.errors import UserError, suggest
 from cnncli.models.registry import CIFAR_INPUT, DEFAULT_INPUTS, MODELS
 
 # Modules of this package that are not model families (the families register their presets on import).
-_NOT_FAMILIES = ("registry",)
+_NOT_FAMILIES = ("registry", "fitting")
 
 
 def default_input(name: str) -> tuple[tuple[int, int, int], int]:

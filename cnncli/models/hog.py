@@ -26,6 +26,42 @@ NORM_EPS = 1e-2  # block normalization floor: a flat region stays ~0 instead of 
 SMALL_CELL, LARGE_CELL = 4, 8  # 4-pixel cells up to 32-pixel images (7x7 cells on 28x28), else Dalal-Triggs' 8
 
 
+def gradient_votes(x: jax.Array, bins: int) -> jax.Array:
+    """(N, H, W, bins): each pixel's gradient magnitude split between its two nearest orientation bins."""
+    g = x.mean(axis=-1)
+    gx = jnp.pad(g[:, :, 2:] - g[:, :, :-2], ((0, 0), (0, 0), (1, 1)))
+    gy = jnp.pad(g[:, 2:, :] - g[:, :-2, :], ((0, 0), (1, 1), (0, 0)))
+    magnitude = jnp.sqrt(gx * gx + gy * gy + EPS * EPS) - EPS  # exactly 0 on flat regions
+    angle = jnp.mod(jnp.arctan2(gy, gx), math.pi)
+    pos = angle / (math.pi / bins) - 0.5  # bin centres at (k + 0.5) * 180/bins degrees
+    lo = jnp.floor(pos)
+    frac = pos - lo
+    lo = jnp.mod(lo, bins).astype(jnp.int32)
+    return (jax.nn.one_hot(lo, bins) * (magnitude * (1 - frac))[..., None]
+            + jax.nn.one_hot((lo + 1) % bins, bins) * (magnitude * frac)[..., None])
+
+
+def cell_histograms(votes: jax.Array, cell: int, stride: int) -> jax.Array:
+    """Votes summed over `cell` x `cell` windows every `stride` pixels (stride divides cell): (N, ch, cw, bins)."""
+    n, h, w, bins = votes.shape
+    hs, ws = h // stride, w // stride
+    blocks = votes[:, : hs * stride, : ws * stride].reshape(n, hs, stride, ws, stride, bins).sum(axis=(2, 4))
+    k = cell // stride  # a cell is k x k stride blocks
+    ch, cw = hs - k + 1, ws - k + 1
+    return sum(blocks[:, i: i + ch, j: j + cw] for i in range(k) for j in range(k))
+
+
+def block_descriptors(hist: jax.Array, step: int) -> jax.Array:
+    """L2-Hys normalized BLOCK x BLOCK groups of cells `step` cells apart: (N, bh, bw, BLOCK^2 * bins)."""
+    _, ch, cw, _ = hist.shape
+    bh, bw = ch - (BLOCK - 1) * step, cw - (BLOCK - 1) * step
+    blocks = jnp.concatenate([hist[:, i * step: i * step + bh, j * step: j * step + bw]
+                              for i in range(BLOCK) for j in range(BLOCK)], axis=-1)
+    blocks = blocks / jnp.sqrt(jnp.sum(blocks**2, axis=-1, keepdims=True) + NORM_EPS**2)
+    blocks = jnp.minimum(blocks, HYS_CLIP)
+    return blocks / jnp.sqrt(jnp.sum(blocks**2, axis=-1, keepdims=True) + NORM_EPS**2)
+
+
 class HoG(Layer):
     """Fixed HoG feature extractor: (N, H, W, C) -> (N, blocks * BLOCK^2 * bins)."""
 
@@ -48,26 +84,8 @@ class HoG(Layer):
 
     def forward(self, x):
         ch, cw = self._cells(x.shape)
-        g = x.mean(axis=-1)
-        gx = jnp.pad(g[:, :, 2:] - g[:, :, :-2], ((0, 0), (0, 0), (1, 1)))
-        gy = jnp.pad(g[:, 2:, :] - g[:, :-2, :], ((0, 0), (1, 1), (0, 0)))
-        magnitude = jnp.sqrt(gx * gx + gy * gy + EPS * EPS) - EPS  # exactly 0 on flat regions
-        angle = jnp.mod(jnp.arctan2(gy, gx), math.pi)
-        pos = angle / (math.pi / self.bins) - 0.5  # bin centres at (k + 0.5) * 180/bins degrees
-        lo = jnp.floor(pos)
-        frac = pos - lo
-        lo = jnp.mod(lo, self.bins).astype(jnp.int32)
-        votes = (jax.nn.one_hot(lo, self.bins) * (magnitude * (1 - frac))[..., None]
-                 + jax.nn.one_hot((lo + 1) % self.bins, self.bins) * (magnitude * frac)[..., None])
-        n = x.shape[0]
-        votes = votes[:, : ch * self.cell, : cw * self.cell]
-        hist = votes.reshape(n, ch, self.cell, cw, self.cell, self.bins).sum(axis=(2, 4))
-        bh, bw = ch - BLOCK + 1, cw - BLOCK + 1
-        blocks = jnp.concatenate([hist[:, i: i + bh, j: j + bw] for i in range(BLOCK) for j in range(BLOCK)], axis=-1)
-        blocks = blocks / jnp.sqrt(jnp.sum(blocks**2, axis=-1, keepdims=True) + NORM_EPS**2)
-        blocks = jnp.minimum(blocks, HYS_CLIP)
-        blocks = blocks / jnp.sqrt(jnp.sum(blocks**2, axis=-1, keepdims=True) + NORM_EPS**2)
-        return blocks.reshape(n, -1)
+        hist = cell_histograms(gradient_votes(x, self.bins), self.cell, self.cell)[:, :ch, :cw]
+        return block_descriptors(hist, 1).reshape(x.shape[0], -1)
 
     def windows(self, in_shape):
         return global_windows(in_shape)

@@ -187,7 +187,8 @@ def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, 
     check_batch(recipe.train.batch_size, mesh)
     spe = steps_per_epoch(recipe, len(splits.train_x))
     epochs = recipe.train.epochs
-    model = tune.model if tune else build(recipe, splits.image_shape, splits.num_classes, splits.mean, splits.std)
+    model = tune.model if tune else build(recipe, splits.image_shape, splits.num_classes, splits.mean, splits.std,
+                                          fit_images=splits.train_x, report=display.message)
     lr = optim_lib.learning_rate(recipe.optim, recipe.schedule, epochs=epochs, steps_per_epoch=spe)
     plateau = recipe.schedule.name == "plateau"
     tx = (tune.optimizer(recipe.optim, lr, plateau=plateau) if tune

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cnncli.models import build_model
+from cnncli.models.fitting import fit_to_data, fitted_layers
 from cnncli.recipe import Recipe
 from cnncli.train.toolbox import layer_dtype
 
@@ -56,10 +57,19 @@ def split_model(model: nnx.Module, precision: str = "float32"):
     return train_def, eval_def, params, rest
 
 
-def build(recipe: Recipe, image_shape, num_classes: int, mean=None, std=None) -> Model:
-    """Build the recipe's model for the data's shape and class count."""
+def build(recipe: Recipe, image_shape, num_classes: int, mean=None, std=None, *, fit_images=None,
+          report=None) -> Model:
+    """Build the recipe's model for the data's shape and class count.
+
+    With `fit_images` (uint8 training images) the layers fitted to data (a bag-of-words codebook) are
+    fitted on them first; `report(line)` hears what was fitted. A restored run needs no fitting: its
+    checkpoint holds the fitted values.
+    """
     model = build_model(recipe.model, input_shape=image_shape, num_classes=num_classes, mean=mean, std=std,
                         seed=recipe.seed)
+    if fit_images is not None and fitted_layers(model):
+        model.eval()
+        fit_to_data(model, fit_images, recipe.seed, report)
     return Model(*split_model(model, recipe.train.precision))
 
 
