@@ -121,6 +121,8 @@ class TrainConfig(Section):
     batch_size: int = Field(128, ge=1)
     eval_batch_size: int = Field(1000, ge=1)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    loss: str = Field("cross_entropy", description="cross_entropy, hinge (multiclass SVM), mse, or perceptron "
+                                                   "(Rosenblatt's rule with optim sgd)")
     log_every: int = Field(50, ge=1, description="steps between progress updates")
     adversarial: AdversarialConfig | None = Field(None, description="train on adversarial examples too")
     ema: float | None = Field(None, ge=0.0, lt=1.0, description="decay of an exponential moving average of the "

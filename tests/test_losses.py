@@ -81,3 +81,18 @@ def test_the_perceptron_converges_on_separable_data_and_not_on_xor():
     xor = np.array([[0, 0], [1, 1], [0, 1], [1, 0]], np.float32)
     stuck = _train_online(jnp.asarray(np.tile(xor, (5, 1))), jnp.asarray(np.tile([0, 0, 1, 1], 5)), 30)
     assert min(stuck) > 0
+
+
+def test_train_loss_perceptron_through_the_cli_separates_a_separable_pair(tmp_path):
+    import json
+
+    from conftest import cli
+
+    run = tmp_path / "p"
+    result = cli("train", "perceptron_fashion_mnist_pair", "--run-dir", run, "--set", "data.source=digits",
+                 "--set", "data.classes=[0,1]", "--set", "train.epochs=8", "--set", "train.batch_size=8")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["train_acc"] == 1.0 and rows[-1]["train_loss"] == 0.0  # no unit errs in the last epoch
+    result = cli("train", "perceptron_fashion_mnist_pair", "--set", "train.loss=hinj", "--dry-run")
+    assert result.exit_code == 2 and "hinge" in result.stderr

@@ -39,6 +39,7 @@ from cnncli.run.rundir import RunDir
 from cnncli.train import optim as optim_lib
 from cnncli.train import toolbox
 from cnncli.train.evaluate import eval_batch, evaluate
+from cnncli.train.losses import DEFAULT_LOSS, loss_fn
 from cnncli.train.state import Model, TrainState, build, init_totals
 from cnncli.train.steps import (
     StepOptions,
@@ -69,6 +70,7 @@ def check_recipe(recipe: Recipe, *, fine_tuning: bool = False) -> None:
     and on a fine-tune recipe given to `cnncli train`."""
     optim_lib.OPTIMIZERS.get(recipe.optim.name)
     optim_lib.SCHEDULES.get(recipe.schedule.name)
+    loss_fn(recipe.train.loss)
     _augment(recipe)
     if recipe.finetune is not None and not fine_tuning:
         raise UserError(f"recipe '{recipe.name}' has a finetune section: run it with `cnncli fine-tune SOURCE RECIPE` "
@@ -293,7 +295,8 @@ def _step_options(s: _Setup, stacked: bool) -> StepOptions:
                        perturb=perturb, mix=adversarial.mix if adversarial else 1.0,
                        class_weights=None if weights is None else replicate(jnp.asarray(weights), s.mesh),
                        ema_decay=recipe.train.ema, precision=recipe.train.precision,
-                       distill=s.tune.distill if s.tune else None, stacked=stacked)
+                       distill=s.tune.distill if s.tune else None, stacked=stacked,
+                       loss=None if recipe.train.loss == DEFAULT_LOSS else loss_fn(recipe.train.loss))
 
 
 def _validation(s: _Setup, stacked: bool, robust_key: jax.Array) -> Callable[[TrainState], dict] | None:

@@ -20,6 +20,7 @@ import optax
 from cnncli.registry import Registry
 
 LOSSES = Registry("loss")
+DEFAULT_LOSS = "cross_entropy"
 MARGIN = 1.0  # the hinge loss' margin (CS231n's delta)
 
 

@@ -132,6 +132,7 @@ class StepOptions:
         outputs off the logits and adds a loss on them; aux_batch is the batch's slice of `aux`, a
         per-example array shuffled like xs (see `shuffle_like`).
     stacked: batches come as (steps, batch_size, ...) arrays (several processes: see `stack_batches`).
+    loss: the per-example loss (logits, targets) -> (B,) in place of cross-entropy (`train.loss`).
     """
 
     augment: Callable | None = None
@@ -144,6 +145,7 @@ class StepOptions:
     precision: str = "float32"
     distill: Callable | None = None
     stacked: bool = False
+    loss: Callable | None = None
 
 
 def make_train_step(train_def, tx: optax.GradientTransformation, *, num_classes: int, batch_size: int,
@@ -185,7 +187,7 @@ def make_train_step(train_def, tx: optax.GradientTransformation, *, num_classes:
             kept = 0.0
             if o.distill is not None:  # Learning without Forgetting: the old head's outputs are kept
                 logits, kept = o.distill(logits, take_batch(aux, i, batch_size, o.stacked))
-            loss = weighted_cross_entropy(logits, targets, o.class_weights, weights)
+            loss = weighted_cross_entropy(logits, targets, o.class_weights, weights, per_example=o.loss)
             # auxiliary classifiers (GoogLeNet) join the training loss with the paper's weight
             aux_loss = sum(AUX_WEIGHT * weighted_cross_entropy(a, targets, o.class_weights, weights)
                            for a in aux_logits)

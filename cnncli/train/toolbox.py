@@ -131,17 +131,18 @@ def class_weight_vector(spec: str | Sequence[float] | None, labels: np.ndarray, 
 
 
 def weighted_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array | None,
-                           example_weights: jax.Array | None = None) -> jax.Array:
+                           example_weights: jax.Array | None = None, per_example=None) -> jax.Array:
     """Mean softmax cross-entropy; with weights, the weighted mean sum(w_i ce_i) / sum(w_i).
 
     With class weights, each example's weight is its target distribution dotted with them (mixup and
     label smoothing give soft targets); `example_weights` (e.g. the clean/adversarial mix) multiply
     in. Normalizing by the summed weights (PyTorch's convention) keeps the loss scale independent of
-    the weights' overall scale.
+    the weights' overall scale. `per_example(logits, targets)` replaces the cross-entropy
+    (`train.loss`, see `cnncli.train.losses`).
     """
     import optax
 
-    ce = optax.softmax_cross_entropy(logits, targets)
+    ce = (per_example or optax.softmax_cross_entropy)(logits, targets)
     if weights is None and example_weights is None:
         return ce.mean()
     w = jnp.ones_like(ce) if example_weights is None else example_weights
