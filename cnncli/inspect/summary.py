@@ -124,7 +124,7 @@ def _count(tree) -> int:
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
 
 
-def _layer_names(root: nnx.Module) -> dict[int, str]:
+def layer_paths(root: nnx.Module) -> dict[int, str]:
     """id(module) -> dotted path, relative to the network inside a Classifier."""
     names = {}
     for path, module in nnx.iter_modules(root):
@@ -189,7 +189,7 @@ def _trace(model: nnx.Module, input_shape, batch: int, *, light: bool = False) -
     def run(state, x):
         m = nnx.merge(graphdef, state)
         m.eval()  # the analysis describes inference: dropout off, batch norm on running statistics
-        rec = box["rec"] = _Recorder(_layer_names(m), x, light=light)
+        rec = box["rec"] = _Recorder(layer_paths(m), x, light=light)
         token = recording(rec)
         try:
             m(x)
@@ -237,7 +237,7 @@ def _activation_fn(graphdef, names: tuple[str, ...]):
     def run(state, x):
         m = nnx.merge(graphdef, state)
         m.eval()
-        rec = _Recorder(_layer_names(m), x, wanted, light=True)
+        rec = _Recorder(layer_paths(m), x, wanted, light=True)
         token = recording(rec)
         try:
             m(x)

@@ -31,7 +31,9 @@ algorithms.
 
 from __future__ import annotations
 
+import contextvars
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
@@ -45,6 +47,7 @@ from cnncli.ops import winograd
 from cnncli.runtime import CONV_MODE_ENV as MODE_ENV
 
 MODES = ("fast", "xla")
+_PLAIN = contextvars.ContextVar("cnncli_plain_convolutions", default=False)
 DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 TINY_MAP = 2  # output sides up to this take im2col: XLA is fast again from 4x4 maps up
 # Narrower layers (an RGB stem) leave Winograd's per-position products too small to pay for its transforms.
@@ -80,8 +83,24 @@ class Geometry:
                      in zip(in_hw, self.padding, self.dilation, kernel_hw, self.stride, strict=True))
 
 
+@contextmanager
+def plain_convolutions():
+    """Trace every convolution as the plain `lax` op inside this block, whatever CNNCLI_CONV says.
+
+    For exports (ONNX, StableHLO): other runtimes and devices should see one standard convolution, not
+    the forms that are fastest on this CPU.
+    """
+    token = _PLAIN.set(True)
+    try:
+        yield
+    finally:
+        _PLAIN.reset(token)
+
+
 def conv_mode() -> str:
-    """'fast' (default) or 'xla', from the CNNCLI_CONV environment variable."""
+    """'fast' (default) or 'xla', from the CNNCLI_CONV environment variable ('xla' inside `plain_convolutions`)."""
+    if _PLAIN.get():
+        return "xla"
     mode = os.environ.get(MODE_ENV, "fast")
     if mode not in MODES:
         raise UserError(f"{MODE_ENV}={mode} is not a convolution mode; use one of {', '.join(MODES)}")
