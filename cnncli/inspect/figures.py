@@ -36,6 +36,7 @@ CONFUSION_MIN, CONFUSION_PER_CLASS, CONFUSION_BASE = 5.0, 0.6, 1.5  # inches
 RELIABILITY_PANEL = 4.5  # inches: width of one reliability diagram
 PREVIEW_LABELS, PREVIEW_LINE, PREVIEW_MIN_TILE = 1.2, 0.12, 0.6  # inches: row labels, one caption line, tiles
 PREVIEW_FONT = 6  # points: the captions under augmented draws
+LR_FIND_SIZE = (8.0, 5.0)  # inches
 
 
 def save_image(image: np.ndarray, path: Path, zoom: int = 1) -> tuple[int, int]:
@@ -432,4 +433,26 @@ def class_examples(images: Sequence[np.ndarray], row_labels: Sequence[str], titl
                                side / height))
             ax.set_axis_off()
             _show(ax, image)
+    return fig
+
+
+def lr_range_test(lrs: np.ndarray, losses: np.ndarray, smoothed: np.ndarray, suggestions: dict[str, float],
+                  title: str) -> Figure:
+    """Loss against learning rate (log scale): each step's loss, its smoothed curve, and the suggested rates."""
+    fig = Figure(figsize=LR_FIND_SIZE)
+    ax = fig.add_axes((0.1, 0.12, 0.86, 0.76))
+    ax.plot(lrs, losses, color="gray", alpha=0.4, linewidth=1, label="loss of each step")
+    ax.plot(lrs, smoothed, color="#1f77b4", linewidth=2, label="smoothed")
+    styles = {"steepest": ("#d62728", "o"), "valley": ("#2ca02c", "s"), "minimum": ("#9467bd", "^")}
+    for name, lr in suggestions.items():
+        color, marker = styles[name]
+        ax.plot([lr], [np.interp(np.log(lr), np.log(lrs), smoothed)], marker=marker, color=color, markersize=9,
+                linestyle="none", label=f"{name}{' / 10' if name == 'minimum' else ''}: {lr:.2e}")
+    finite = smoothed[np.isfinite(smoothed)]
+    top = min(float(finite.max()), float(finite[0]) * 1.5 if finite[0] > 0 else float(finite.max()))
+    bottom = min(float(finite.min()), float(np.nanmin(losses)))
+    ax.set(xscale="log", xlabel="learning rate", ylabel="training loss", ylim=(bottom * 0.9, top * 1.05))
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
     return fig

@@ -257,6 +257,18 @@ def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, 
     return finish(recipe, splits, run, model, state, mesh, best, stopped=stopped, tune=tune)
 
 
+def recipe_step(recipe: Recipe, splits: Splits, model: Model, tx, mesh) -> tuple[Callable, Callable]:
+    """The jitted train step `train` builds for `recipe` (with optimizer `tx`), and the source of each epoch's
+    batches (epoch key, steps) -> (xs, ys, aux), for tools that take training steps outside a run (`cnncli
+    lr-find`). One process; no EMA (a tool's steps are not a run to average)."""
+    spe = steps_per_epoch(recipe, len(splits.train_x))
+    s = _Setup(recipe, splits, RunDir("."), _NullDisplay(), None, model, mesh, spe, lambda step: 0.0)
+    options = replace(_step_options(s, stacked=False), ema_decay=None)
+    step = make_train_step(model.train_def, tx, num_classes=splits.num_classes, batch_size=recipe.train.batch_size,
+                           mesh=mesh, options=options)
+    return step, _device_epochs(recipe, splits, mesh, None)
+
+
 def _resume(s: _Setup, state: TrainState) -> tuple[TrainState, dict, int, int, Best]:
     """The latest checkpoint's state and totals, the epoch and step to continue at, and the best epoch so
     far; a run stopped before its first checkpoint starts from the beginning."""

@@ -1,0 +1,65 @@
+"""`cnncli lr-find RECIPE`: the learning-rate range test, a suggested lr and the loss-vs-lr figure."""
+
+from pathlib import Path
+
+import typer
+
+from cnncli.cli import TOOLS, app
+
+
+@app.command("lr-find", rich_help_panel=TOOLS)
+def lr_find(
+    recipe: str = typer.Argument(..., help="Recipe file, or the name of a bundled recipe."),
+    overrides: list[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE",
+                                        help="Override a recipe key, e.g. --set optim.name=sgd (repeatable)."),
+    start_lr: float = typer.Option(1e-7, "--start-lr", help="First learning rate of the sweep."),
+    end_lr: float = typer.Option(10.0, "--end-lr", help="Last learning rate (if the loss has not diverged before)."),
+    steps: int = typer.Option(100, "--steps", min=10, help="Training steps, one learning rate each."),
+    out: Path = typer.Option(None, "--out", help="PNG of loss against lr [default: lr_find_NAME.png]."),
+    as_json: bool = typer.Option(False, "--json", help="Print the lrs, losses and suggestions as one JSON object."),
+) -> None:
+    """Train a fresh model of the recipe for --steps steps while the learning rate grows exponentially,
+    stop when the smoothed loss diverges (4x its minimum), and suggest a learning rate.
+
+    The suggestion is the steepest descent of the smoothed loss; the valley (fastai's default) and the
+    minimum / 10 are printed beside it. The recipe's optimizer, augmentation and loss are used, its
+    schedule is not. Nothing is written but the figure: no run directory.
+    """
+    import json
+
+    from rich.table import Table
+
+    from cnncli import recipe as recipe_lib
+    from cnncli.console import console, progress_bar
+    from cnncli.data.pipeline import load_splits
+    from cnncli.inspect import figures
+    from cnncli.tools.lr_find import range_test
+    from cnncli.train.loop import check_recipe
+
+    resolved = recipe_lib.load(recipe, overrides)
+    check_recipe(resolved)
+    splits = load_splits(resolved.data, resolved.seed)
+    with progress_bar("lr range test", disable=as_json) as advance:
+        result = range_test(resolved, splits, start=start_lr, end=end_lr, steps=steps, progress=advance)
+    suggestions = result.suggestions()
+    out = out or Path(f"lr_find_{resolved.name}.png")
+    where = "the loss diverged" if result.stopped == "diverged" else "the last lr"
+    title = (f"{resolved.name} ({resolved.model.name}, {resolved.optim.name}, batch {resolved.train.batch_size}): "
+             f"{len(result.lrs)} steps, {result.lrs[0]:.0e} to {result.lrs[-1]:.1e} ({where})")
+    figures.save(figures.lr_range_test(result.lrs, result.losses, result.smoothed, suggestions, title), out)
+    if as_json:
+        print(json.dumps({**result.to_dict(), "figure": str(out)}))
+        return
+    if not suggestions:
+        console.print(f"too few steps before the loss diverged ({len(result.lrs)}) to suggest a learning rate; "
+                      "lower --start-lr or raise --steps", highlight=False)
+    else:
+        table = Table(title=f"{resolved.name}: learning-rate range test ({len(result.lrs)} steps, stopped at {where})")
+        table.add_column("suggestion")
+        table.add_column("lr", justify="right")
+        for name, text in (("steepest", "steepest descent of the smoothed loss (suggested)"),
+                           ("valley", "valley (fastai)"), ("minimum", "minimum of the smoothed loss / 10")):
+            table.add_row(text, f"{suggestions[name]:.2e}", style="bold" if name == "steepest" else None)
+        console.print(table)
+        console.print(f"suggested: --set optim.lr={suggestions['steepest']:.2g}", highlight=False)
+    console.print(f"wrote {out}", highlight=False)
