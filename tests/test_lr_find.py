@@ -34,6 +34,15 @@ def test_suggestions_on_a_curve_with_a_known_steepest_point():
     assert s["minimum"] == pytest.approx(lrs[np.argmin(loss[20:195]) + 20] / 10)
     assert lrs[20] <= s["valley"] <= lrs[195]
     assert lr_find.suggest(lrs[:12], loss[:12]) == {}  # too short to say
+    wild = loss.copy()
+    wild[185:190] = [9.0, 3.0, 9.0, 3.2, 9.0]  # swings past the minimum are no descent
+    assert lr_find.suggest(lrs, wild)["steepest"] == s["steepest"]
+
+
+def test_centered_average_has_no_lag():
+    losses = np.arange(20.0)
+    np.testing.assert_allclose(lr_find.centered(losses, 5)[2:-2], losses[2:-2])  # a line stays where it is
+    assert lr_find.centered(losses, 5)[0] == pytest.approx(1.0)  # (0 + 1 + 2) / 3 at the edge
 
 
 def test_lr_find_cli_stops_on_divergence_and_leaves_no_run(tmp_path, monkeypatch):

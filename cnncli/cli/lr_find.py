@@ -21,9 +21,10 @@ def lr_find(
     """Train a fresh model of the recipe for --steps steps while the learning rate grows exponentially,
     stop when the smoothed loss diverges (4x its minimum), and suggest a learning rate.
 
-    The suggestion is the steepest descent of the smoothed loss; the valley (fastai's default) and the
-    minimum / 10 are printed beside it. The recipe's optimizer, augmentation and loss are used, its
-    schedule is not. Nothing is written but the figure: no run directory.
+    The suggestion is the steepest descent of the smoothed loss (a centered moving average) before its
+    minimum; the valley (fastai's default) and the minimum / 10 are printed beside it. The recipe's
+    optimizer, augmentation and loss are used, its schedule is not. Nothing is written but the figure:
+    no run directory.
     """
     import json
 
@@ -46,7 +47,7 @@ def lr_find(
     where = "the loss diverged" if result.stopped == "diverged" else "the last lr"
     title = (f"{resolved.name} ({resolved.model.name}, {resolved.optim.name}, batch {resolved.train.batch_size}): "
              f"{len(result.lrs)} steps, {result.lrs[0]:.0e} to {result.lrs[-1]:.1e} ({where})")
-    figures.save(figures.lr_range_test(result.lrs, result.losses, result.smoothed, suggestions, title), out)
+    figures.save(figures.lr_range_test(result.lrs, result.losses, result.centered, suggestions, title), out)
     if as_json:
         print(json.dumps({**result.to_dict(), "figure": str(out)}))
         return

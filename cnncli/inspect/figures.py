@@ -442,7 +442,7 @@ def lr_range_test(lrs: np.ndarray, losses: np.ndarray, smoothed: np.ndarray, sug
     fig = Figure(figsize=LR_FIND_SIZE)
     ax = fig.add_axes((0.1, 0.12, 0.86, 0.76))
     ax.plot(lrs, losses, color="gray", alpha=0.4, linewidth=1, label="loss of each step")
-    ax.plot(lrs, smoothed, color="#1f77b4", linewidth=2, label="smoothed")
+    ax.plot(lrs, smoothed, color="#1f77b4", linewidth=2, label="centered moving average")
     styles = {"steepest": ("#d62728", "o"), "valley": ("#2ca02c", "s"), "minimum": ("#9467bd", "^")}
     for name, lr in suggestions.items():
         color, marker = styles[name]
