@@ -34,5 +34,6 @@ def test_peak_is_measured_stored_and_used_for_the_fraction(peak_store):
     assert "float32 matmul peak" in out.stdout and "of the matmul peak" in out.stdout
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["peak_gflops"] == peak
-    assert result["peak_fraction"] == pytest.approx(result["gflops"] / peak, abs=1e-3)
+    # gflops is rounded to 0.1 and the fraction to 0.001: on a busy machine (a low peak) the first rounding shows
+    assert result["peak_fraction"] == pytest.approx(result["gflops"] / peak, abs=0.05 / peak + 5e-4)
     assert result["gflops"] == pytest.approx(result["img_per_s"] * 3 * 2 * 416_520 / 1e9, rel=1e-3, abs=0.05)

@@ -6,8 +6,9 @@ import numpy as np
 import optax
 from flax import nnx
 
+from cnncli.train.evaluate import init_eval_sums, make_eval_step
 from cnncli.train.state import TrainState, init_totals, split_model
-from cnncli.train.steps import data_mesh, init_eval_sums, make_eval_step, make_train_step
+from cnncli.train.steps import data_mesh, make_train_step
 
 
 class TinyBN(nnx.Module):
@@ -34,6 +35,6 @@ def test_batchnorm_updates_in_train_step_only():
     assert not np.allclose(before, after) and int(state.step) == 1 and float(totals["count"]) == 8
 
     eval_step = make_eval_step(eval_def, num_classes=3, batch_size=8, mesh=mesh)
-    sums = eval_step(state.params, state.rest, init_eval_sums(3), xs, ys, jnp.ones(8), jnp.int32(0))
+    sums, _ = eval_step.step((state.params, state.rest), init_eval_sums(3), (xs, ys, jnp.ones(8)), jnp.int32(0))
     assert float(sums["confusion"].sum()) == 8
     assert np.allclose(np.asarray(state.rest["bn"]["mean"][...]), after)  # eval leaves the statistics alone

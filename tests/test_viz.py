@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from cnncli.inspect import figures, interpret
+from cnncli.train.steps import to_pixels
 from tests.helpers import cli
 
 SAMPLE = 300  # images of the test split used by the passes below: three batches of 128, the last one padded
@@ -271,7 +272,7 @@ def test_saliency_of_a_linear_model_is_the_weight_map_of_the_predicted_class():
 
 def test_gradcam_matches_the_gradient_of_the_layers_above(lenet):
     model, x, _ = lenet
-    pixels = interpret.to_pixels(x[:4])
+    pixels = to_pixels(x[:4])
     classes = np.array([0, 3, 5, 9])
     cam = interpret.gradcam(model, pixels, "pool2", classes)
     # LeNet's head after pool2 is fc1 -> fc2 -> fc3: differentiate it directly, at pool2 computed from the weights.

@@ -13,21 +13,22 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from cnncli.adversarial.attacks import ATTACKS, AttackConfig, check_config, check_eps, is_affine, run_attack
-from cnncli.data.pipeline import pad_for_eval
 from cnncli.errors import UserError
+from cnncli.train.batched import Batched
 from cnncli.train.evaluate import eval_batch
-from cnncli.train.steps import forward, replicate, to_pixels
+from cnncli.train.steps import forward, to_pixels
 
 AFFINE_CHECK_SEED = 0
 
 
 def make_attack_step(eval_def, cfg: AttackConfig, *, num_classes: int, batch_size: int, mesh,
-                     use_predictions: bool = False) -> Callable:
-    """A jitted step(params, rest, xs, ys, i, eps, key) -> (per-example results, x_adv) for batch i.
+                     use_predictions: bool = False) -> Batched:
+    """The attack over a split as a `Batched`: consts (params, rest, eps, key), arrays (uint8 images, labels).
+
+    Each batch returns per-example results; the carry, when given one (an array shaped like a batch
+    of float images), ends as the first batch's adversarial images.
 
     Args:
         eval_def: the model's graphdef in eval mode.
@@ -37,20 +38,18 @@ def make_attack_step(eval_def, cfg: AttackConfig, *, num_classes: int, batch_siz
         mesh: the device mesh; the batch is sharded along `data`.
         use_predictions: attack the model's clean predictions instead of the labels (no label leaking).
     """
-    batch_sharding = NamedSharding(mesh, P("data"))
 
-    def step(params, rest, xs, ys, i, eps, key):
-        start = i * batch_size
-        x = to_pixels(jax.lax.dynamic_slice_in_dim(xs, start, batch_size))
-        x = jax.lax.with_sharding_constraint(x, batch_sharding)
-        labels = jax.lax.dynamic_slice_in_dim(ys, start, batch_size)
+    def fn(consts, first, batch, index):
+        params, rest, eps, key = consts
+        images, labels, _ = batch
+        x = to_pixels(images)
 
         def logits_fn(v):
             return forward(eval_def, params, rest, v)[0]
 
         clean_pred = jnp.argmax(logits_fn(x), -1)
         source = clean_pred if use_predictions else labels
-        x_adv, clean_logits, targets = run_attack(logits_fn, x, source, eps, jax.random.fold_in(key, i), cfg,
+        x_adv, clean_logits, targets = run_attack(logits_fn, x, source, eps, jax.random.fold_in(key, index), cfg,
                                                   num_classes)
         clean_prob, adv_prob = jax.nn.softmax(clean_logits), jax.nn.softmax(logits_fn(x_adv))
         delta = (x_adv - x).reshape(batch_size, -1)
@@ -61,9 +60,11 @@ def make_attack_step(eval_def, cfg: AttackConfig, *, num_classes: int, batch_siz
             pick = targets[:, None]
             out.update(target=targets, clean_target_prob=jnp.take_along_axis(clean_prob, pick, -1)[:, 0],
                        target_prob=jnp.take_along_axis(adv_prob, pick, -1)[:, 0])
-        return out, x_adv
+        if first is not None:
+            first = jnp.where(index == 0, x_adv, first)
+        return first, out
 
-    return jax.jit(step)
+    return Batched(fn, batch_size=batch_size, mesh=mesh)
 
 
 @dataclass
@@ -76,23 +77,12 @@ class Examples:
     results: dict[str, np.ndarray]  # per-example arrays as returned by the step
 
 
-def attack_split(step, params, rest, x: np.ndarray, y: np.ndarray, eps: float, key, *, batch_size: int, mesh,
-                 progress: Callable[[], None] | None = None, keep_first: bool = False):
+def attack_split(step: Batched, params, rest, x: np.ndarray, y: np.ndarray, eps: float, key, *,
+                 progress: Callable[[int, int], None] | None = None, keep_first: bool = False):
     """Attack every example of (x, y) at `eps`; returns (per-example numpy arrays, first batch x_adv or None)."""
-    n = len(x)
-    xp, yp, _ = pad_for_eval(x, y.astype(np.int32), batch_size)
-    # a restored model lives on one device; the step needs everything on the mesh (a no-op when it is)
-    params, rest, xs, ys = replicate((params, rest, jnp.asarray(xp), jnp.asarray(yp)), mesh)
-    parts, first = [], None
-    for i in range(len(xp) // batch_size):
-        out, x_adv = step(params, rest, xs, ys, jnp.int32(i), jnp.float32(eps), key)
-        parts.append(jax.device_get(out))
-        if keep_first and i == 0:
-            first = np.asarray(x_adv)
-        if progress is not None:
-            progress()
-    results = {k: np.concatenate([p[k] for p in parts])[:n] for k in parts[0]}
-    return results, (None if first is None else first[:n])
+    first = jnp.zeros((step.batch_size, *x.shape[1:]), jnp.float32) if keep_first else None
+    first, results = step((params, rest, jnp.float32(eps), key), (x, y.astype(np.int32)), first, progress)
+    return results, (None if first is None else np.asarray(first)[:len(x)])
 
 
 def attack_row(results: dict[str, np.ndarray], eps: float, targeted: bool) -> dict[str, Any]:
@@ -166,7 +156,7 @@ def robustness(model, x: np.ndarray, y: np.ndarray, class_names: list[str], cfg:
                             use_predictions=use_predictions)
     total, done = len(eps_values) * (-(-len(x) // batch)), 0
 
-    def tick():
+    def tick(*_):  # counts batches over every epsilon
         nonlocal done
         done += 1
         if progress is not None:
@@ -175,8 +165,8 @@ def robustness(model, x: np.ndarray, y: np.ndarray, class_names: list[str], cfg:
     rows, candidates = [], []
     for j, eps in enumerate(eps_values):
         key = jax.random.fold_in(jax.random.key(seed), j)
-        results, first = attack_split(step, model.params, model.rest, x, y, eps, key, batch_size=batch, mesh=mesh,
-                                      progress=tick, keep_first=examples > 0)
+        results, first = attack_split(step, model.params, model.rest, x, y, eps, key, progress=tick,
+                                      keep_first=examples > 0)
         rows.append(attack_row(results, eps, cfg.targeted))
         if examples > 0:
             candidates.append(Examples(eps, x[:len(first)].astype(np.float32) / 255.0, first,
@@ -221,7 +211,7 @@ def make_robust_accuracy(eval_def, cfg: AttackConfig, *, num_classes: int, batch
     step = make_attack_step(eval_def, cfg, num_classes=num_classes, batch_size=batch_size, mesh=mesh)
 
     def robust_accuracy(params, rest, x, y, eps, key) -> float:
-        results, _ = attack_split(step, params, rest, x, y, eps, key, batch_size=batch_size, mesh=mesh)
+        results, _ = attack_split(step, params, rest, x, y, eps, key)
         return float(np.mean(results["adv_pred"] == results["label"]))
 
     return robust_accuracy

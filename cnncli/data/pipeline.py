@@ -97,17 +97,3 @@ def load_splits(data: DataConfig, seed: int, *, min_classes: int = MIN_CLASSES) 
     mean, std = channel_stats(train_x, data.preprocess)
     return Splits(source=data.source, train_x=train_x, train_y=train_y, val_x=val_x, val_y=val_y,
                   test_x=ds.test_x, test_y=ds.test_y, class_names=list(ds.class_names), mean=mean, std=std)
-
-
-def pad_for_eval(x: np.ndarray, y: np.ndarray, batch: int):
-    """Pad to a whole number of batches with a mask, so evaluation counts every example exactly once."""
-    n = len(x)
-    padded = -(-n // batch) * batch
-    mask = np.zeros(padded, np.float32)
-    mask[:n] = 1.0
-    if padded == n:
-        return x, y, mask
-    pad = padded - n
-    x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
-    y = np.concatenate([y, np.zeros((pad,), y.dtype)])
-    return x, y, mask

@@ -2,8 +2,8 @@
 
 The numerical side of `cnncli predict` and `cnncli visualize` (figures are drawn by `cnncli.inspect.figures`).
 Models are Classifiers (pixels in [0, 1] in, logits out, in eval mode); images are uint8 NHWC as the
-dataset sources give them. Passes over a split put the split on the device once and run one
-jitted function per batch (the last batch padded and masked, so every image counts once).
+dataset sources give them. Passes over a split run through `cnncli.train.batched.Batched` (the split on the
+device once, one jitted function per batch, the last batch padded and masked).
 Layer names and receptive fields are those of `cnncli.inspect.summary` (what `cnncli summary` prints).
 """
 
@@ -19,11 +19,12 @@ import numpy as np
 from flax import nnx
 
 from cnncli.data.images import decode_image, resize_image, to_channels
-from cnncli.data.pipeline import pad_for_eval
 from cnncli.errors import UserError, suggest
 from cnncli.inspect.summary import INPUT, LayerRow, activations, layer_names, summarize
 from cnncli.models.layers import recording, stop_recording
 from cnncli.models.layers.activations import relu_backward
+from cnncli.train.batched import Batched
+from cnncli.train.steps import to_pixels
 from cnncli.train.toolbox import flip_tta_logits
 
 BATCH = 256  # images per jitted batch in passes over a split
@@ -36,11 +37,6 @@ SMOOTH_NOISE = 0.15  # SmoothGrad: noise std as a fraction of the image's value 
 def load_model(trained) -> nnx.Module:
     """The Classifier of a `cnncli.train.trained_run.Trained` run, in eval mode."""
     return nnx.merge(trained.model.eval_def, trained.model.params, trained.model.rest)
-
-
-def to_pixels(x: np.ndarray | jax.Array) -> jax.Array:
-    """uint8 images -> float32 pixels in [0, 1], what every cnncli model takes."""
-    return jnp.asarray(x).astype(jnp.float32) * (1.0 / 255.0)
 
 
 # ----------------------------------------------------------------------------- images and layers
@@ -125,21 +121,11 @@ def map_batches(model: nnx.Module, fn: Callable, x: np.ndarray, *, batch_size: i
                 progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """fn(model, pixels) -> (B, ...) applied to uint8 images `x` in jitted batches; returns (N, ...)."""
     graphdef, state = nnx.split(model)
-    batch = min(batch_size, len(x))
-    xp, _, _ = pad_for_eval(x, np.zeros(len(x), np.int32), batch)
-    xs = jnp.asarray(xp)
 
-    @jax.jit
-    def step(state, xs, i):
-        xb = jax.lax.dynamic_slice_in_dim(xs, i * batch, batch)
-        return fn(nnx.merge(graphdef, state), to_pixels(xb))
+    def apply(state, carry, batch, index):
+        return carry, fn(nnx.merge(graphdef, state), to_pixels(batch[0]))
 
-    out, n_batches = [], len(xp) // batch
-    for i in range(n_batches):
-        out.append(np.asarray(step(state, xs, jnp.int32(i))))
-        if progress is not None:
-            progress(i + 1, n_batches)
-    return np.concatenate(out)[: len(x)]
+    return Batched(apply, batch_size=min(batch_size, len(x)))(state, (x,), progress=progress)[1]
 
 
 def logits(model: nnx.Module, x: np.ndarray, *, tta: bool = False, **kw) -> np.ndarray:
@@ -213,14 +199,11 @@ def top_units(model: nnx.Module, x: np.ndarray, layer: str, *, k: int = TOP, bat
     graphdef, state = nnx.split(model)
     k = min(k, len(x))
     batch = min(batch_size, len(x))
-    xp, _, mask = pad_for_eval(x, np.zeros(len(x), np.int32), batch)
-    xs, ms = jnp.asarray(xp), jnp.asarray(mask)
 
-    @jax.jit
-    def step(state, carry, xs, ms, i):
-        xb = jax.lax.dynamic_slice_in_dim(xs, i * batch, batch)
-        valid = jax.lax.dynamic_slice_in_dim(ms, i * batch, batch) > 0
-        a = activations(nnx.merge(graphdef, state), to_pixels(xb), [layer])[layer]
+    def step(state, carry, images_and_mask, i):
+        images, mask = images_and_mask
+        valid = mask > 0
+        a = activations(nnx.merge(graphdef, state), to_pixels(images), [layer])[layer]
         flat = a.reshape(batch, -1, units)  # (B, positions, units)
         best = jnp.where(valid[:, None], flat.max(axis=1), -jnp.inf).T  # (units, B); padding never wins
         where = flat.argmax(axis=1).T.astype(jnp.int32)
@@ -232,14 +215,10 @@ def top_units(model: nnx.Module, x: np.ndarray, layer: str, *, k: int = TOP, bat
             return jnp.take_along_axis(a, order, axis=1)
 
         return (pick(value), pick(jnp.concatenate([carry[1], image], axis=1)),
-                pick(jnp.concatenate([carry[2], where], axis=1)))
+                pick(jnp.concatenate([carry[2], where], axis=1))), None
 
     carry = (jnp.full((units, k), -jnp.inf), jnp.zeros((units, k), jnp.int32), jnp.zeros((units, k), jnp.int32))
-    n_batches = len(xp) // batch
-    for i in range(n_batches):
-        carry = step(state, carry, xs, ms, jnp.int32(i))
-        if progress is not None:
-            progress(i + 1, n_batches)
+    carry, _ = Batched(step, batch_size=batch)(state, (x,), carry, progress)
     value, index, flat = (np.asarray(c) for c in carry)
     return TopUnits(value, index, np.stack([flat // width, flat % width], axis=-1))
 

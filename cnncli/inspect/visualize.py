@@ -34,10 +34,10 @@ from cnncli.inspect.interpret import (
     saliency,
     sample,
     spatial_layers,
-    to_pixels,
     top_units,
     unit_patch,
 )
+from cnncli.train.steps import to_pixels
 from cnncli.train.trained_run import eval_data
 
 # How many filters / feature maps / units / images a figure shows when --n is not given.

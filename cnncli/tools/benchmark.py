@@ -23,8 +23,9 @@ from cnncli.inspect.summary import summarize
 from cnncli.models import build_model
 from cnncli.recipe import validate
 from cnncli.train import optim as optim_lib
+from cnncli.train.evaluate import init_eval_sums, make_eval_step
 from cnncli.train.state import TrainState, build, init_totals
-from cnncli.train.steps import data_mesh, forward, init_eval_sums, make_eval_step, make_train_step, replicate, to_pixels
+from cnncli.train.steps import data_mesh, forward, make_train_step, replicate, to_pixels
 
 NUM_CLASSES = 10
 BENCH_SECONDS = 10.0  # calibrated duration of the timed loop, as in the peer
@@ -124,7 +125,8 @@ def run(model: str = "lenet5", batch: int = 128, mode: str = "train", steps: int
         indices = [jnp.int32(i) for i in range(CHUNKS)]
 
         def step():
-            carry["sums"] = step_fn(net.params, net.rest, carry["sums"], xs, ys, mask, indices[carry["calls"] % CHUNKS])
+            carry["sums"], _ = step_fn.step((net.params, net.rest), carry["sums"], (xs, ys, mask),
+                                            indices[carry["calls"] % CHUNKS])
             carry["calls"] += 1
             return carry["sums"]["top1"]
 

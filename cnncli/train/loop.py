@@ -38,14 +38,13 @@ from cnncli.run import checkpoint, distributed
 from cnncli.run.rundir import RunDir
 from cnncli.train import optim as optim_lib
 from cnncli.train import toolbox
-from cnncli.train.evaluate import eval_batch, evaluate
+from cnncli.train.evaluate import eval_batch, evaluate, make_eval_step
 from cnncli.train.losses import DEFAULT_LOSS, loss_fn
 from cnncli.train.state import Model, TrainState, build, init_totals
 from cnncli.train.steps import (
     StepOptions,
     check_batch,
     data_mesh,
-    make_eval_step,
     make_train_step,
     replicate,
     shuffle,

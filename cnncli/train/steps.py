@@ -1,4 +1,4 @@
-"""Pure, jitted training and evaluation steps over a `data` device mesh.
+"""The pure, jitted training step over a `data` device mesh, and the batch plumbing every step shares.
 
 The model is split once into (graphdef, params, rest); the steps merge it inside jit, so there is
 no Python graph walk per call (docs/design.md). Batches are sliced from device-resident uint8 arrays
@@ -24,13 +24,11 @@ from cnncli.train.state import TrainState
 from cnncli.train.toolbox import (
     COMPUTE_DTYPES,
     ema_update,
-    flip_tta_logits,
     like_dtypes,
     to_compute_dtype,
     weighted_cross_entropy,
 )
 
-TOP_K = 5
 PERTURB_STREAM = 1  # adversarial examples draw from fold_in(step key, 1); augmentation uses the step key
 
 
@@ -71,8 +69,9 @@ def forward(graphdef, params, rest, x, *, with_aux: bool = False):
     return logits.astype(jnp.float32), new_rest
 
 
-def to_pixels(batch_uint8: jax.Array) -> jax.Array:
-    return batch_uint8.astype(jnp.float32) * (1.0 / 255.0)
+def to_pixels(x: np.ndarray | jax.Array) -> jax.Array:
+    """uint8 images -> float32 pixels in [0, 1], what every cnncli model takes."""
+    return jnp.asarray(x).astype(jnp.float32) * (1.0 / 255.0)
 
 
 def take_batch(arrays: jax.Array, index, batch_size: int, stacked: bool) -> jax.Array:
@@ -232,40 +231,3 @@ def shuffle_order(key: jax.Array, n: int) -> jax.Array:
 def shuffle_like(aux: jax.Array, key: jax.Array) -> jax.Array:
     """A per-example array in the order `shuffle` gives the training set for the same key."""
     return aux[jax.random.permutation(key, aux.shape[0])]
-
-
-def make_eval_step(eval_def, *, num_classes: int, batch_size: int, mesh: Mesh, tta: bool = False,
-                   stacked: bool = False) -> Callable:
-    """A jitted step(params, rest, sums, xs, ys, mask, i) -> sums over batch i of padded eval arrays.
-
-    With `stacked` (several processes) the arrays are (batches, batch_size, ...) and batch i is row i.
-
-    sums holds the summed loss, top-1 and top-k hits and the confusion matrix (rows: true class).
-    With `tta`, predictions average the softmax of each image and its horizontal flip.
-    """
-    k = min(TOP_K, num_classes)
-    batch_sharding = NamedSharding(mesh, P("data"))
-
-    def step(params, rest, sums, xs, ys, mask, i):
-        x = to_pixels(take_batch(xs, i, batch_size, stacked))
-        x = jax.lax.with_sharding_constraint(x, batch_sharding)
-        y = take_batch(ys, i, batch_size, stacked)
-        m = take_batch(mask, i, batch_size, stacked)
-        def logits_fn(images):
-            return forward(eval_def, params, rest, images)[0]
-
-        logits = flip_tta_logits(logits_fn, x) if tta else logits_fn(x)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-        pred = jnp.argmax(logits, -1)
-        in_top_k = jnp.any(jax.lax.top_k(logits, k)[1] == y[:, None], axis=-1)
-        # one-hot matmul instead of a scatter: much faster on CPU, same counts
-        confusion = (jax.nn.one_hot(y, num_classes) * m[:, None]).T @ jax.nn.one_hot(pred, num_classes)
-        return {"loss": sums["loss"] + jnp.sum(loss * m), "top1": sums["top1"] + jnp.sum((pred == y) * m),
-                "topk": sums["topk"] + jnp.sum(in_top_k * m), "confusion": sums["confusion"] + confusion}
-
-    return jax.jit(step, donate_argnums=(2,))
-
-
-def init_eval_sums(num_classes: int) -> dict[str, jax.Array]:
-    return {"loss": jnp.zeros((), jnp.float32), "top1": jnp.zeros((), jnp.float32),
-            "topk": jnp.zeros((), jnp.float32), "confusion": jnp.zeros((num_classes, num_classes), jnp.float32)}

@@ -34,13 +34,14 @@ from flax import nnx
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from cnncli.data.classes import find_classes
-from cnncli.data.pipeline import load_splits, pad_for_eval
+from cnncli.data.pipeline import load_splits
 from cnncli.errors import UserError, suggest
 from cnncli.inspect.summary import INPUT, layer_names
 from cnncli.models import build_model
 from cnncli.models.layers.classifier import TwoHeads
 from cnncli.models.paths import module_at, module_path, set_module_at
 from cnncli.recipe import DataConfig, FinetuneConfig, OptimConfig, Recipe
+from cnncli.train.batched import Batched
 from cnncli.train.evaluate import evaluate
 from cnncli.train.optim import build_optimizer
 from cnncli.train.state import Model
@@ -306,11 +307,10 @@ def lwf_distill(num_new: int, weight: float, temperature: float) -> Callable:
 def predict_logits(graphdef, params, rest, images: np.ndarray, batch: int = RECORD_BATCH) -> np.ndarray:
     """Logits of uint8 images, in batches (inference mode is the graphdef's)."""
 
-    run = jax.jit(lambda x: forward(graphdef, params, rest, to_pixels(x))[0])
-    batch = min(batch, len(images))
-    padded, _, _ = pad_for_eval(images, np.zeros(len(images), np.int32), batch)
-    out = [np.asarray(run(padded[i: i + batch])) for i in range(0, len(padded), batch)]
-    return np.concatenate(out)[: len(images)]
+    def logits(consts, carry, batch, index):
+        return carry, forward(graphdef, *consts, to_pixels(batch[0]))[0]
+
+    return Batched(logits, batch_size=min(batch, len(images)))((params, rest), (images,))[1]
 
 
 # ----------------------------------------------------------------------------- the old task
