@@ -4,18 +4,18 @@ from pathlib import Path
 
 import typer
 
-from cnncli.cli import app
+from cnncli.cli import TRAIN, app, command_group
 
-gan_app = typer.Typer(help="Train a class-conditional GAN (ACGAN) and sample labelled images from it.",
-                      no_args_is_help=True)
-app.add_typer(gan_app, name="gan")
+gan_app = command_group(help="Train a class-conditional GAN (ACGAN) and sample labelled images from it (for "
+                             "data.generated: GAN samples mixed into a classifier's batches).")
+app.add_typer(gan_app, name="gan", rich_help_panel=TRAIN)
 
 
 @gan_app.command("train")
 def train(
     recipe: str = typer.Argument(..., help="GAN recipe file or bundled name (a recipe with a `gan` section)."),
     overrides: list[str] = typer.Option([], "--set", "-s", metavar="KEY=VALUE", help="Override a recipe key."),
-    run_dir: Path = typer.Option(None, "--run-dir", help="Where to write the run (default: runs/<recipe name>)."),
+    run_dir: Path = typer.Option(None, "--run-dir", help="Where to write the run [default: runs/<recipe name>]."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over in a run directory that holds a GAN."),
 ) -> None:
     """Train an ACGAN on the recipe's training split; writes the generator and samples.png (one row per class).
@@ -93,7 +93,7 @@ def sample(
     seed: int = typer.Option(0, "--seed", help="Noise seed: the same seed gives the same images."),
     out: Path = typer.Option(None, "--out", help="PNG of the labelled grid [default: RUN/samples_seed<S>.png]."),
     npz: Path = typer.Option(None, "--npz", help="Also write the images as an npz dataset (x, y, class_names), "
-                                                 "readable as data.source npz:PATH."),
+                                                 "readable as data.source npz:PATH [default: no npz]."),
 ) -> None:
     """A labelled grid of generated images, one row per class."""
     import numpy as np
