@@ -39,6 +39,19 @@ class ModelConfig(Section):
     args: dict[str, Any] = Field(default_factory=dict, description="further keyword arguments of the model")
 
 
+class GeneratedConfig(Section):
+    """Images of a class-conditional GAN mixed into every training batch (GAN-based augmentation)."""
+
+    gan: str = Field(description="a GAN run directory written by `cnncli gan train`, trained on this recipe's "
+                                 "training split (the same data section and seed)")
+    fraction: float = Field(0.5, ge=0.0, lt=1.0, description="share of each training batch that is generated "
+                                                             "images; the rest are real, and an epoch still passes "
+                                                             "over every real image once")
+    pool: int = Field(10_000, ge=1, description="generated images sampled once before training (balanced "
+                                                "classes); each step draws its share from them at random")
+    seed: int = Field(0, description="noise seed of the pool: the same GAN and seed give the same images")
+
+
 class DataConfig(Section):
     source: str = Field("fashion_mnist", description="dataset: fashion_mnist, digits, tfds:NAME, folder:PATH, "
                                                      "npz:PATH, idx:DIR, synthetic")
@@ -52,6 +65,8 @@ class DataConfig(Section):
     limit: int | None = Field(None, ge=1, description="keep only the first N training images (quick runs)")
     balanced_sampling: bool = Field(False, description="draw each epoch's training images with replacement, "
                                                        "weighted by inverse class frequency (imbalanced data)")
+    generated: GeneratedConfig | None = Field(None, description="mix a GAN's labelled samples into every training "
+                                                                "batch (`cnncli gan train`)")
 
 
 class AugmentOp(BaseModel):

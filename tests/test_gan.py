@@ -1,6 +1,7 @@
 """The class-conditional GAN: sample shapes, label conditioning after training, the CLI and its errors."""
 
 import json
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,7 @@ from cnncli.generative import acgan
 from cnncli.generative.recipe import GanRecipe
 from cnncli.generative.run import load_gan, sample_pool, train
 from cnncli.run.rundir import RunDir
+from tests.helpers import metric_rows
 
 SHAPE = (8, 8, 1)
 
@@ -102,3 +104,91 @@ def test_gan_cli_user_errors(tmp_path):
     assert result.exit_code == 2 and "not a trained GAN" in result.stderr
     result = cli("gan", "train", "acgan_fashion_mnist_100", "--set", "gan.widht=8")
     assert result.exit_code == 2 and "did you mean" in result.stderr
+
+
+# ----------------------------------------------------------------------- data.generated: GAN samples in the batches
+
+
+class _Display:
+    """A training display that keeps the loop's messages, and presses Ctrl-C at one (epoch, step)."""
+
+    def __init__(self, at=None):
+        self.at, self.messages = at, []
+
+    def update(self, *, epoch, step, **kw):
+        if (epoch, step) == self.at:
+            signal.raise_signal(signal.SIGINT)
+
+    def message(self, text):
+        self.messages.append(text)
+
+    def start(self, **kw): ...
+    def epoch_done(self, row): ...
+    def finish(self): ...
+
+
+def _classifier(npz, gan=None, fraction=0.5, **data):
+    """A linear classifier on the GAN's data section (so the GAN saw exactly its training images)."""
+    from cnncli.recipe import Recipe
+
+    raw = {"name": "clf", "seed": 0, "model": {"name": "linear"},
+           "data": {"source": f"npz:{npz}", "val_fraction": 0.0, **data},
+           "optim": {"name": "sgd", "lr": 0.05}, "train": {"epochs": 2, "batch_size": 16, "log_every": 1}}
+    if gan is not None:
+        raw["data"]["generated"] = {"gan": str(gan), "fraction": fraction, "pool": 64, "seed": 3}
+    return Recipe.model_validate(raw)
+
+
+def _train(recipe, path, display=None, resume=False):
+    from cnncli.train.loop import start_run
+    from cnncli.train.loop import train as train_classifier
+
+    run = RunDir(path)
+    if not resume:
+        start_run(recipe, load_splits(recipe.data, recipe.seed), run)
+    train_classifier(recipe, load_splits(recipe.data, recipe.seed), run, display=display, resume=resume)
+    return metric_rows(run.path)
+
+
+def test_a_generated_fraction_of_zero_trains_the_plain_run_bit_for_bit(trained, dark_and_bright, tmp_path):
+    gan, _ = trained
+    plain = _train(_classifier(dark_and_bright), tmp_path / "plain")
+    assert _train(_classifier(dark_and_bright, gan, fraction=0.0), tmp_path / "zero") == plain
+
+
+def test_generated_images_join_every_batch_and_a_resumed_run_draws_the_same(trained, dark_and_bright, tmp_path):
+    from cnncli.train.loop import Interrupted
+
+    gan, _ = trained
+    recipe = _classifier(dark_and_bright, gan, fraction=0.5)
+    display = _Display()
+    rows = _train(recipe, tmp_path / "mixed", display)
+    # 8 real + 8 generated per batch of 16: an epoch passes over the 256 real images in 32 steps, not 16
+    assert [r["step"] for r in rows] == [32, 64]
+    assert any("8 real images and 8 drawn from 64 generated" in m for m in display.messages)
+    assert not any("warning" in m for m in display.messages)  # the GAN trained on this very split
+    assert rows != _train(_classifier(dark_and_bright), tmp_path / "plain")
+    with pytest.raises(Interrupted):
+        _train(recipe, tmp_path / "resumed", _Display(at=(1, 5)))
+    assert _train(recipe, tmp_path / "resumed", resume=True) == rows
+
+
+def test_a_gan_trained_on_another_split_is_a_warning(trained, dark_and_bright, tmp_path):
+    gan, _ = trained
+    display = _Display()
+    _train(_classifier(dark_and_bright, gan, val_fraction=0.25), tmp_path / "other", display)
+    assert any("trained with another data section or seed" in m for m in display.messages)
+
+
+def test_generated_user_errors(trained, tmp_path):
+    gan, _ = trained
+    result = cli("train", "lenet5_fashion_mnist", "--dry-run", "--set", f"data.generated.gan={tmp_path}")
+    assert result.exit_code == 2 and "is not a trained GAN" in result.stderr
+    result = cli("train", "lenet5_fashion_mnist", "--dry-run", "--set", f"data.generated.gan={gan}",
+                 "--set", "data.generated.fraction=0.001")
+    assert result.exit_code == 2 and "is 0 generated images" in result.stderr
+    result = cli("train", "lenet5_fashion_mnist", "--set", f"data.generated.gan={gan}", "--set", "data.limit=500",
+                 "--run-dir", tmp_path / "run")
+    assert result.exit_code == 2 and "trained on 2 classes of 8x8x1 images" in result.stderr
+    result = cli("gan", "train", "acgan_fashion_mnist_100", "--set", f"data.generated.gan={gan}")
+    assert result.exit_code == 2 and "a GAN trains on real images only" in result.stderr

@@ -66,4 +66,8 @@ def load(path_or_name: str | Path, overrides: list[str] = ()) -> GanRecipe:
     raw.setdefault("name", path.stem)
     for assignment in overrides:
         apply_override(raw, assignment)
-    return validate_section(GanRecipe, raw, source=str(path))
+    recipe = validate_section(GanRecipe, raw, source=str(path))
+    if recipe.data.generated is not None:
+        raise UserError(f"{path}: data.generated mixes a GAN's images into a classifier's batches; a GAN trains on "
+                        f"real images only (remove it)")
+    return recipe

@@ -25,6 +25,7 @@ from cnncli.errors import UserError
 from cnncli.generative import acgan
 from cnncli.generative.recipe import GanRecipe
 from cnncli.generative.recipe import load as load_recipe
+from cnncli.recipe import DataConfig
 from cnncli.run.rundir import RunDir
 
 GENERATOR = "generator"
@@ -119,14 +120,30 @@ class TrainedGan:
         return np.concatenate(out) if out else np.zeros((0, *self.image_shape), np.uint8)
 
 
-def load_gan(path: str | Path) -> TrainedGan:
-    """The trained GAN of a run directory written by `cnncli gan train`."""
-    import orbax.checkpoint as ocp
+def check_gan_dir(path: str | Path) -> RunDir:
+    """The run directory of a trained GAN.
 
+    Raises:
+        UserError: `path` holds no generator written by `cnncli gan train`.
+    """
     run = RunDir(path)
     if not (run.path / GENERATOR).is_dir() or not run.recipe.is_file():
         raise UserError(f"{run.path} is not a trained GAN: expected recipe.yaml and generator/ written by "
                         f"`cnncli gan train`")
+    return run
+
+
+def trained_on(path: str | Path) -> tuple[DataConfig, int]:
+    """The data section and seed a GAN was trained with (they decide its training split)."""
+    recipe = load_recipe(check_gan_dir(path).recipe)
+    return recipe.data, recipe.seed
+
+
+def load_gan(path: str | Path) -> TrainedGan:
+    """The trained GAN of a run directory written by `cnncli gan train`."""
+    import orbax.checkpoint as ocp
+
+    run = check_gan_dir(path)
     recipe = load_recipe(run.recipe)
     data = run.read_json(run.data)
     shape, names = tuple(data["image_shape"]), list(data["class_names"])

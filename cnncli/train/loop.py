@@ -71,6 +71,7 @@ def check_recipe(recipe: Recipe, *, fine_tuning: bool = False) -> None:
     optim_lib.SCHEDULES.get(recipe.schedule.name)
     loss_fn(recipe.train.loss)
     _augment(recipe)
+    _check_generated(recipe)
     if recipe.finetune is not None and not fine_tuning:
         raise UserError(f"recipe '{recipe.name}' has a finetune section: run it with `cnncli fine-tune SOURCE RECIPE` "
                         "(a fine-tuned run resumes with `cnncli fine-tune --resume --run-dir DIR`)")
@@ -84,11 +85,38 @@ def check_recipe(recipe: Recipe, *, fine_tuning: bool = False) -> None:
 
 
 def steps_per_epoch(recipe: Recipe, n_train: int) -> int:
-    steps = n_train // recipe.train.batch_size
+    """Steps that pass over the training images once: each step takes the real part of a batch."""
+    real = recipe.train.batch_size - generated_per_batch(recipe)
+    steps = n_train // real
     if steps == 0:
-        raise UserError(f"train.batch_size={recipe.train.batch_size} is larger than the {n_train} training images; "
-                        f"use a batch of at most {n_train}")
+        of = f" ({real} of them real)" if real < recipe.train.batch_size else ""
+        raise UserError(f"train.batch_size={recipe.train.batch_size}{of} is larger than the {n_train} training "
+                        f"images; use a batch of at most {n_train}")
     return steps
+
+
+def generated_per_batch(recipe: Recipe) -> int:
+    """How many images of each training batch come from the GAN of `data.generated` (0 without one)."""
+    generated = recipe.data.generated
+    return 0 if generated is None else int(round(generated.fraction * recipe.train.batch_size))
+
+
+def _check_generated(recipe: Recipe) -> None:
+    """`data.generated`: a trained GAN's directory, a share of the batch that is at least one image and leaves
+    at least one real one, and no fine-tuning mode that needs per-image targets of real images."""
+    generated = recipe.data.generated
+    if generated is None:
+        return
+    from cnncli.generative.run import check_gan_dir
+
+    check_gan_dir(generated.gan)
+    n, batch = generated_per_batch(recipe), recipe.train.batch_size
+    if generated.fraction > 0 and not 0 < n < batch:
+        raise UserError(f"data.generated.fraction={generated.fraction:g} of train.batch_size={batch} is {n} "
+                        f"generated images: choose a fraction between {1 / batch:.3g} and {1 - 1 / batch:.3g}")
+    if n and recipe.finetune is not None and recipe.finetune.mode == "lwf":
+        raise UserError("data.generated cannot be used with finetune.mode=lwf: its distillation targets are "
+                        "recorded for the real training images only")
 
 
 class _StopFlag:
@@ -186,6 +214,10 @@ def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, 
     # ---- Setup: the mesh, the model, its optimizer and the state that training carries ----
     mesh = data_mesh()
     check_batch(recipe.train.batch_size, mesh)
+    stacked = distributed.multiprocess()  # batches as (steps, batch, ...) arrays: see stack_batches
+    if stacked and generated_per_batch(recipe):  # each process holds its own rows of the real part
+        check_batch(recipe.train.batch_size - generated_per_batch(recipe), mesh,
+                    "the real part of train.batch_size (data.generated.fraction)")
     spe = steps_per_epoch(recipe, len(splits.train_x))
     epochs = recipe.train.epochs
     model = tune.model if tune else build(recipe, splits.image_shape, splits.num_classes, splits.mean, splits.std,
@@ -204,7 +236,6 @@ def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, 
     state, totals = replicate((state, totals), mesh)
 
     # ---- The jitted steps, and the source of each epoch's batches ----
-    stacked = distributed.multiprocess()  # batches as (steps, batch, ...) arrays: see stack_batches
     train_step = make_train_step(model.train_def, tx, num_classes=splits.num_classes,
                                  batch_size=recipe.train.batch_size, mesh=mesh, options=_step_options(s, stacked))
     key = jax.random.key(recipe.seed)
@@ -307,7 +338,27 @@ def _step_options(s: _Setup, stacked: bool) -> StepOptions:
                        class_weights=None if weights is None else replicate(jnp.asarray(weights), s.mesh),
                        ema_decay=recipe.train.ema, precision=recipe.train.precision,
                        distill=s.tune.distill if s.tune else None, stacked=stacked,
-                       loss=None if recipe.train.loss == DEFAULT_LOSS else loss_fn(recipe.train.loss))
+                       loss=None if recipe.train.loss == DEFAULT_LOSS else loss_fn(recipe.train.loss),
+                       generated=_generated_pool(s), generated_per_batch=generated_per_batch(recipe))
+
+
+def _generated_pool(s: _Setup) -> tuple[jax.Array, jax.Array] | None:
+    """`data.generated`'s pool of labelled GAN samples on the devices, sampled once (the same on a resume)."""
+    generated, n = s.recipe.data.generated, generated_per_batch(s.recipe)
+    if not n:
+        return None
+    from cnncli.generative.run import sample_pool, trained_on
+
+    splits = s.splits
+    data, seed = trained_on(generated.gan)
+    if data.model_copy(update={"generated": None}) != s.recipe.data.model_copy(update={"generated": None}) \
+            or seed != s.recipe.seed:
+        s.display.message(f"warning: the GAN in {generated.gan} was trained with another data section or seed than "
+                          f"this recipe's, so its images may copy this run's validation images")
+    x, y = sample_pool(generated.gan, generated.pool, generated.seed, splits.class_names, splits.image_shape)
+    s.display.message(f"each batch of {s.recipe.train.batch_size}: {s.recipe.train.batch_size - n} real images and "
+                      f"{n} drawn from {len(x):,} generated by {generated.gan}")
+    return replicate((jnp.asarray(x), jnp.asarray(y)), s.mesh)
 
 
 def _validation(s: _Setup, stacked: bool, robust_key: jax.Array) -> Callable[[TrainState], dict] | None:
@@ -408,7 +459,7 @@ def _device_epochs(recipe: Recipe, splits: Splits, mesh, tune):
 def _sharded_epochs(recipe: Recipe, splits: Splits, mesh, tune):
     """Several processes: every process draws the epoch's order (the same one `_device_epochs` would),
     and puts only its own rows of every batch on its devices, as (steps, batch, ...) arrays."""
-    batch = recipe.train.batch_size
+    batch = recipe.train.batch_size - generated_per_batch(recipe)  # the real rows of each batch
     aux = None if tune is None or tune.aux is None else np.asarray(tune.aux)
     if recipe.data.balanced_sampling:  # drawn from the labels, on this process's first device
         order = partial(toolbox.balanced_order, jnp.asarray(splits.train_y), num_classes=splits.num_classes)

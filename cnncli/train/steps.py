@@ -30,6 +30,7 @@ from cnncli.train.toolbox import (
 )
 
 PERTURB_STREAM = 1  # adversarial examples draw from fold_in(step key, 1); augmentation uses the step key
+GENERATED_STREAM = 2  # which generated images join the batch: fold_in(step key, 2)
 
 
 def data_mesh(devices=None) -> Mesh:
@@ -132,6 +133,10 @@ class StepOptions:
         per-example array shuffled like xs (see `shuffle_like`).
     stacked: batches come as (steps, batch_size, ...) arrays (several processes: see `stack_batches`).
     loss: the per-example loss (logits, targets) -> (B,) in place of cross-entropy (`train.loss`).
+    generated, generated_per_batch: GAN-based augmentation (`data.generated`). `generated` is a pool
+        (uint8 images, int32 labels) on the devices; each batch is batch_size - generated_per_batch
+        real images followed by generated_per_batch images drawn from the pool (see `mix_generated`),
+        so xs/ys are sliced in blocks of the real part.
     """
 
     augment: Callable | None = None
@@ -145,6 +150,18 @@ class StepOptions:
     distill: Callable | None = None
     stacked: bool = False
     loss: Callable | None = None
+    generated: tuple[jax.Array, jax.Array] | None = None
+    generated_per_batch: int = 0
+
+
+def mix_generated(x: jax.Array, y: jax.Array, pool_x: jax.Array, pool_y: jax.Array, n: int, key: jax.Array):
+    """The real batch (x, y) followed by `n` images drawn uniformly from the pool, with their labels.
+
+    x and pool_x are uint8 images, y and pool_y integer labels; a pure function of `key`, so a resumed
+    run draws the same images at the same step.
+    """
+    pick = jax.random.randint(key, (n,), 0, pool_x.shape[0])
+    return jnp.concatenate([x, pool_x[pick]]), jnp.concatenate([y.astype(pool_y.dtype), pool_y[pick]])
 
 
 def make_train_step(train_def, tx: optax.GradientTransformation, *, num_classes: int, batch_size: int,
@@ -158,12 +175,16 @@ def make_train_step(train_def, tx: optax.GradientTransformation, *, num_classes:
     """
     o = options
     batch_sharding = NamedSharding(mesh, P("data"))
+    real = batch_size - o.generated_per_batch  # rows of xs/ys per step
 
-    def step(state: TrainState, totals, xs, ys, epoch_start, key, aux=None):
+    def step(state: TrainState, totals, xs, ys, epoch_start, key, aux=None, pool=None):
         i = state.step - epoch_start
-        x = to_pixels(take_batch(xs, i, batch_size, o.stacked))
-        labels = jax.nn.one_hot(take_batch(ys, i, batch_size, o.stacked), num_classes)
+        x, y = take_batch(xs, i, real, o.stacked), take_batch(ys, i, real, o.stacked)
         step_key = jax.random.fold_in(key, state.step)
+        if o.generated_per_batch:
+            x, y = mix_generated(x, y, *pool, o.generated_per_batch, jax.random.fold_in(step_key, GENERATED_STREAM))
+        x = to_pixels(x)
+        labels = jax.nn.one_hot(y, num_classes)
         if o.augment is not None:
             x, labels = o.augment(x, labels, step_key)
         x = jax.lax.with_sharding_constraint(x, batch_sharding)
@@ -202,7 +223,11 @@ def make_train_step(train_def, tx: optax.GradientTransformation, *, num_classes:
         ema = state.ema if o.ema_decay is None else ema_update(state.ema, params, rest, o.ema_decay, state.step)
         return TrainState(params, rest, opt_state, state.step + 1, ema), totals
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    jitted = jax.jit(step, donate_argnums=(0, 1))
+    if not o.generated_per_batch:
+        return jitted
+    # the pool is an argument, not a constant folded into the compiled step
+    return partial(jitted, pool=o.generated)
 
 
 def _mix_adversarial(x, x_adv, targets, mix: float):
