@@ -52,9 +52,31 @@ class GeneratedConfig(Section):
     seed: int = Field(0, description="noise seed of the pool: the same GAN and seed give the same images")
 
 
+class RandomResizedCropConfig(Section):
+    """torchvision's RandomResizedCrop: a random area fraction and aspect ratio, resized to data.image_size."""
+
+    scale: tuple[float, float] = Field((0.08, 1.0), description="range of the crop's share of the image area")
+    ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="range of the crop's aspect ratio (width / height)")
+
+    @field_validator("scale", "ratio")
+    @classmethod
+    def _increasing_positive(cls, value):
+        if not 0 < value[0] <= value[1]:
+            raise ValueError("expected [low, high] with 0 < low <= high")
+        return value
+
+    @field_validator("scale")
+    @classmethod
+    def _fraction(cls, value):
+        if value[1] > 1:
+            raise ValueError("the area fraction cannot exceed 1")
+        return value
+
+
 class DataConfig(Section):
-    source: str = Field("fashion_mnist", description="dataset: fashion_mnist, digits, tfds:NAME, folder:PATH, "
-                                                     "npz:PATH, idx:DIR, synthetic")
+    source: str = Field("fashion_mnist", description="dataset: fashion_mnist, digits, cifar10:DIR, cifar100:DIR, "
+                                                     "tfds:NAME, folder:PATH, arrayrecord:DIR, npz:PATH, idx:DIR, "
+                                                     "synthetic")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="fraction of the training set held out for validation")
     image_size: tuple[int, int] | None = Field(None, description="resize images to [H, W] (folder sources need it)")
     channels: Literal[1, 3] | None = Field(None, description="convert images to 1 (gray) or 3 (RGB) channels")
@@ -67,6 +89,23 @@ class DataConfig(Section):
                                                        "weighted by inverse class frequency (imbalanced data)")
     generated: GeneratedConfig | None = Field(None, description="mix a GAN's labelled samples into every training "
                                                                 "batch (`cnncli gan train`)")
+    pipeline: Literal["memory", "stream", "auto"] = Field(
+        "auto", description="memory: decode everything once into memory and onto the device; stream: read, decode "
+                            "and crop each batch from disk in worker processes (folder: and arrayrecord: sources); "
+                            "auto: stream when the decoded data would exceed data.memory_budget or a crop needs it")
+    memory_budget: float = Field(0.25, gt=0.0, le=1.0, description="auto: the share of host RAM (and of one "
+                                                                   "accelerator's memory) the decoded data may take")
+    random_resized_crop: RandomResizedCropConfig | None = Field(
+        None, description="stream: train on random-resized crops (ImageNet style; `{}` for torchvision's ranges)")
+    eval_crop: float | None = Field(None, gt=0.0, le=1.0, description="stream: resize the shorter side to "
+                                    "image_size / eval_crop, then crop the center image_size (0.875: 256 -> 224)")
+    jpeg_draft: bool = Field(False, description="stream: decode JPEGs at 1/2, 1/4 or 1/8 size when that still "
+                                                "covers the output (much faster on large photos)")
+    workers: int | None = Field(None, ge=0, description="stream: Grain worker processes that decode batches "
+                                                        "(default: one per core but one; 0: in the main process)")
+    prefetch: int = Field(2, ge=1, description="stream: batches read ahead on the host, and again on the device")
+    skip_corrupt: bool = Field(False, description="stream: replace undecodable images by the next one and count "
+                                                  "them, instead of stopping with the image's name")
 
 
 class AugmentOp(BaseModel):

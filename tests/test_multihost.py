@@ -109,6 +109,39 @@ def test_two_processes_match_one_and_only_process_0_writes(tmp_path):
     assert json.loads(out.stdout)["confusion"] == test_two["confusion"]
 
 
+def test_two_processes_stream_their_own_rows_and_match_one(tmp_path):
+    """data.pipeline=stream: each process reads only its rows of every global batch from the ArrayRecord
+    shards (counted), and the run's losses are a single process's."""
+    from cnncli.data.convert import convert
+
+    records = tmp_path / "digits_records"
+    convert("digits", records, per_shard=400)
+    args = [*ARGS, "--set", f"data.source=arrayrecord:{records}", "--set", "data.pipeline=stream",
+            "--set", "data.workers=1", "--set", "train.epochs=3"]
+    single = _single(tmp_path / "single", *args)
+    assert single.returncode == 0, single.stderr
+    hosts = [tmp_path / "host0", tmp_path / "host1"]
+    results = _launch(hosts, *args)
+    for i, result in enumerate(results):
+        assert result.returncode == 0, (i, result.stderr[-3000:])
+    assert not (hosts[1] / "run").exists() and results[1].stdout == ""
+
+    one, two = metric_rows(tmp_path / "single" / "run"), metric_rows(hosts[0] / "run")
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two, strict=True):
+        for key in ("train_loss", "val_loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (key, a, b)
+        for key in ("train_acc", "val_acc", "val_top5"):
+            assert a[key] == b[key], (key, a, b)
+    summary_one = json.loads((tmp_path / "single" / "run" / "summary.json").read_text())
+    summary_two = json.loads((hosts[0] / "run" / "summary.json").read_text())
+    assert summary_one["test"]["confusion"] == summary_two["test"]["confusion"]
+    # per epoch: one training batch of 64 (32 rows each) and the 10 validation images in a batch of 12
+    # padded for 4 devices (process 0 holds rows 0-5, process 1 rows 6-11, of which 4 are images)
+    assert summary_one["stream"]["records_read"] == [3 * (64 + 10)]
+    assert summary_two["stream"]["records_read"] == [3 * (32 + 6), 3 * (32 + 4)]
+
+
 @pytest.mark.parametrize(("flags", "message"), [
     (["--process-id", "1"], "--process-id also needs --coordinator and --num-processes"),
     (["--num-processes", "2", "--process-id", "0"], "also needs --coordinator"),

@@ -48,7 +48,7 @@ def eval_command(
     from cnncli.data.classes import parse_class_map
     from cnncli.train.evaluate import evaluate
     from cnncli.train.steps import data_mesh
-    from cnncli.train.trained_run import eval_data, load_trained, old_head_view
+    from cnncli.train.trained_run import eval_data, eval_stream_data, load_trained, old_head_view
 
     trained = load_trained(path, which, ema=ema)
     if head == "old":
@@ -57,13 +57,29 @@ def eval_command(
         from cnncli.errors import UserError
 
         raise UserError(f"--head must be new or old, got '{head}'")
-    chosen = eval_data(trained, split, data, parse_class_map(class_map))
-    for note in chosen.notes:
-        err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
-    with progress_bar(f"eval {chosen.split}", disable=as_json) as advance:
-        result = evaluate(trained.model.eval_def, trained.model.params, trained.model.rest, chosen.x, chosen.y,
-                          trained.class_names, batch_size=batch_size, mesh=data_mesh(), progress=advance, tta=tta)
-    result.update(split=chosen.split, source=data or trained.recipe.data.source, checkpoint=str(trained.checkpoint),
+    streamed = None
+    if data is None and split != "all" and not (calibration or temperature):
+        streamed = eval_stream_data(trained)
+    if streamed is not None:  # the run's data streams: read from disk batch by batch, never the whole split
+        from cnncli.train.evaluate import eval_batch
+        from cnncli.train.streamed import evaluate_split
+
+        split = split or "test"
+        mesh = data_mesh()
+        batch = eval_batch(len(streamed.split_ids(split)[0]), batch_size, mesh)
+        with progress_bar(f"eval {split}", disable=as_json) as advance:
+            (result,) = evaluate_split(trained.model.eval_def, [(trained.model.params, trained.model.rest)], streamed,
+                                       split, batch_size=batch, mesh=mesh, seed=trained.recipe.seed, progress=advance,
+                                       tta=tta)
+    else:
+        chosen = eval_data(trained, split, data, parse_class_map(class_map))
+        for note in chosen.notes:
+            err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
+        split = chosen.split
+        with progress_bar(f"eval {chosen.split}", disable=as_json) as advance:
+            result = evaluate(trained.model.eval_def, trained.model.params, trained.model.rest, chosen.x, chosen.y,
+                              trained.class_names, batch_size=batch_size, mesh=data_mesh(), progress=advance, tta=tta)
+    result.update(split=split, source=data or trained.recipe.data.source, checkpoint=str(trained.checkpoint),
                   weights="ema" if ema else "raw", tta=tta)
     if calibration or temperature:
         from cnncli.inspect.calibration import calibrate

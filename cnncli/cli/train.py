@@ -103,7 +103,7 @@ def _train(recipe, run, *, resume: bool, overwrite: bool, dry_run: bool) -> None
     import shutil
 
     from cnncli.console import TrainDisplay, console, err_console
-    from cnncli.data.pipeline import load_splits
+    from cnncli.data.pipeline import load_data, split_sizes
     from cnncli.run import distributed
     from cnncli.run.rundir import FollowerRun
     from cnncli.train.loop import Interrupted, check_recipe, start_run, train
@@ -111,16 +111,21 @@ def _train(recipe, run, *, resume: bool, overwrite: bool, dry_run: bool) -> None
 
     def load():
         check_recipe(recipe)
-        return load_splits(recipe.data, recipe.seed)
+        return load_data(recipe.data, recipe.seed)
 
     splits = distributed.together(load)  # every host loads the data itself; a failure on one stops all
     if distributed.multiprocess():
         distributed.check_same("recipe or data", _fingerprint(recipe, splits))
     model = build(recipe, splits.image_shape, splits.num_classes, splits.mean, splits.std)
     h, w, c = splits.image_shape
+    n_train, n_val, n_test = split_sizes(splits)
+    streaming = hasattr(splits, "workers")
+    workers = splits.workers if streaming else 0
+    how = (f", streamed from disk by {workers} worker process{'es' if workers != 1 else ''}" if workers
+           else ", streamed from disk" if streaming else "")
     model_line = (f"{recipe.model.name}: {model.num_params:,} parameters, input {h}x{w}x{c}, "
-                  f"{splits.num_classes} classes; data {recipe.data.source}: {len(splits.train_x):,} train / "
-                  f"{len(splits.val_x):,} val / {0 if splits.test_x is None else len(splits.test_x):,} test")
+                  f"{splits.num_classes} classes; data {recipe.data.source}: {n_train:,} train / "
+                  f"{n_val:,} val / {n_test:,} test{how}")
     main = distributed.is_main()  # the other processes of a multi-process run stay quiet
     if dry_run:
         if main:  # the recipe alone on stdout: `--dry-run > my.yaml` writes a recipe that trains
@@ -159,9 +164,13 @@ def _fingerprint(recipe, splits) -> dict:
     classes and checksum."""
     import zlib
 
-    sizes = [len(splits.train_x), len(splits.val_x), 0 if splits.test_x is None else len(splits.test_x)]
-    return {"recipe checksum": zlib.crc32(recipe.to_yaml().encode()), "sizes": sizes, "classes": splits.num_classes,
-            "train checksum": zlib.crc32(splits.train_y.tobytes(), zlib.crc32(splits.train_x.tobytes()))}
+    from cnncli.data.pipeline import split_sizes
+
+    # streamed data is checked by what every process will read: the same records, labels and statistics
+    content = (splits.train_ids.tobytes() + repr((splits.mean, splits.std)).encode() if hasattr(splits, "train_ids")
+               else splits.train_x.tobytes())
+    return {"recipe checksum": zlib.crc32(recipe.to_yaml().encode()), "sizes": list(split_sizes(splits)),
+            "classes": splits.num_classes, "train checksum": zlib.crc32(splits.train_y.tobytes(), zlib.crc32(content))}
 
 
 def print_summary(summary: dict, console) -> None:
@@ -183,5 +192,12 @@ def print_summary(summary: dict, console) -> None:
         table.add_row("test loss", f"{test['loss']:.4f}")
     if "test_ema" in summary:
         table.add_row("test top-1 (EMA weights)", f"{summary['test_ema']['top1']:.2%}")
+    if "stream" in summary:
+        stream = summary["stream"]
+        table.add_row("images read from disk", " + ".join(f"{n:,}" for n in stream["records_read"]) +
+                      (" (by process)" if len(stream["records_read"]) > 1 else ""))
+        table.add_row("waiting for input", f"{sum(stream['input_wait_s']) / len(stream['input_wait_s']):.1f} s")
+        if stream["skipped_corrupt"]:
+            table.add_row("corrupt images skipped", f"{stream['skipped_corrupt']:,}")
     table.add_row("training time", f"{summary['train_seconds']:.1f} s")
     console.print(table)

@@ -28,6 +28,7 @@ from cnncli.errors import UserError
 from cnncli.run import distributed
 
 INDEX = "index.json"
+EXTRA = Path("extra") / "metadata"  # a caller's JSON item inside a checkpoint (e.g. a data iterator's position)
 TOTALS = ("loss", "correct", "count")  # the running training sums a checkpoint carries
 
 
@@ -87,7 +88,7 @@ def _ordered_leaves(raw) -> list:
 
 
 def save(ckpt_dir: Path, *, state, totals: dict, meta: dict[str, Any], best: bool, keep_top: int | None = None,
-         score: float | None = None) -> None:
+         score: float | None = None, extra: Any = None) -> None:
     """Save a checkpoint of `state` and point 'latest' (and 'best' if `best`) at it.
 
     Args:
@@ -98,6 +99,7 @@ def save(ckpt_dir: Path, *, state, totals: dict, meta: dict[str, Any], best: boo
         best: point 'best' at this checkpoint.
         keep_top: keep the `keep_top` checkpoints of highest `score` (listed as 'top' in the index).
         score: validation accuracy of this checkpoint (None for a mid-epoch checkpoint: never in 'top').
+        extra: anything JSON-ready to keep with the checkpoint (`read_extra` returns it).
     """
     from flax import nnx
 
@@ -115,6 +117,9 @@ def save(ckpt_dir: Path, *, state, totals: dict, meta: dict[str, Any], best: boo
         checkpointer.save(target.absolute(), jax.device_get(tree))
         checkpointer.wait_until_finished()
         checkpointer.close()
+        if extra is not None:
+            (target / EXTRA).parent.mkdir(exist_ok=True)
+            _write_json_atomic(target / EXTRA, extra)
     index = read_index(ckpt_dir) or {}
     index["latest"] = {"dir": name, **meta}
     if best or "best" not in index:
@@ -142,6 +147,14 @@ def _remove_unreferenced(ckpt_dir: Path, keep: set[str]) -> None:
     for child in ckpt_dir.iterdir():
         if child.is_dir() and child.name not in keep:
             shutil.rmtree(child, ignore_errors=True)
+
+
+def read_extra(ckpt: Path) -> Any:
+    """What the caller stored with `save(..., extra=...)` in this checkpoint (None if nothing)."""
+    try:
+        return json.loads((Path(ckpt) / EXTRA).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
 
 
 def read_index(ckpt_dir: Path) -> dict | None:

@@ -169,6 +169,13 @@ def together(fn: Callable[[], Any]) -> Any:
     return value
 
 
+def gather(value: Any) -> list[Any]:
+    """`value` (JSON-ready) of every process, in process order, on every process ([value] in one process)."""
+    if not multiprocess():
+        return [value]
+    return _allgather_json(value)
+
+
 def check_same(what: str, value: Any) -> None:
     """Raise a UserError on every process unless `value` (JSON-ready) is the same on every process."""
     if not multiprocess():

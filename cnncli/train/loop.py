@@ -6,6 +6,10 @@ resumed from any checkpoint (even mid-epoch after Ctrl-C) reproduces the uninter
 host-side decisions (early stopping, plateau lr drops) are functions of the metrics history, which a
 resume truncates to its checkpoint, so they replay exactly too.
 
+Data too large for memory streams from disk (data.pipeline=stream, `StreamSplits`): each step then gets
+its batch from the Grain pipeline (cnncli.train.streamed), validation reads the batches that follow
+each epoch's training batches in the same stream, and checkpoints keep the stream's position.
+
 Several processes (cnncli.run.distributed) run this same loop over one mesh of all their devices. The
 single-process way of holding the whole uint8 training set on the devices gives way to a per-epoch
 array of which each process holds only its own rows of every batch (steps.stack_batches): all of them
@@ -31,13 +35,14 @@ from jax.sharding import Mesh
 from cnncli.adversarial.attacks import AttackConfig
 from cnncli.adversarial.robustness import make_perturb, make_robust_accuracy
 from cnncli.data.augment import build_augment
-from cnncli.data.pipeline import Splits
+from cnncli.data.pipeline import STATS_SAMPLE, Splits, split_sizes
+from cnncli.data.stream import StreamSplits
 from cnncli.errors import UserError
 from cnncli.recipe import Recipe
 from cnncli.run import checkpoint, distributed
 from cnncli.run.rundir import RunDir
 from cnncli.train import optim as optim_lib
-from cnncli.train import toolbox
+from cnncli.train import streamed, toolbox
 from cnncli.train.evaluate import eval_batch, evaluate, make_eval_step
 from cnncli.train.losses import DEFAULT_LOSS, loss_fn
 from cnncli.train.state import Model, TrainState, build, init_totals
@@ -151,13 +156,15 @@ class _StopFlag:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def start_run(recipe: Recipe, splits: Splits, run: RunDir) -> None:
+def start_run(recipe: Recipe, splits: Splits | StreamSplits, run: RunDir) -> None:
     """Write what a new run directory holds before training: the resolved recipe and the data description."""
     run.path.mkdir(parents=True, exist_ok=True)
     run.recipe.write_text(recipe.to_yaml())
+    n_train, n_val, _ = split_sizes(splits)
     run.write_json(run.data, {"source": recipe.data.source, "class_names": splits.class_names,
                               "image_shape": list(splits.image_shape), "mean": splits.mean, "std": splits.std,
-                              "n_train": len(splits.train_x), "n_val": len(splits.val_x)})
+                              "n_train": n_train, "n_val": n_val,
+                              "pipeline": "stream" if isinstance(splits, StreamSplits) else "memory"})
 
 
 @dataclass(frozen=True)
@@ -190,7 +197,7 @@ class _Setup:
     """What stays fixed while a run trains; the loop's sections read it."""
 
     recipe: Recipe
-    splits: Splits
+    splits: Splits | StreamSplits
     run: RunDir
     display: Any
     tune: Any  # a cnncli.transfer.finetune.FineTuning, or None
@@ -198,11 +205,13 @@ class _Setup:
     mesh: Mesh
     steps_per_epoch: int
     lr: Callable  # the schedule: global step -> learning rate (before a plateau's scale)
+    stream: streamed.Stream | None = None  # the streaming path's batches (training, then validation, per epoch)
 
 
-def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, display=None,
+def train(recipe: Recipe, splits: Splits | StreamSplits, run: RunDir, *, resume: bool = False, display=None,
           tune=None) -> dict[str, Any]:
-    """Train `recipe` on `splits`, writing metrics and checkpoints into `run`; returns the summary.
+    """Train `recipe` on `splits` (in memory, or streamed), writing metrics and checkpoints into `run`;
+    returns the summary.
 
     `tune` (a `cnncli.transfer.finetune.FineTuning`) starts from its prepared model instead of a fresh one and
     brings its optimizer (freezing masks, lr multipliers), distillation targets and old-task metrics.
@@ -214,14 +223,18 @@ def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, 
     # ---- Setup: the mesh, the model, its optimizer and the state that training carries ----
     mesh = data_mesh()
     check_batch(recipe.train.batch_size, mesh)
-    stacked = distributed.multiprocess()  # batches as (steps, batch, ...) arrays: see stack_batches
+    streaming = isinstance(splits, StreamSplits)
+    stacked = distributed.multiprocess() and not streaming  # batches as (steps, batch, ...): see stack_batches
     if stacked and generated_per_batch(recipe):  # each process holds its own rows of the real part
         check_batch(recipe.train.batch_size - generated_per_batch(recipe), mesh,
                     "the real part of train.batch_size (data.generated.fraction)")
-    spe = steps_per_epoch(recipe, len(splits.train_x))
+    spe = steps_per_epoch(recipe, split_sizes(splits)[0])
     epochs = recipe.train.epochs
+    # data-fitted layers (a bag-of-words codebook) fit on the training images; streamed, on a sample of them
+    fit_images = (partial(splits.sample_images, STATS_SAMPLE, recipe.seed) if isinstance(splits, StreamSplits)
+                  else splits.train_x)
     model = tune.model if tune else build(recipe, splits.image_shape, splits.num_classes, splits.mean, splits.std,
-                                          fit_images=splits.train_x, report=display.message)
+                                          fit_images=fit_images, report=display.message)
     lr = optim_lib.learning_rate(recipe.optim, recipe.schedule, epochs=epochs, steps_per_epoch=spe)
     plateau = recipe.schedule.name == "plateau"
     tx = (tune.optimizer(recipe.optim, lr, plateau=plateau) if tune
@@ -231,16 +244,20 @@ def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, 
     s = _Setup(recipe, splits, run, display, tune, model, mesh, spe, lr)
 
     # ---- Resume: the latest checkpoint's state, the position it was saved at, the best epoch so far ----
-    state, totals, start_epoch, start_step, best = (_resume(s, state) if resume
-                                                    else (state, init_totals(), 0, 0, Best()))
+    state, totals, start_epoch, start_step, best, extra = (_resume(s, state) if resume
+                                                           else (state, init_totals(), 0, 0, Best(), None))
     state, totals = replicate((state, totals), mesh)
 
     # ---- The jitted steps, and the source of each epoch's batches ----
     train_step = make_train_step(model.train_def, tx, num_classes=splits.num_classes,
                                  batch_size=recipe.train.batch_size, mesh=mesh, options=_step_options(s, stacked))
     key = jax.random.key(recipe.seed)
+    if streaming:
+        s = replace(s, stream=_open_stream(s, extra, resume))
+        epoch_batches = _streamed_epochs(s)
+    else:
+        epoch_batches = _in_memory(s, (_sharded_epochs if stacked else _device_epochs)(recipe, splits, mesh, tune))
     validate = _validation(s, stacked, robust_key=jax.random.fold_in(key, ROBUST_STREAM))
-    epoch_batches = (_sharded_epochs if stacked else _device_epochs)(recipe, splits, mesh, tune)
     shuffle_key, augment_key = jax.random.fold_in(key, SHUFFLE_STREAM), jax.random.fold_in(key, AUGMENT_STREAM)
     select = "val_robust_acc" if recipe.train.adversarial is not None else "val_acc"  # the score of Best
 
@@ -248,7 +265,7 @@ def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, 
     lr_scale = optim_lib.get_plateau_scale(state.opt_state) or 1.0
     stopped = None
     display.start(epochs=epochs, steps_per_epoch=spe, first_epoch=start_epoch, first_step=start_step)
-    with _StopFlag() as stop:
+    with _StopFlag() as stop, _closing(s.stream):
         for epoch in range(start_epoch, epochs):
             if _stalled(recipe, run):  # checked here, not after an epoch, so a resumed stopped run stays stopped
                 stopped = "early"
@@ -258,14 +275,17 @@ def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, 
 
             # ---- Steps of one epoch ----
             first = start_step if epoch == start_epoch else 0
-            batches = epoch_batches(jax.random.fold_in(shuffle_key, epoch), spe)
-            state, totals, seconds = _epoch_steps(s, train_step, state, totals, batches, augment_key,
+            batch_at = epoch_batches(jax.random.fold_in(shuffle_key, epoch), epoch)
+            waited = s.stream.wait_seconds if streaming else 0.0
+            state, totals, seconds = _epoch_steps(s, train_step, state, totals, batch_at, augment_key,
                                                   epoch=epoch, first=first, lr_scale=lr_scale, best=best, stop=stop)
 
             # ---- End of epoch: validation, the best epoch, metrics, the plateau's lr, a checkpoint ----
             row = {"epoch": epoch + 1, "step": (epoch + 1) * spe, **_train_row(totals),
                    "lr": float(lr((epoch + 1) * spe - 1)) * lr_scale, "seconds": round(seconds, 3),
                    "img_per_s": round((spe - first) * recipe.train.batch_size / seconds, 1)}
+            if streaming:  # time the steps waited for the input pipeline (0 when it keeps ahead)
+                row["input_wait_s"] = round(s.stream.wait_seconds - waited, 3)
             if validate is not None:
                 row.update(validate(state))
             if tune is not None:
@@ -284,7 +304,7 @@ def train(recipe: Recipe, splits: Splits, run: RunDir, *, resume: bool = False, 
 
     # ---- Finish: the reported checkpoint on the test split, summary.json ----
     display.finish()
-    return finish(recipe, splits, run, model, state, mesh, best, stopped=stopped, tune=tune)
+    return finish(recipe, splits, run, model, state, mesh, best, stopped=stopped, tune=tune, stream=s.stream)
 
 
 def recipe_step(recipe: Recipe, splits: Splits, model: Model, tx, mesh) -> tuple[Callable, Callable]:
@@ -299,9 +319,44 @@ def recipe_step(recipe: Recipe, splits: Splits, model: Model, tx, mesh) -> tuple
     return step, _device_epochs(recipe, splits, mesh, None)
 
 
-def _resume(s: _Setup, state: TrainState) -> tuple[TrainState, dict, int, int, Best]:
-    """The latest checkpoint's state and totals, the epoch and step to continue at, and the best epoch so
-    far; a run stopped before its first checkpoint starts from the beginning."""
+def _open_stream(s: _Setup, extra: dict | None, resume: bool) -> streamed.Stream:
+    """The streaming path's Grain pipeline, at the position the resumed checkpoint saved (or the start)."""
+    recipe = s.recipe
+    if recipe.train.adversarial is not None:
+        raise UserError("train.adversarial is not available with data.pipeline=stream (its validation attacks the "
+                        "whole validation split in memory); use data.pipeline=memory")
+    if generated_per_batch(recipe):
+        raise UserError("data.generated is not available with data.pipeline=stream; use data.pipeline=memory")
+    position = streamed.resume_state(extra)
+    if resume and position is None and distributed.agree(lambda: checkpoint.read_index(s.run.checkpoints) is not None):
+        raise UserError(f"the latest checkpoint of {s.run.path} holds no input-stream position (was the run trained "
+                        "with data.pipeline=memory?); resume it with the pipeline it was trained with")
+    return streamed.train_stream(s.splits, s.mesh, epochs=recipe.train.epochs, batch=recipe.train.batch_size,
+                                 eval_batch=_val_batch(s), seed=recipe.seed, state=position)
+
+
+class _closing:
+    """Close a stream (its worker processes) however the epochs end; nothing without one."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def __enter__(self):
+        return self.stream
+
+    def __exit__(self, *exc):
+        if self.stream is not None:
+            self.stream.close()
+
+
+def _val_batch(s: _Setup) -> int:
+    n_val = split_sizes(s.splits)[1]
+    return eval_batch(n_val, s.recipe.train.eval_batch_size, s.mesh) if n_val else s.recipe.train.eval_batch_size
+
+
+def _resume(s: _Setup, state: TrainState) -> tuple[TrainState, dict, int, int, Best, Any]:
+    """The latest checkpoint's state and totals, the epoch and step to continue at, the best epoch so
+    far and the checkpoint's extra item; a run stopped before its first checkpoint starts from the beginning."""
     run, totals = s.run, init_totals()
     point = distributed.agree(lambda: _resume_point(run))
     if not run.writes:
@@ -309,7 +364,7 @@ def _resume(s: _Setup, state: TrainState) -> tuple[TrainState, dict, int, int, B
     if point is None:  # killed before its first checkpoint
         run.truncate_metrics(0)
         s.display.message(f"{run.path} has no checkpoint yet: starting it from the beginning")
-        return state, totals, 0, 0, Best()
+        return state, totals, 0, 0, Best(), None
     # meta says where to continue: epoch index (= epochs completed) and steps done within it
     meta = point["meta"]
     state, totals = checkpoint.restore(Path(point["checkpoint"]), state)
@@ -319,7 +374,7 @@ def _resume(s: _Setup, state: TrainState) -> tuple[TrainState, dict, int, int, B
         totals = init_totals()
     run.truncate_metrics(epoch)
     s.display.message(f"resuming {run.path} at epoch {epoch + 1}, step {step}")
-    return state, totals, epoch, step, best
+    return state, totals, epoch, step, best, point.get("extra")
 
 
 def _step_options(s: _Setup, stacked: bool) -> StepOptions:
@@ -364,9 +419,12 @@ def _generated_pool(s: _Setup) -> tuple[jax.Array, jax.Array] | None:
 def _validation(s: _Setup, stacked: bool, robust_key: jax.Array) -> Callable[[TrainState], dict] | None:
     """The end-of-epoch validation: state -> the metrics row's val_* entries; None without a validation split."""
     splits, model, mesh, adversarial = s.splits, s.model, s.mesh, s.recipe.train.adversarial
-    if len(splits.val_x) == 0:
+    n_val = split_sizes(splits)[1]
+    if n_val == 0:
         return None
-    batch = eval_batch(len(splits.val_x), s.recipe.train.eval_batch_size, mesh)
+    batch = _val_batch(s)
+    if s.stream is not None:
+        return _streamed_validation(s, batch)
     step = make_eval_step(model.eval_def, num_classes=splits.num_classes, batch_size=batch, mesh=mesh,
                           stacked=stacked)
     robust = None
@@ -391,16 +449,36 @@ def _validation(s: _Setup, stacked: bool, robust_key: jax.Array) -> Callable[[Tr
     return validate
 
 
-def _epoch_steps(s: _Setup, train_step, state, totals, batches, augment_key, *, epoch: int, first: int,
+def _streamed_validation(s: _Setup, batch: int) -> Callable[[TrainState], dict]:
+    """Validation on the streaming path: the next validation batches of the run's stream, each evaluated
+    with the weights and, with train.ema, the averaged weights (one pass for both)."""
+    splits, model, mesh = s.splits, s.model, s.mesh
+    step = make_eval_step(model.eval_def, num_classes=splits.num_classes, batch_size=batch, mesh=mesh)
+    batches = -(-split_sizes(splits)[1] // batch)
+
+    def validate(state: TrainState) -> dict[str, float]:
+        weights = [(state.params, state.rest)]
+        if state.ema is not None:
+            weights.append((state.ema["params"], state.ema["rest"]))
+        results = streamed.evaluate_stream(model.eval_def, weights, s.stream, batches, splits.class_names,
+                                           batch_size=batch, mesh=mesh, step_fn=step)
+        row = {"val_loss": results[0]["loss"], "val_acc": results[0]["top1"], "val_top5": results[0]["top5"]}
+        if state.ema is not None:
+            row.update(val_ema_loss=results[1]["loss"], val_ema_acc=results[1]["top1"])
+        return row
+
+    return validate
+
+
+def _epoch_steps(s: _Setup, train_step, state, totals, batch_at, augment_key, *, epoch: int, first: int,
                  lr_scale: float, best: Best, stop: _StopFlag):
-    """Steps `first`.. of one epoch over `batches` (xs, ys, aux), with progress every train.log_every
-    steps; returns the state, the totals and the seconds it took. Ctrl-C checkpoints the step and
-    raises Interrupted."""
+    """Steps `first`.. of one epoch, step i on `batch_at(i)` = (xs, ys, epoch_start, aux), with progress every
+    train.log_every steps; returns the state, the totals and the seconds it took. Ctrl-C checkpoints the
+    step and raises Interrupted."""
     spe, batch_size, log_every = s.steps_per_epoch, s.recipe.train.batch_size, s.recipe.train.log_every
-    xs, ys, aux = batches
-    epoch_start = jnp.int32(epoch * spe)
     t0 = time.perf_counter()
     for i in range(first, spe):
+        xs, ys, epoch_start, aux = batch_at(i)
         state, totals = train_step(state, totals, xs, ys, epoch_start, augment_key, aux)
         log = (i + 1) % log_every == 0 or i + 1 == spe
         if i + 1 < spe and stop.requested(in_sync=log):
@@ -429,15 +507,16 @@ def _save(s: _Setup, state, totals, best: Best, epoch: int, step_in_epoch: int, 
     """Checkpoint the state at `step_in_epoch` of epoch index `epoch` (0 with the epochs completed)."""
     meta = {"epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": epoch * s.steps_per_epoch + step_in_epoch,
             "best": best.to_meta()}
+    extra = streamed.checkpoint_extra(s.stream) if s.stream is not None else None  # on every process: a gather
     checkpoint.save(s.run.checkpoints, state=state, totals=totals, meta=meta, best=is_best,
-                    keep_top=s.recipe.train.keep_checkpoints, score=score)
+                    keep_top=s.recipe.train.keep_checkpoints, score=score, extra=extra)
 
 
 def _interrupted(s: _Setup, state, best: Best, where: str) -> Interrupted:
     """Ctrl-C; with early_stopping.restore_best the summary reports the best epoch, as an early stop would."""
     if _restores_best(s.recipe) and best.epoch > 0:
         s.display.finish()
-        finish(s.recipe, s.splits, s.run, s.model, state, s.mesh, best, stopped="user")
+        finish(s.recipe, s.splits, s.run, s.model, state, s.mesh, best, stopped="user", stream=s.stream)
         where += f"; summary.json reports the best epoch ({best.epoch})"
     return Interrupted(where)
 
@@ -474,13 +553,38 @@ def _sharded_epochs(recipe: Recipe, splits: Splits, mesh, tune):
     return epoch_data
 
 
+def _in_memory(s: _Setup, epoch_arrays):
+    """(epoch key, epoch) -> batch_at: every step of an in-memory epoch slices the same epoch arrays."""
+
+    def epoch_data(epoch_key, epoch: int):
+        xs, ys, aux = epoch_arrays(epoch_key, s.steps_per_epoch)
+        batches = (xs, ys, jnp.int32(epoch * s.steps_per_epoch), aux)
+        return lambda i: batches
+
+    return epoch_data
+
+
+def _streamed_epochs(s: _Setup):
+    """The streaming path: step i of an epoch takes the stream's next batch (the steps' batch 0 of it)."""
+    spe = s.steps_per_epoch
+
+    def epoch_data(epoch_key, epoch: int):
+        def batch_at(i: int):
+            _, batch = s.stream.next()
+            return batch["image"], batch["label"], jnp.int32(epoch * spe + i), None
+
+        return batch_at
+
+    return epoch_data
+
+
 def _resume_point(run: RunDir) -> dict | None:
     """Where a resumed run continues (as process 0 reads it): the latest checkpoint, its position and
     the metrics written so far; None when the run was stopped before its first checkpoint."""
     if checkpoint.read_index(run.checkpoints) is None:
         return None
     ckpt, meta = checkpoint.find(run.path, "latest")
-    return {"checkpoint": str(ckpt), "meta": meta, "metrics": run.read_metrics()}
+    return {"checkpoint": str(ckpt), "meta": meta, "metrics": run.read_metrics(), "extra": checkpoint.read_extra(ckpt)}
 
 
 def _find_checkpoint(run: RunDir, which: str) -> tuple[Path, dict]:
@@ -507,13 +611,13 @@ def _restores_best(recipe: Recipe) -> bool:
     return rule is not None and rule.restore_best
 
 
-def finish(recipe: Recipe, splits: Splits, run: RunDir, model: Model, state, mesh, best: Best,
-           stopped: str | None = None, tune=None) -> dict[str, Any]:
+def finish(recipe: Recipe, splits: Splits | StreamSplits, run: RunDir, model: Model, state, mesh, best: Best,
+           stopped: str | None = None, tune=None, stream: streamed.Stream | None = None) -> dict[str, Any]:
     """Evaluate the reported checkpoint on the test split and write summary.json.
 
     The reported checkpoint is the best one, except with early_stopping.restore_best false: then it is
     the latest. `stopped` ('early' or 'user') records why a run ended before train.epochs. `tune`
-    (fine-tuning) adds its old-task metrics.
+    (fine-tuning) adds its old-task metrics. A streamed run (`stream`) adds what each process read.
     """
     rule = recipe.train.early_stopping
     which = "latest" if rule is not None and not rule.restore_best else "best"
@@ -526,15 +630,25 @@ def finish(recipe: Recipe, splits: Splits, run: RunDir, model: Model, state, mes
     summary["train_seconds"] = round(sum(r.get("seconds", 0.0) for r in rows), 1)
     if stopped:
         summary["stopped"] = stopped
-    if splits.test_x is not None and len(splits.test_x):
+    if stream is not None:
+        summary["stream"] = streamed.stream_stats(stream)
+    if split_sizes(splits)[2]:
         ckpt, meta = _find_checkpoint(run, which)
         summary["reported"] = {"checkpoint": which, "epoch": meta.get("epoch")}
         reported, _ = checkpoint.restore(ckpt, state, with_optimizer=False)
-        test = partial(evaluate, model.eval_def, x=splits.test_x, y=splits.test_y, class_names=splits.class_names,
-                       batch_size=recipe.train.eval_batch_size, mesh=mesh)
-        summary["test"] = test(params=reported.params, rest=reported.rest)
+        weights = [(reported.params, reported.rest)]
         if reported.ema is not None:
-            summary["test_ema"] = test(params=reported.ema["params"], rest=reported.ema["rest"])
+            weights.append((reported.ema["params"], reported.ema["rest"]))
+        if isinstance(splits, StreamSplits):
+            batch = eval_batch(split_sizes(splits)[2], recipe.train.eval_batch_size, mesh)
+            results = streamed.evaluate_split(model.eval_def, weights, splits, "test", batch_size=batch, mesh=mesh,
+                                              seed=recipe.seed)
+        else:
+            results = [evaluate(model.eval_def, params, rest, splits.test_x, splits.test_y, splits.class_names,
+                                batch_size=recipe.train.eval_batch_size, mesh=mesh) for params, rest in weights]
+        summary["test"] = results[0]
+        if reported.ema is not None:
+            summary["test_ema"] = results[1]
     if tune is not None:
         ckpt, _ = _find_checkpoint(run, which)
         reported, _ = checkpoint.restore(ckpt, state, with_optimizer=False)

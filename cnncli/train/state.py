@@ -61,15 +61,16 @@ def build(recipe: Recipe, image_shape, num_classes: int, mean=None, std=None, *,
           report=None) -> Model:
     """Build the recipe's model for the data's shape and class count.
 
-    With `fit_images` (uint8 training images) the layers fitted to data (a bag-of-words codebook) are
-    fitted on them first; `report(line)` hears what was fitted. A restored run needs no fitting: its
-    checkpoint holds the fitted values.
+    With `fit_images` (uint8 training images, or a function returning them: streamed data is read only
+    when a layer needs it) the layers fitted to data (a bag-of-words codebook) are fitted on them first;
+    `report(line)` hears what was fitted. A restored run needs no fitting: its checkpoint holds the
+    fitted values.
     """
     model = build_model(recipe.model, input_shape=image_shape, num_classes=num_classes, mean=mean, std=std,
                         seed=recipe.seed)
     if fit_images is not None and fitted_layers(model):
         model.eval()
-        fit_to_data(model, fit_images, recipe.seed, report)
+        fit_to_data(model, fit_images() if callable(fit_images) else fit_images, recipe.seed, report)
     return Model(*split_model(model, recipe.train.precision))
 
 

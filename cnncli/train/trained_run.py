@@ -13,7 +13,8 @@ from flax import nnx
 
 from cnncli import recipe as recipe_lib
 from cnncli.data.classes import match_classes
-from cnncli.data.pipeline import load_splits
+from cnncli.data.pipeline import choose_pipeline, load_data, split_sizes
+from cnncli.data.stream import StreamSplits
 from cnncli.errors import UserError
 from cnncli.models import build_model
 from cnncli.models.layers.classifier import TwoHeads
@@ -131,16 +132,17 @@ def eval_data(trained: TrainedRun, split: str | None = "test", source: str | Non
     Another source is loaded whole (no validation hold-out, no subsets) at the run's image size and channel
     count, so that any folder of images can be evaluated; its classes are matched to the run's by name
     (`cnncli.data.classes`): their order does not matter and a subset of them is fine. Its `split` may be
-    None: test when it has one, else all its images.
+    None: test when it has one, else all its images. Data that streams is decoded into memory through the
+    evaluation transform (`eval_stream_data` evaluates the run's own data without that).
     """
 
     notes = []
     if source is None:
         if class_map:
             raise UserError("--class-map maps the classes of another source: give it with --data")
-        splits = load_splits(trained.recipe.data, trained.recipe.seed)
+        splits = load_data(trained.recipe.data, trained.recipe.seed)
         split = split or "test"
-        x, y = splits.split(split)
+        x, y = _split_arrays(splits, split, trained.recipe.seed)
         if len(splits.class_names) != len(trained.class_names):
             raise UserError(f"the run's data '{trained.recipe.data.source}' now has {len(splits.class_names)} "
                             f"classes, the model was trained on {len(trained.class_names)}; give the data with --data")
@@ -150,16 +152,34 @@ def eval_data(trained: TrainedRun, split: str | None = "test", source: str | Non
         data_cfg = trained.recipe.data.model_copy(update={"source": source, "image_size": (h, w), "channels": c,
                                                           "val_fraction": 0.0, "limit": None, "classes": None,
                                                           "train_per_class": None})
-        splits = load_splits(data_cfg, trained.recipe.seed, min_classes=1)
+        splits = load_data(data_cfg, trained.recipe.seed, min_classes=1)
         match = match_classes(splits.class_names, trained.class_names, class_map, data=f"data '{source}'")
         notes += [match.note] if match.note else []
         if split is None:
-            split = "test" if splits.test_x is not None and len(splits.test_x) else "all"
-        x, y = match.apply(*splits.split(split))
+            split = "test" if split_sizes(splits)[2] else "all"
+        x, y = match.apply(*_split_arrays(splits, split, trained.recipe.seed))
     if tuple(x.shape[1:]) != trained.image_shape:
         raise UserError(f"data '{splits.source}' has images of shape {tuple(x.shape[1:])}, the model takes "
                         f"{trained.image_shape}; set data.image_size / data.channels")
     return EvalData(x, np.asarray(y, np.int32), trained.class_names, split, notes)
+
+
+def _split_arrays(splits, split: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(splits, StreamSplits):
+        return splits.decode(split, seed)
+    return splits.split(split)
+
+
+def eval_stream_data(trained: TrainedRun) -> StreamSplits | None:
+    """The run's own data when it streams from disk (evaluated batch by batch, never whole), else None."""
+    if choose_pipeline(trained.recipe.data)[0] != "stream":
+        return None
+    splits = load_data(trained.recipe.data, trained.recipe.seed)
+    if len(splits.class_names) != len(trained.class_names) or splits.image_shape != trained.image_shape:
+        raise UserError(f"the run's data '{trained.recipe.data.source}' now has {len(splits.class_names)} classes of "
+                        f"{splits.image_shape} images, the model was trained on {len(trained.class_names)} of "
+                        f"{trained.image_shape}; give the data with --data")
+    return splits
 
 
 def output_graphdef(model, output: str):
