@@ -142,6 +142,18 @@ class SeparableConv(Conv):
 
 
 
+def window_patches(x: jax.Array, kernel: tuple[int, int], stride: tuple[int, int], pads, out_hw) -> jax.Array:
+    """(N, oh, ow, C * kh * kw) windows of NHWC `x`, channel-major as `lax.conv_general_dilated_patches`.
+
+    Made of kh * kw strided slices: conv_general_dilated_patches is a convolution with a one-hot filter,
+    (kh kw C)^2 multiplications per position for a copy (benchmarks/local_patches.py, docs/curriculum.md).
+    """
+    (kh, kw), (sh, sw), (oh, ow) = kernel, stride, out_hw
+    xp = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    cols = [xp[:, i:i + (oh - 1) * sh + 1:sh, j:j + (ow - 1) * sw + 1:sw, :] for i in range(kh) for j in range(kw)]
+    return jnp.stack(cols, axis=-1).reshape(*x.shape[:1], oh, ow, x.shape[-1] * kh * kw)
+
+
 class LocallyConnected(Layer):
     """A locally connected layer: a convolution's windows, but a different filter at every output position.
 
@@ -190,8 +202,7 @@ class LocallyConnected(Layer):
 
     def forward(self, x):
         (_, ph0, ph1), (_, pw0, pw1) = self._resolve(x.shape)
-        patches = lax.conv_general_dilated_patches(x, self.kernel_size, self.stride, ((ph0, ph1), (pw0, pw1)),
-                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        patches = window_patches(x, self.kernel_size, self.stride, ((ph0, ph1), (pw0, pw1)), self.out_hw)
         y = jnp.einsum("nhwk,hwkc->nhwc", patches, self.kernel[...])
         if self.bias is not None:
             y = y + self.bias[...]
