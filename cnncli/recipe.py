@@ -173,6 +173,9 @@ class AdversarialConfig(Section):
 class TrainConfig(Section):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(128, ge=1)
+    accumulate: int = Field(1, ge=1, description="gradient accumulation: average the gradients of this many "
+                                                 "batches before each update (the update of a k-times larger "
+                                                 "batch; batch norm still sees batch_size)")
     eval_batch_size: int = Field(1000, ge=1)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     loss: str = Field("cross_entropy", description="cross_entropy, hinge (multiclass SVM), mse, or perceptron "

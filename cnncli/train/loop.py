@@ -30,6 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import Mesh
 
 from cnncli.adversarial.attacks import AttackConfig
@@ -90,14 +91,24 @@ def check_recipe(recipe: Recipe, *, fine_tuning: bool = False) -> None:
 
 
 def steps_per_epoch(recipe: Recipe, n_train: int) -> int:
-    """Steps that pass over the training images once: each step takes the real part of a batch."""
+    """Steps that pass over the training images once: each step takes the real part of a batch; a whole number
+    of updates (train.accumulate steps each)."""
     real = recipe.train.batch_size - generated_per_batch(recipe)
-    steps = n_train // real
+    k = recipe.train.accumulate
+    steps = n_train // real // k * k
     if steps == 0:
         of = f" ({real} of them real)" if real < recipe.train.batch_size else ""
-        raise UserError(f"train.batch_size={recipe.train.batch_size}{of} is larger than the {n_train} training "
-                        f"images; use a batch of at most {n_train}")
+        times = f" x train.accumulate={k}" if k > 1 else ""
+        raise UserError(f"train.batch_size={recipe.train.batch_size}{of}{times} is larger than the {n_train} "
+                        f"training images; use a batch of at most {n_train}")
     return steps
+
+
+def accumulated(tx, recipe: Recipe):
+    """The optimizer of a run with gradient accumulation: `optax.MultiSteps` averages train.accumulate
+    batches' gradients and applies the inner update once (its schedules count updates, not batches)."""
+    k = recipe.train.accumulate
+    return tx if k == 1 else optax.MultiSteps(tx, every_k_schedule=k)
 
 
 def generated_per_batch(recipe: Recipe) -> int:
@@ -235,10 +246,15 @@ def train(recipe: Recipe, splits: Splits | StreamSplits, run: RunDir, *, resume:
                   else splits.train_x)
     model = tune.model if tune else build(recipe, splits.image_shape, splits.num_classes, splits.mean, splits.std,
                                           fit_images=fit_images, report=display.message)
-    lr = optim_lib.learning_rate(recipe.optim, recipe.schedule, epochs=epochs, steps_per_epoch=spe)
+    k = recipe.train.accumulate
+    update_lr = optim_lib.learning_rate(recipe.optim, recipe.schedule, epochs=epochs, steps_per_epoch=spe // k)
     plateau = recipe.schedule.name == "plateau"
-    tx = (tune.optimizer(recipe.optim, lr, plateau=plateau) if tune
-          else optim_lib.build_optimizer(recipe.optim, lr, model.params, plateau=plateau))
+    tx = accumulated(tune.optimizer(recipe.optim, update_lr, plateau=plateau) if tune
+                     else optim_lib.build_optimizer(recipe.optim, update_lr, model.params, plateau=plateau), recipe)
+
+    def lr(batch):  # the learning rate of the update a batch's gradient goes into
+        return update_lr(batch // k)
+
     ema = toolbox.init_ema(model.params, model.rest) if recipe.train.ema is not None else None
     state = TrainState(model.params, model.rest, tx.init(model.params), jnp.zeros((), jnp.int32), ema)
     s = _Setup(recipe, splits, run, display, tune, model, mesh, spe, lr)
@@ -674,7 +690,8 @@ def _augment(recipe: Recipe):
 def _train_row(totals) -> dict[str, float]:
     t = jax.device_get(totals)
     count = max(float(t["count"]), 1.0)
-    return {"train_loss": float(t["loss"]) / count, "train_acc": float(t["correct"]) / count}
+    return {"train_loss": float(t["loss"]) / count, "train_acc": float(t["correct"]) / count,
+            "grad_norm": float(t["grad_norm"]) / count}
 
 
 def _check_finite(row: dict[str, float], epoch: int, step: int, run: RunDir) -> None:

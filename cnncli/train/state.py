@@ -75,6 +75,7 @@ def build(recipe: Recipe, image_shape, num_classes: int, mean=None, std=None, *,
 
 
 def init_totals() -> dict[str, jax.Array]:
-    """Running sums of the training metrics, kept on device between progress updates."""
+    """Running sums of the training metrics, kept on device between progress updates (the loss and the
+    gradient's global norm weighted by the batch size, so that dividing by `count` gives their means)."""
     return {"loss": jnp.zeros((), jnp.float32), "correct": jnp.zeros((), jnp.float32),
-            "count": jnp.zeros((), jnp.float32)}
+            "count": jnp.zeros((), jnp.float32), "grad_norm": jnp.zeros((), jnp.float32)}

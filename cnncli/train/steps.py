@@ -219,7 +219,8 @@ def make_train_step(train_def, tx: optax.GradientTransformation, *, num_classes:
         params = optax.apply_updates(state.params, updates)
         correct = jnp.sum(jnp.argmax(logits, -1) == jnp.argmax(labels, -1))
         totals = {"loss": totals["loss"] + loss * batch_size, "correct": totals["correct"] + correct,
-                  "count": totals["count"] + batch_size}
+                  "count": totals["count"] + batch_size,
+                  "grad_norm": totals["grad_norm"] + optax.global_norm(grads) * batch_size}
         ema = state.ema if o.ema_decay is None else ema_update(state.ema, params, rest, o.ema_decay, state.step)
         return TrainState(params, rest, opt_state, state.step + 1, ema), totals
 
