@@ -41,7 +41,8 @@ class TrainDisplay:
         self._task = self._progress.add_task("train", total=self.steps, completed=completed, epoch=epoch + 1,
                                              epochs=self.epochs, loss=float("nan"), acc=0.0, lr=0.0, ips=0.0)
 
-    def update(self, *, epoch: int, step: int, loss: float, acc: float, lr: float, img_per_s: float) -> None:
+    def update(self, *, epoch: int, step: int, loss: float, acc: float, lr: float, img_per_s: float,
+               grad_norm: float | None = None) -> None:
         if self._progress is not None:
             self._progress.update(self._task, completed=step, loss=loss, acc=acc, lr=lr, ips=img_per_s)
 

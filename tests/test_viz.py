@@ -101,7 +101,12 @@ def test_activations_and_gradcam_of_an_image_file(lenet_run, lenet, tmp_path):
 def test_plot_writes_curves_and_a_diagnosis(lenet_run, tmp_path):
     result = cli("plot", lenet_run, "--out", tmp_path)
     assert result.exit_code == 0, result.output
-    assert png_size(tmp_path / "curves.png") == (12 * figures.CURVE_DPI, round(4.5 * figures.CURVE_DPI))  # plot_curves
+    width, height = figures.CURVES_SIZE
+    assert png_size(tmp_path / "curves.png") == (round(width * figures.CURVE_DPI), round(height * figures.CURVE_DPI))
+    rows = [json.loads(line) for line in (lenet_run / "metrics.jsonl").read_text().splitlines()]
+    best = max(range(len(rows)), key=lambda i: (rows[i]["val_acc"], -i))  # the first of the highest
+    assert figures.best_epoch(rows) == rows[best]["epoch"] == json.loads((lenet_run / "summary.json").read_text())[
+        "best_epoch"]
     assert result.stdout.startswith("epoch 2: train ")
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 CURVE_DPI = 120
+CURVES_SIZE = (16.0, 4.5)  # inches: accuracy, loss and learning-rate panels
 DPI = 100
 TILE = 1.2  # inches per grid cell (120 pixels)
 HEADER = 0.6  # inches above a grid for its title: up to three lines of TITLE_FONT
@@ -55,8 +56,15 @@ def save_image(image: np.ndarray, path: Path, zoom: int = 1) -> tuple[int, int]:
     return pil.size
 
 
+def best_epoch(rows: list[dict[str, Any]]) -> int | None:
+    """The first epoch with the highest validation accuracy (the loop's best checkpoint), or None without validation."""
+    scored = [r for r in rows if "val_acc" in r]
+    return max(scored, key=lambda r: r["val_acc"])["epoch"] if scored else None
+
+
 def plot_curves(runs: Sequence[tuple[str, list[dict[str, Any]]]], path: Path, title: str = "") -> None:
-    """Accuracy and loss per epoch of several runs: validation solid, training dashed, one colour per run.
+    """Accuracy, loss and learning rate per epoch of several runs: validation solid, training dashed, one colour
+    per run, and each run's best epoch (highest validation accuracy) marked with a star and a dotted line.
 
     Args:
         runs: (label, metrics.jsonl rows) per run.
@@ -69,7 +77,7 @@ def plot_curves(runs: Sequence[tuple[str, list[dict[str, Any]]]], path: Path, ti
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (acc_ax, loss_ax, lr_ax) = plt.subplots(1, 3, figsize=CURVES_SIZE)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, rows) in enumerate(runs):
         color = colors[i % len(colors)]
@@ -78,9 +86,19 @@ def plot_curves(runs: Sequence[tuple[str, list[dict[str, Any]]]], path: Path, ti
             ax.plot(epochs, [r[f"train_{metric}"] for r in rows], "--", marker=".", color=color, alpha=0.7)
             if all(f"val_{metric}" in r for r in rows):
                 ax.plot(epochs, [r[f"val_{metric}"] for r in rows], "-", marker="o", ms=3, color=color, label=label)
+        if all("lr" in r for r in rows):
+            lr_ax.plot(epochs, [r["lr"] for r in rows], "-", marker=".", color=color)
+        best = best_epoch(rows)
+        if best is not None:
+            row = next(r for r in rows if r["epoch"] == best)
+            acc_ax.plot([best], [row["val_acc"]], "*", ms=14, color=color, markeredgecolor="black",
+                        label=f"best epoch {best}" if len(runs) == 1 else None)
+            for ax in (acc_ax, loss_ax, lr_ax):
+                ax.axvline(best, color=color, linestyle=":", alpha=0.6)
     acc_ax.set(xlabel="epoch", ylabel="accuracy", title="accuracy (solid: validation, dashed: training)")
     loss_ax.set(xlabel="epoch", ylabel="loss", title="loss (solid: validation, dashed: training)")
-    for ax in (acc_ax, loss_ax):
+    lr_ax.set(xlabel="epoch", ylabel="learning rate", title="learning rate (end of each epoch)")
+    for ax in (acc_ax, loss_ax, lr_ax):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     acc_ax.legend(fontsize="small")

@@ -7,6 +7,7 @@
       checkpoints/      Orbax checkpoints + index.json (latest, best)
       summary.json      final results (best epoch, test metrics)
       calibration.json  temperatures fitted by `cnncli eval --temperature`, per checkpoint and weights
+      tensorboard/      TensorBoard event files (with tensorboardX installed); steps.csv, epochs.csv: the same as CSV
       plots/            figures
 """
 
@@ -33,6 +34,9 @@ class RunDir:
     summary = property(lambda self: self.path / "summary.json")
     plots = property(lambda self: self.path / "plots")
     calibration = property(lambda self: self.path / "calibration.json")
+    tensorboard = property(lambda self: self.path / "tensorboard")
+    steps_csv = property(lambda self: self.path / "steps.csv")
+    epochs_csv = property(lambda self: self.path / "epochs.csv")
 
     def has_run(self) -> bool:
         return (self.checkpoints / "index.json").is_file() or self.metrics.is_file()

@@ -41,6 +41,7 @@ from cnncli.data.stream import StreamSplits
 from cnncli.errors import UserError
 from cnncli.recipe import Recipe
 from cnncli.run import checkpoint, distributed
+from cnncli.run.logs import RunLogs
 from cnncli.run.rundir import RunDir
 from cnncli.train import optim as optim_lib
 from cnncli.train import streamed, toolbox
@@ -230,6 +231,7 @@ def train(recipe: Recipe, splits: Splits | StreamSplits, run: RunDir, *, resume:
     display = display or _NullDisplay()
     if run.writes:
         run.path.mkdir(parents=True, exist_ok=True)
+        display = RunLogs(display, run)  # TensorBoard events and CSV files beside metrics.jsonl
 
     # ---- Setup: the mesh, the model, its optimizer and the state that training carries ----
     mesh = data_mesh()
@@ -506,7 +508,7 @@ def _epoch_steps(s: _Setup, train_step, state, totals, batch_at, augment_key, *,
             elapsed = time.perf_counter() - t0
             s.display.update(epoch=epoch, step=i + 1, loss=row["train_loss"], acc=row["train_acc"],
                              lr=float(s.lr(epoch * spe + i)) * lr_scale,
-                             img_per_s=(i + 1 - first) * batch_size / max(elapsed, 1e-9))
+                             img_per_s=(i + 1 - first) * batch_size / max(elapsed, 1e-9), grad_norm=row["grad_norm"])
     return state, totals, time.perf_counter() - t0
 
 

@@ -1,0 +1,73 @@
+"""Live logs: TensorBoard events (read back with the TFRecord format and tensorboardX's protobufs) and CSV
+files that agree with metrics.jsonl, also after a resume."""
+
+import csv
+import json
+import struct
+
+import pytest
+from helpers import cli, cli_process
+
+
+def _events(logdir) -> list[tuple[str, int, float]]:
+    """(tag, step, value) of every scalar in the event files: TFRecords of tensorflow.Event protos."""
+    from tensorboardX.proto import event_pb2
+
+    out = []
+    for path in sorted(logdir.glob("events.out.tfevents.*")):
+        data, i = path.read_bytes(), 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event()
+            event.ParseFromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4  # length, its CRC, the record, its CRC
+            out += [(v.tag, event.step, v.simple_value) for v in event.summary.value]
+    return out
+
+
+def _csv(path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_tensorboard_and_csv_logs_match_the_metrics(tmp_path, fashion):
+    run = tmp_path / "run"
+    result = cli("train", "lenet5_fashion_mnist", "--run-dir", run, "--set", "data.limit=1280", "--set",
+                 "train.epochs=2", "--set", "train.log_every=3")
+    assert result.exit_code == 0, result.output
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    epochs = _csv(run / "epochs.csv")
+    assert [float(r["val_acc"]) for r in epochs] == [m["val_acc"] for m in metrics]
+    steps = _csv(run / "steps.csv")
+    spe = metrics[0]["step"]  # 9 steps an epoch: logs at 3, 6, 9 (the epoch's end)
+    assert [int(r["step"]) for r in steps] == [3, 6, 9, 12, 15, 18]
+    assert float(steps[spe // 3 - 1]["loss"]) == pytest.approx(metrics[0]["train_loss"])  # the epoch's last log
+    events = _events(run / "tensorboard")
+    scalars = {(tag, step): value for tag, step, value in events}
+    for m in metrics:
+        for key in ("val_acc", "val_loss", "train_loss", "lr", "grad_norm"):
+            assert scalars[(f"epoch/{key}", m["step"])] == pytest.approx(m[key], rel=1e-6)
+    for r in steps:
+        for key in ("loss", "acc", "lr", "grad_norm"):
+            assert scalars[(f"train/{key}", int(r["step"]))] == pytest.approx(float(r[key]), rel=1e-6)
+
+
+def test_a_resumed_run_drops_the_logs_after_its_checkpoint(tmp_path, fashion):
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    args = ["train", "lenet5_fashion_mnist", "--run-dir", run, "--set", "data.limit=1280", "--set", "train.epochs=3",
+            "--set", "train.log_every=3"]
+    proc = cli_process(*args)
+    while not (run / "epochs.csv").is_file() or len(_csv(run / "epochs.csv")) < 1:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)  # stops during epoch 2; the checkpoint is that step
+    proc.communicate(timeout=300)
+    result = cli("train", "--resume", "--run-dir", run)
+    assert result.exit_code == 0, result.output
+    steps = [int(r["step"]) for r in _csv(run / "steps.csv")]
+    assert steps == sorted(set(steps)) and steps[-1] == 27  # no step logged twice
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [int(r["epoch"]) for r in _csv(run / "epochs.csv")] == [m["epoch"] for m in metrics] == [1, 2, 3]
