@@ -14,6 +14,9 @@ def fmt_count(n: float) -> str:
     return f"{n:g}"
 
 
+COMPILING = "compiling the training step…"
+
+
 class TrainDisplay:
     """Live training progress: a Rich bar per epoch on a terminal, plain lines otherwise (logs, CI)."""
 
@@ -31,20 +34,21 @@ class TrainDisplay:
 
         self._progress = Progress(
             TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(),
-            MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f} acc {task.fields[acc]:.2%}"),
-            TextColumn("lr {task.fields[lr]:.2e}  {task.fields[ips]:,.0f} img/s"), TimeRemainingColumn(),
+            MofNCompleteColumn(), TextColumn("{task.fields[stats]}", markup=False), TimeRemainingColumn(),
             console=self.console, transient=False)
         self._progress.start()
-        self._new_task(first_epoch, first_step)
+        # until the first progress update the step is being compiled: no loss yet (not a divergence)
+        self._new_task(first_epoch, first_step, stats=COMPILING)
 
-    def _new_task(self, epoch: int, completed: int = 0) -> None:
+    def _new_task(self, epoch: int, completed: int = 0, stats: str = "") -> None:
         self._task = self._progress.add_task("train", total=self.steps, completed=completed, epoch=epoch + 1,
-                                             epochs=self.epochs, loss=float("nan"), acc=0.0, lr=0.0, ips=0.0)
+                                             epochs=self.epochs, stats=stats)
 
     def update(self, *, epoch: int, step: int, loss: float, acc: float, lr: float, img_per_s: float,
                grad_norm: float | None = None) -> None:
         if self._progress is not None:
-            self._progress.update(self._task, completed=step, loss=loss, acc=acc, lr=lr, ips=img_per_s)
+            stats = f"loss {loss:.4f} acc {acc:.2%}  lr {lr:.2e}  {img_per_s:,.0f} img/s"
+            self._progress.update(self._task, completed=step, stats=stats)
 
     def epoch_done(self, row: dict) -> None:
         val = f"  val loss {row['val_loss']:.4f} acc {row['val_acc']:.2%}" if "val_acc" in row else ""

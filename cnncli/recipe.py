@@ -78,7 +78,8 @@ class DataConfig(Section):
                                                      "tfds:NAME, folder:PATH, arrayrecord:DIR, npz:PATH, idx:DIR, "
                                                      "synthetic")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="fraction of the training set held out for validation")
-    image_size: tuple[int, int] | None = Field(None, description="resize images to [H, W] (folder sources need it)")
+    image_size: tuple[int, int] | None = Field(None, description="resize images to [H, W], or 28 / 28x28 for "
+                                                              "square ones (folder sources need it)")
     channels: Literal[1, 3] | None = Field(None, description="convert images to 1 (gray) or 3 (RGB) channels")
     preprocess: Literal["scale", "center", "standardize"] = Field(
         "standardize", description="scale to [0,1]; then subtract the per-channel mean, or also divide by the std")
@@ -106,6 +107,20 @@ class DataConfig(Section):
     prefetch: int = Field(2, ge=1, description="stream: batches read ahead on the host, and again on the device")
     skip_corrupt: bool = Field(False, description="stream: replace undecodable images by the next one and count "
                                                   "them, instead of stopping with the image's name")
+
+
+    @field_validator("image_size", mode="before")
+    @classmethod
+    def _size_forms(cls, value):
+        """28 and '28x28' mean [28, 28]; '32x24' is [32, 24] (height first, as everywhere in cnncli)."""
+        if isinstance(value, int) and not isinstance(value, bool):
+            return (value, value)
+        if isinstance(value, str):
+            parts = value.lower().replace(" ", "").split("x")
+            if len(parts) in (1, 2) and all(p.isdigit() for p in parts):
+                return (int(parts[0]), int(parts[-1]))
+            raise ValueError("expected [H, W], HxW or one number for a square size, e.g. 28x28")
+        return value
 
 
 class AugmentOp(BaseModel):

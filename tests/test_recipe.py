@@ -116,3 +116,16 @@ def test_an_override_error_names_the_set_not_the_file(tmp_path):
     # a mistake in the file itself still names the file
     msg = error_of(tmp_path, MINIMAL + "train: {epochs: many}\n", "optim.lr=0.1")
     assert msg.startswith(f"{tmp_path / 'r.yaml'}: key 'train.epochs'")
+
+
+@pytest.mark.parametrize("given,expected", [("28", (28, 28)), ("28x28", (28, 28)), ("[28, 28]", (28, 28)),
+                                            ("32x24", (32, 24)), ("'64 x 48'", (64, 48))])
+def test_image_size_forms(tmp_path, given, expected):
+    assert recipe_lib.load(write(tmp_path, MINIMAL), [f"data.image_size={given}"]).data.image_size == expected
+    text = MINIMAL + f"data: {{image_size: {given}}}\n"
+    assert recipe_lib.load(write(tmp_path, text)).data.image_size == expected
+
+
+def test_image_size_mistakes(tmp_path):
+    assert "expected [H, W], HxW or one number" in error_of(tmp_path, MINIMAL, "data.image_size=28x")
+    assert "key 'data.image_size'" in error_of(tmp_path, MINIMAL, "data.image_size=[1, 2, 3]")

@@ -173,7 +173,8 @@ def test_dry_run_prints_recipe_and_model_line():
     result = cli("train", "lenet5_fashion_mnist", "--dry-run", "--set", "optim.lr=0.01")
     assert result.exit_code == 0
     assert "lr: 0.01" in result.stdout
-    assert "lenet5: 61,706 parameters, input 28x28x1, 10 classes" in " ".join(result.stdout.split())
+    # the model line is a message (stderr): `--dry-run > my.yaml` writes a recipe
+    assert "lenet5: 61,706 parameters, input 28x28x1, 10 classes" in " ".join(result.stderr.split())
 
 
 def test_help_is_instant_and_imports_no_jax():

@@ -32,7 +32,8 @@ def eval_command(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
     ema: bool = typer.Option(False, "--ema", help="Use the EMA weights (runs trained with train.ema)."),
     tta: bool = typer.Option(False, "--tta", help="Test-time augmentation: average the softmax of each image "
-                                                  "and its horizontal flip."),
+                                                  "and its horizontal flip (for runs trained with hflip; others "
+                                                  "get a warning)."),
     calibration: bool = typer.Option(False, "--calibration", help="Also report the expected calibration error "
                                                                   "(15 equal-width bins, top label) and write a "
                                                                   "reliability diagram to RUN/plots."),
@@ -48,6 +49,7 @@ def eval_command(
     from cnncli.data.classes import parse_class_map
     from cnncli.train.evaluate import evaluate
     from cnncli.train.steps import data_mesh
+    from cnncli.train.toolbox import tta_warning
     from cnncli.train.trained_run import eval_data, eval_stream_data, load_trained, old_head_view
 
     trained = load_trained(path, which, ema=ema)
@@ -57,8 +59,11 @@ def eval_command(
         from cnncli.errors import UserError
 
         raise UserError(f"--head must be new or old, got '{head}'")
+    warning = tta_warning(trained.recipe) if tta else None
+    if warning:
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     streamed = None
-    if data is None and split != "all" and not (calibration or temperature):
+    if data is None and class_map is None and split != "all" and not (calibration or temperature):
         streamed = eval_stream_data(trained)
     if streamed is not None:  # the run's data streams: read from disk batch by batch, never the whole split
         from cnncli.train.evaluate import eval_batch

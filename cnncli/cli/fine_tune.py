@@ -45,7 +45,7 @@ def fine_tune(
     from cnncli import recipe as recipe_lib
     from cnncli.cli.train import shortcut_overrides
     from cnncli.recipe import FinetuneConfig
-    from cnncli.run.rundir import DEFAULT_ROOT, RunDir
+    from cnncli.run.rundir import DEFAULT_ROOT, RunDir, default_run_dir
     from cnncli.train.trained_run import load_trained
 
     overrides = [*overrides, *shortcut_overrides(epochs=epochs, data=data, lr=lr, batch_size=batch_size)]
@@ -68,7 +68,11 @@ def fine_tune(
         resolved = recipe_lib.load(recipe, [*overrides, *_mode_overrides(mode, unfreeze_last)], defaults=defaults)
         # the resolved recipe names its source, so that --resume can rebuild the same fine-tuning
         resolved.finetune = (resolved.finetune or FinetuneConfig()).model_copy(update={"source": str(source.resolve())})
-        run = RunDir(run_dir or DEFAULT_ROOT / resolved.name)
+        # runs/NAME, or runs/NAME-2, ... when it holds a run (as `cnncli train`); --run-dir is never changed
+        if run_dir is not None or overwrite:
+            run = RunDir(run_dir or DEFAULT_ROOT / resolved.name)
+        else:
+            run = default_run_dir(DEFAULT_ROOT, resolved.name)
         if run.has_run() and not overwrite:
             raise UserError(f"{run.path} already holds a run: --resume to continue it, --overwrite to start over, "
                             "or --run-dir for another directory")
@@ -89,7 +93,7 @@ def _mode_overrides(mode: str | None, unfreeze_last: int | None) -> list[str]:
 def _fine_tune(trained, recipe, run, *, resume: bool, overwrite: bool) -> None:
     import shutil
 
-    from cnncli.cli.train import print_summary
+    from cnncli.cli.train import print_summary, write_curves
     from cnncli.console import TrainDisplay, console, err_console
     from cnncli.data.pipeline import load_splits
     from cnncli.train.loop import Interrupted, check_recipe, train
@@ -118,6 +122,7 @@ def _fine_tune(trained, recipe, run, *, resume: bool, overwrite: bool) -> None:
                           f"`cnncli fine-tune --resume --run-dir {run.path}`", highlight=False)
         raise typer.Exit(130) from None
     print_summary(summary, console)
+    write_curves(run)
     old = summary.get("old_task_test")
     if old is not None:
         console.print(f"old task ({len(trained.class_names)} classes, old head): test top-1 {old['top1']:.2%} "

@@ -1,4 +1,4 @@
-"""`cnncli predict RUN IMAGE...`: the most probable classes of image files, as on the slides."""
+"""`cnncli predict RUN IMAGE...`: the most probable classes of image files (one, or a folder of thousands)."""
 
 import json
 from pathlib import Path
@@ -7,37 +7,49 @@ import typer
 
 from cnncli.cli import INSPECT, app
 
+# More images than this are summarized by class instead of listed (--out or --json lists every one).
+MAX_LISTED = 50
+
 
 @app.command(rich_help_panel=INSPECT)
 def predict(
     run: Path = typer.Argument(..., help="Run directory (or one checkpoint inside it)."),
-    images: list[Path] = typer.Argument(..., help="Image files (png, jpg, ...); resized and converted to the "
-                                                  "model's input."),
+    images: list[str] = typer.Argument(..., help="Image files (png, jpg, ...), folders (searched recursively) or "
+                                                 "quoted glob patterns ('photos/**/*.jpg'); resized and converted "
+                                                 "to the model's input."),
     top: int = typer.Option(5, "--top", min=1, help="How many classes to show per image."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1, help="Images decoded and predicted at a time."),
+    out: Path = typer.Option(None, "--out", help="File for every prediction: .csv (image, class_1, "
+                                                 "probability_1, ...) or .json [default: none; a table]."),
     which: str = typer.Option("best", "--checkpoint", help="best or latest checkpoint of the run."),
     ema: bool = typer.Option(False, "--ema", help="Use the EMA weights (runs trained with train.ema)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON list: {image, top: [{class, index, "
                                                        "probability}]} per image."),
 ) -> None:
-    """Class probabilities of image files under a trained model (top-k per image).
+    """Class probabilities of image files under a trained model (top-k per image), for one image or thousands.
 
     When `cnncli eval --temperature` has fitted a temperature for this checkpoint, the probabilities
     are those of the calibrated model (the ranking is the same).
     """
-    from cnncli.inspect.interpret import load_model, probabilities, read_images, top_k
+    from cnncli.console import console, progress_bar
+    from cnncli.inspect.predict import check_out, find_images, predict_files, write_predictions
     from cnncli.train.trained_run import load_trained
 
+    check_out(out)
+    paths = find_images(images)
     trained = load_trained(run, which, ema=ema)
-    x = read_images(images, trained.image_shape)
-    indices, probs = top_k(probabilities(load_model(trained), x, temperature=trained.temperature), top)
-    names = trained.class_names
-    results = [{"image": str(path), "top": [{"class": names[j], "index": int(j), "probability": float(p)}
-                                            for j, p in zip(idx, ps)]}
-               for path, idx, ps in zip(images, indices, probs)]
+    with progress_bar(f"predict {len(paths):,} images", disable=as_json) as advance:
+        results = list(predict_files(trained, paths, top=top, batch_size=batch_size, progress=advance))
+    if out is not None:
+        write_predictions(results, out)
+        if not as_json:
+            console.print(f"wrote {len(results):,} predictions to {out}", highlight=False, soft_wrap=True)
     if as_json:
         print(json.dumps(results))
-        return
-    _render(results)
+    elif len(results) <= MAX_LISTED:
+        _render(results)
+    else:
+        _render_counts(results, out)
 
 
 def _render(results: list[dict]) -> None:
@@ -56,3 +68,23 @@ def _render(results: list[dict]) -> None:
             table.add_row(image, str(rank), escape(entry["class"]), f"{entry['probability']:.2%}", style=style)
         table.add_section()
     console.print(table)
+
+
+def _render_counts(results: list[dict], out: Path | None) -> None:
+    from collections import Counter
+
+    from rich.markup import escape
+    from rich.table import Table
+
+    from cnncli.console import console
+
+    counts = Counter(r["top"][0]["class"] for r in results)
+    table = Table(title=f"{len(results):,} images by most probable class")
+    table.add_column("class")
+    table.add_column("images", justify="right")
+    table.add_column("share", justify="right")
+    for name, n in counts.most_common():
+        table.add_row(escape(name), f"{n:,}", f"{n / len(results):.1%}")
+    console.print(table)
+    if out is None:
+        console.print("every image's top classes: --out predictions.csv (or .json)", highlight=False)

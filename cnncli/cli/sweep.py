@@ -50,5 +50,5 @@ def sweep(
     except Interrupted as e:
         err_console.print(f"sweep interrupted at {e}; run the same command to continue it", highlight=False)
         raise typer.Exit(130) from None
-    report(results, out / CURVES_PNG, f"sweep of {base.name}: {', '.join(g.partition('=')[0] for g in grids)}",
-            console)
+    keys = tuple(g.partition("=")[0].strip() for g in grids)
+    report(results, out / CURVES_PNG, f"sweep of {base.name}: {', '.join(keys)}", console, labelled=keys)

@@ -8,6 +8,7 @@ from cnncli.cli import TRAIN, app
 from cnncli.errors import UserError
 
 MANY_HOSTS = "Many hosts"  # the help panel of the multi-process flags
+EXTENDABLE = "train.epochs"  # the one recipe key `--resume` accepts: a run can be extended
 FOUND_BY_JAX = "[default: found by JAX under Slurm, Open MPI or on a TPU pod, else one process]"
 
 # Shortcuts for the recipe keys changed most often (train and fine-tune); they win over --set.
@@ -54,20 +55,27 @@ def train(
     """
     from cnncli import recipe as recipe_lib
     from cnncli.run import distributed
-    from cnncli.run.rundir import DEFAULT_ROOT, RunDir
+    from cnncli.run.rundir import DEFAULT_ROOT, RunDir, default_run_dir, latest_run_dir
 
     overrides = [*overrides, *shortcut_overrides(epochs=epochs, data=data, lr=lr, batch_size=batch_size)]
     distributed.initialize(coordinator, num_processes, process_id)  # before anything touches a device
+    extended_from, default_dir = None, run_dir is None and not resume
     if resume:
-        run = RunDir(run_dir or (DEFAULT_ROOT / recipe_lib.load(_require(recipe), overrides).name))
+        # without --run-dir: the newest of runs/NAME, runs/NAME-2, ... (process 0 looks, the others follow)
+        run = RunDir(run_dir or distributed.agree(
+            lambda: str(latest_run_dir(DEFAULT_ROOT, recipe_lib.load(_require(recipe)).name).path)))
         # process 0 reads the run directory (the other hosts need not see it) and hands out the recipe
-        raw = distributed.agree(lambda: _resumable(run, overrides).model_dump(mode="json"))
+        raw, extended_from = distributed.agree(lambda: _resumable(run, overrides))
         resolved = recipe_lib.validate(raw, source=str(run.recipe))
     else:
         resolved = recipe_lib.load(_require(recipe), overrides)
+        if run_dir is None and not overwrite:
+            # runs/NAME, or runs/NAME-2, ... when it holds a run; an explicit --run-dir is never changed
+            run_dir = distributed.agree(lambda: str(default_run_dir(DEFAULT_ROOT, resolved.name).path))
         run = RunDir(run_dir or DEFAULT_ROOT / resolved.name)
         distributed.agree(lambda: _check_new(run, overwrite or dry_run))
-    _train(resolved, run, resume=resume, overwrite=overwrite, dry_run=dry_run)
+    _train(resolved, run, resume=resume, overwrite=overwrite, dry_run=dry_run, extended_from=extended_from,
+           default_dir=default_dir)
 
 
 def shortcut_overrides(*, epochs: int | None, data: str | None, lr: float | None, batch_size: int | None) -> list[str]:
@@ -76,15 +84,28 @@ def shortcut_overrides(*, epochs: int | None, data: str | None, lr: float | None
     return [f"{key}={value}" for key, value in pairs if value is not None]
 
 
-def _resumable(run, overrides: list[str]):
-    """The recipe of the run to resume in `run`."""
+def _resumable(run, overrides: list[str]) -> tuple[dict, int | None]:
+    """The recipe of the run to resume in `run` (as JSON), and its epochs before an extension (None if none).
+
+    `--set train.epochs=N` (or --epochs N) extends a run, finished or not, to N epochs; nothing else may change.
+    """
     from cnncli import recipe as recipe_lib
 
     if not run.recipe.is_file():
         raise UserError(f"nothing to resume in {run.path}: it holds no run; start the run without --resume")
-    if overrides:
-        raise UserError("--set cannot change a run being resumed; start a new run (--run-dir) instead")
-    return recipe_lib.load(run.recipe)
+    stored = recipe_lib.load(run.recipe)
+    keys = {o.partition("=")[0].strip() for o in overrides}
+    if keys - {EXTENDABLE}:
+        raise UserError(f"--set {', '.join(sorted(keys - {EXTENDABLE}))} cannot change a run being resumed (only "
+                        f"{EXTENDABLE} may grow, to extend it); start a new run (--run-dir) instead")
+    if not overrides:
+        return stored.model_dump(mode="json"), None
+    extended = recipe_lib.load(run.recipe, overrides)
+    old, new = stored.train.epochs, extended.train.epochs
+    if new < old:
+        raise UserError(f"{run.path} was set for {old} epochs: {EXTENDABLE} can only grow when resuming "
+                        f"(got {new})")
+    return extended.model_dump(mode="json"), (old if new > old else None)
 
 
 def _check_new(run, replacing: bool) -> None:
@@ -99,13 +120,14 @@ def _require(recipe: str | None) -> str:
     return recipe
 
 
-def _train(recipe, run, *, resume: bool, overwrite: bool, dry_run: bool) -> None:
+def _train(recipe, run, *, resume: bool, overwrite: bool, dry_run: bool, extended_from: int | None = None,
+           default_dir: bool = False) -> None:
     import shutil
 
     from cnncli.console import TrainDisplay, console, err_console
     from cnncli.data.pipeline import load_data, split_sizes
     from cnncli.run import distributed
-    from cnncli.run.rundir import FollowerRun
+    from cnncli.run.rundir import DEFAULT_ROOT, FollowerRun
     from cnncli.train.loop import Interrupted, check_recipe, start_run, train
     from cnncli.train.state import build
 
@@ -138,6 +160,12 @@ def _train(recipe, run, *, resume: bool, overwrite: bool, dry_run: bool) -> None
         run.path.mkdir(parents=True, exist_ok=True)
         if not resume:
             start_run(recipe, splits, run)
+        elif extended_from is not None:
+            run.recipe.write_text(recipe.to_yaml())  # the run now ends at the new epoch count
+            schedule = "" if recipe.schedule.name == "constant" else (
+                f"; the {recipe.schedule.name} learning-rate schedule now spans {recipe.train.epochs} epochs")
+            err_console.print(f"extending {run.path} from {extended_from} to {recipe.train.epochs} epochs{schedule}",
+                              highlight=False)
         err_console.print(model_line, highlight=False)
         if distributed.multiprocess():
             import jax
@@ -145,7 +173,9 @@ def _train(recipe, run, *, resume: bool, overwrite: bool, dry_run: bool) -> None
             err_console.print(f"{jax.process_count()} processes, {jax.device_count()} devices: "
                               f"{recipe.train.batch_size // jax.process_count()} images of each batch per process",
                               highlight=False)
-        err_console.print(f"run directory: {run.path}", highlight=False)
+        taken = DEFAULT_ROOT / recipe.name
+        note = f" ({taken} holds another run)" if default_dir and run.path != taken else ""
+        err_console.print(f"run directory: {run.path}{note}", highlight=False)
     else:
         run = FollowerRun(run.path)
     try:
@@ -157,6 +187,17 @@ def _train(recipe, run, *, resume: bool, overwrite: bool, dry_run: bool) -> None
         raise typer.Exit(130) from None
     if main:
         print_summary(summary, console)
+        write_curves(run)
+
+
+def write_curves(run) -> None:
+    """plots/curves.png of a finished run: what `cnncli plot` draws, without asking."""
+    from cnncli.console import console
+    from cnncli.inspect.figures import run_curves
+
+    if run.read_metrics():
+        path, _ = run_curves(run)
+        console.print(f"curves: {path}", highlight=False, soft_wrap=True)
 
 
 def _fingerprint(recipe, splits) -> dict:

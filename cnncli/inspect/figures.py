@@ -110,6 +110,28 @@ def plot_curves(runs: Sequence[tuple[str, list[dict[str, Any]]]], path: Path, ti
     plt.close(fig)
 
 
+def run_curves(run_dir, folder: Path | None = None) -> tuple[Path, str]:
+    """Write a run's learning curves to folder/curves.png (default RUN/plots), titled with a one-line
+    diagnosis (`interpret.diagnose`) and the epoch it has reached; returns (path, diagnosis).
+
+    `cnncli plot` draws it on demand (also while the run trains); `cnncli train` at the end of a run.
+    """
+    from cnncli import recipe as recipe_lib
+    from cnncli.errors import UserError
+    from cnncli.inspect.interpret import diagnose
+
+    rows = run_dir.read_metrics()
+    if not rows:
+        raise UserError(f"{run_dir.path} has no finished epoch yet (no rows in {run_dir.metrics.name}); "
+                        "plot again after the first epoch")
+    diagnosis = diagnose(rows)
+    epochs = recipe_lib.load(run_dir.recipe).train.epochs if run_dir.recipe.is_file() else None
+    progress = f" (epoch {rows[-1]['epoch']} of {epochs}, in progress)" if epochs and rows[-1]["epoch"] < epochs else ""
+    path = (folder or run_dir.plots) / "curves.png"
+    plot_curves([(run_dir.path.name, rows)], path, title=f"{run_dir.path.name}{progress}\n{diagnosis}")
+    return path, diagnosis
+
+
 def save(fig: Figure, path: Path) -> Path:
     """Write `fig` as a PNG at `DPI` (creating the folder); returns the path."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,9 +9,10 @@ Layer names and receptive fields are those of `cnncli.inspect.summary` (what `cn
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -117,15 +118,29 @@ def sample(n: int, limit: int | None, seed: int = 0) -> np.ndarray:
 # ----------------------------------------------------------------------------- passes over a split
 
 
-def map_batches(model: nnx.Module, fn: Callable, x: np.ndarray, *, batch_size: int = BATCH,
-                progress: Callable[[int, int], None] | None = None) -> np.ndarray:
-    """fn(model, pixels) -> (B, ...) applied to uint8 images `x` in jitted batches; returns (N, ...)."""
+def _batched(model: nnx.Module, fn: Callable, batch_size: int) -> tuple[Any, Batched]:
+    """The model's state and a `Batched` applying fn(model, pixels) to uint8 images."""
     graphdef, state = nnx.split(model)
 
     def apply(state, carry, batch, index):
         return carry, fn(nnx.merge(graphdef, state), to_pixels(batch[0]))
 
-    return Batched(apply, batch_size=min(batch_size, len(x)))(state, (x,), progress=progress)[1]
+    return state, Batched(apply, batch_size=batch_size)
+
+
+def map_batches(model: nnx.Module, fn: Callable, x: np.ndarray, *, batch_size: int = BATCH,
+                progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """fn(model, pixels) -> (B, ...) applied to uint8 images `x` in jitted batches; returns (N, ...)."""
+    state, run = _batched(model, fn, min(batch_size, len(x)))
+    return run(state, (x,), progress=progress)[1]
+
+
+def map_stream(model: nnx.Module, fn: Callable, batches: Iterable[np.ndarray], batch_size: int) -> Iterator[np.ndarray]:
+    """fn(model, pixels) over uint8 batches of at most `batch_size` images as they arrive (decoded from files,
+    never all in memory), each padded to `batch_size`: one step, compiled once."""
+    state, run = _batched(model, fn, batch_size)
+    for xb in batches:
+        yield run(state, (xb,))[1]
 
 
 def logits(model: nnx.Module, x: np.ndarray, *, tta: bool = False, **kw) -> np.ndarray:
@@ -135,13 +150,18 @@ def logits(model: nnx.Module, x: np.ndarray, *, tta: bool = False, **kw) -> np.n
     return map_batches(model, lambda m, px: m(px), x, **kw)
 
 
-def probabilities(model: nnx.Module, x: np.ndarray, *, temperature: float = 1.0, **kw) -> np.ndarray:
-    """Softmax class probabilities (N, K) of uint8 images, of logits / `temperature`.
+def softmax_fn(temperature: float = 1.0) -> Callable:
+    """fn(model, pixels) -> softmax class probabilities of logits / `temperature`: what every prediction shows.
 
     `temperature` is a run's fitted temperature (`TrainedRun.temperature`, from `cnncli eval
     --temperature`); it changes the probabilities, never their order.
     """
-    return map_batches(model, lambda m, px: jax.nn.softmax(m(px) / temperature, axis=-1), x, **kw)
+    return lambda m, px: jax.nn.softmax(m(px) / temperature, axis=-1)
+
+
+def probabilities(model: nnx.Module, x: np.ndarray, *, temperature: float = 1.0, **kw) -> np.ndarray:
+    """Softmax class probabilities (N, K) of uint8 images, of logits / `temperature` (see `softmax_fn`)."""
+    return map_batches(model, softmax_fn(temperature), x, **kw)
 
 
 def top_k(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

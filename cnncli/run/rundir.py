@@ -72,6 +72,28 @@ class RunDir:
         return json.loads(path.read_text())
 
 
+def numbered_runs(root: Path, name: str) -> list[RunDir]:
+    """root/name, root/name-2, root/name-3, ... as far as they exist, in that order."""
+    runs, k = [RunDir(root / name)], 2
+    while (root / f"{name}-{k}").exists():
+        runs.append(RunDir(root / f"{name}-{k}"))
+        k += 1
+    return runs
+
+
+def default_run_dir(root: Path, name: str) -> RunDir:
+    """root/name, or the first of root/name-2, root/name-3, ... that holds no run when it is taken."""
+    runs = numbered_runs(root, name)
+    free = next((r for r in runs if not r.has_run()), None)
+    return free or RunDir(root / f"{name}-{len(runs) + 1}")
+
+
+def latest_run_dir(root: Path, name: str) -> RunDir:
+    """The newest of root/name, root/name-2, ... that holds a run (what `--resume` without --run-dir means)."""
+    held = [r for r in numbered_runs(root, name) if r.has_run()]
+    return held[-1] if held else RunDir(root / name)
+
+
 class FollowerRun(RunDir):
     """A run as the processes other than 0 of a multi-process run see it: they write nothing.
 

@@ -27,6 +27,7 @@ from cnncli.train.optim import SUGGESTED_LR
 
 RESULTS_JSON = "sweep.json"
 CURVES_PNG = "sweep.png"
+NOT_COMPARED = {"name", "description", "finetune.source"}  # differ between any two runs, say nothing
 _UNSAFE = re.compile(r"[^A-Za-z0-9.+-]")  # characters kept out of point directory names
 
 
@@ -156,6 +157,29 @@ def _status(run: RunDir, recipe) -> str:
     return "done" if finished else "resume"
 
 
+def run_labels(paths: list[Path]) -> list[str]:
+    """The shortest trailing part of each path that tells the runs apart (a/lenet5, b/lenet5)."""
+    parts = [Path(p).resolve().parts for p in paths]
+    for k in range(1, max(map(len, parts), default=1) + 1):
+        labels = ["/".join(p[-k:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(p) for p in paths]  # the same directory twice
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict) and tree:
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def differing_keys(results: list[dict[str, Any]]) -> list[str]:
+    """The recipe keys whose values differ between the runs (their names aside), in recipe order."""
+    flats = [_flat(r["recipe"]) for r in results if r.get("recipe")]
+    keys = list(dict.fromkeys(k for f in flats for k in f))
+    return [k for k in keys if k not in NOT_COMPARED and len({repr(f.get(k)) for f in flats}) > 1]
+
+
 def run_result(run: RunDir, label: str) -> dict[str, Any]:
     """One row of a sweep or comparison table from a run directory (finished or not)."""
 
@@ -163,8 +187,10 @@ def run_result(run: RunDir, label: str) -> dict[str, Any]:
     summary = run.read_json(run.summary) if run.summary.is_file() else {}
     vals = [r.get("val_acc") for r in rows]
     best = max(range(len(vals)), key=lambda i: vals[i], default=None) if vals and None not in vals else None
-    lr = recipe_lib.load(run.recipe).optim.lr if run.recipe.is_file() else None
-    return {"run": label, "path": str(run.path), "lr": lr, "epochs": len(rows),
+    recipe = recipe_lib.load(run.recipe) if run.recipe.is_file() else None
+    lr = recipe.optim.lr if recipe else None
+    return {"run": label, "path": str(run.path), "recipe": recipe.model_dump(mode="json") if recipe else None,
+            "lr": lr, "epochs": len(rows),
             "best_val_acc": None if best is None else vals[best], "best_epoch": None if best is None else best + 1,
             "final_train_acc": rows[-1]["train_acc"] if rows else None,
             "test_acc": summary.get("test", {}).get("top1"),

@@ -186,6 +186,18 @@ def epochs_without_improvement(val_accs: Sequence[float], min_delta: float) -> i
 # ----------------------------------------------------------------------------- test-time augmentation
 
 
+TTA_AUGMENT = "hflip"  # the training augmentation whose transform flip TTA applies at test time
+
+
+def tta_warning(recipe) -> str | None:
+    """Why flip TTA may lower this run's accuracy: its training never saw a horizontal flip (None if it did)."""
+    if any(op.name == TTA_AUGMENT and op.p > 0 for op in recipe.augment):
+        return None
+    return (f"--tta averages each image with its horizontal flip, but '{recipe.name}' was trained without "
+            f"{TTA_AUGMENT} (its augment section has none), so flipped images are new to it and TTA can lower "
+            "the accuracy: compare with the plain eval")
+
+
 def flip_tta_logits(logits_fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
     """Log of the mean softmax over the images and their horizontal flips (NHWC).
 
