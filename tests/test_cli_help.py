@@ -123,6 +123,18 @@ def test_unknown_option_names_the_recipe_key():
     assert result.exit_code == 2 and "--set" not in result.output
 
 
-def test_shell_completion_is_offered():
+def test_shell_completion_is_offered_and_completes():
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
     rendered = _help([])
     assert "--install-completion" in rendered and "--show-completion" in rendered
+    # what bash asks when the user types `cnncli tr<TAB>`
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COMP_WORDS": "cnncli tr", "COMP_CWORD": "1",
+           "_CNNCLI_COMPLETE": "complete_bash"}
+    code = "import sys; sys.argv = ['cnncli']; from cnncli.cli import app; app(prog_name='cnncli')"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert done.stdout.split() == ["train"], done
