@@ -243,7 +243,7 @@ def test_use_predictions_attacks_the_models_own_answers():
     def adv_pred(labels, use_predictions):
         step = make_attack_step(model.eval_def, cfg, num_classes=CLASSES, batch_size=40, mesh=mesh,
                                 use_predictions=use_predictions)
-        results, _ = attack_split(step, model.params, model.rest, x, labels, 0.2, key, batch_size=40, mesh=mesh)
+        results, _ = attack_split(step, model.params, model.rest, x, labels, 0.2, key)
         return results["adv_pred"]
 
     by_predictions = adv_pred(y, True)

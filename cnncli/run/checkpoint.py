@@ -29,7 +29,7 @@ from cnncli.run import distributed
 
 INDEX = "index.json"
 EXTRA = Path("extra") / "metadata"  # a caller's JSON item inside a checkpoint (e.g. a data iterator's position)
-TOTALS = ("loss", "correct", "count")  # the running training sums a checkpoint carries
+TOTALS = ("loss", "correct", "count", "grad_norm")  # the running training sums a checkpoint carries
 
 
 def _is_key(x) -> bool:
@@ -224,5 +224,6 @@ def _restore(ckpt: Path, template_state, with_optimizer: bool):
         ema = {part: _like(template_state.ema[part], raw["ema"][part]) for part in ("params", "rest")}
     state = replace(template_state, params=params, rest=rest, opt_state=opt_state,
                     step=jnp.asarray(raw["step"], jnp.int32), ema=ema)
-    totals = {k: jnp.asarray(v, jnp.float32) for k, v in raw["totals"].items()}
+    # Exactly TOTALS, whatever the file holds: every process must broadcast the same tree (older runs lack grad_norm).
+    totals = {k: jnp.asarray(raw["totals"].get(k, 0.0), jnp.float32) for k in TOTALS}
     return state, totals

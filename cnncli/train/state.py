@@ -14,6 +14,7 @@ from flax import nnx
 from cnncli.models import build_model
 from cnncli.models.fitting import fit_to_data, fitted_layers
 from cnncli.recipe import Recipe
+from cnncli.run import checkpoint
 from cnncli.train.toolbox import layer_dtype
 
 
@@ -77,5 +78,4 @@ def build(recipe: Recipe, image_shape, num_classes: int, mean=None, std=None, *,
 def init_totals() -> dict[str, jax.Array]:
     """Running sums of the training metrics, kept on device between progress updates (the loss and the
     gradient's global norm weighted by the batch size, so that dividing by `count` gives their means)."""
-    return {"loss": jnp.zeros((), jnp.float32), "correct": jnp.zeros((), jnp.float32),
-            "count": jnp.zeros((), jnp.float32), "grad_norm": jnp.zeros((), jnp.float32)}
+    return {name: jnp.zeros((), jnp.float32) for name in checkpoint.TOTALS}
