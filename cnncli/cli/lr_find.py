@@ -21,10 +21,12 @@ def lr_find(
     """Train a fresh model of the recipe for --steps steps while the learning rate grows exponentially,
     stop when the smoothed loss diverges (4x its minimum), and suggest a learning rate.
 
-    The suggestion is the steepest descent of the smoothed loss (a centered moving average) before its
-    minimum; the valley (fastai's default) and the minimum / 10 are printed beside it. The recipe's
-    optimizer, augmentation and loss are used, its schedule is not. Nothing is written but the figure:
-    no run directory.
+    The loss is smoothed over one decade of lr (a running median, robust to single bad batches, then
+    a running mean). The suggestion is the middle (geometric mean) of its descent: between the
+    steepest descent and the minimum of the smoothed loss, which are printed beside it with fastai's
+    valley. The recipe's optimizer, augmentation and loss are used, its schedule is not; the
+    suggestion is for 100 steps (more steps shift the whole curve to lower lrs). Nothing is written
+    but the figure: no run directory.
     """
     import json
 
@@ -47,20 +49,23 @@ def lr_find(
     where = "the loss diverged" if result.stopped == "diverged" else "the last lr"
     title = (f"{resolved.name} ({resolved.model.name}, {resolved.optim.name}, batch {resolved.train.batch_size}): "
              f"{len(result.lrs)} steps, {result.lrs[0]:.0e} to {result.lrs[-1]:.1e} ({where})")
-    figures.save(figures.lr_range_test(result.lrs, result.losses, result.centered, suggestions, title), out)
+    figures.save(figures.lr_range_test(result.lrs, result.losses, result.smoothed, suggestions, title), out)
     if as_json:
         print(json.dumps({**result.to_dict(), "figure": str(out)}))
         return
     if not suggestions:
-        console.print(f"too few steps before the loss diverged ({len(result.lrs)}) to suggest a learning rate; "
-                      "lower --start-lr or raise --steps", highlight=False)
+        console.print(f"no descent of the loss to read a learning rate from ({len(result.lrs)} steps, "
+                      f"{result.lrs[0]:.0e} to {result.lrs[-1]:.1e}); lower --start-lr or raise --steps",
+                      highlight=False)
     else:
         table = Table(title=f"{resolved.name}: learning-rate range test ({len(result.lrs)} steps, stopped at {where})")
         table.add_column("suggestion")
         table.add_column("lr", justify="right")
-        for name, text in (("steepest", "steepest descent of the smoothed loss (suggested)"),
-                           ("valley", "valley (fastai)"), ("minimum", "minimum of the smoothed loss / 10")):
-            table.add_row(text, f"{suggestions[name]:.2e}", style="bold" if name == "steepest" else None)
+        for name, text in (("suggested", "middle of the descent (suggested)"),
+                           ("steepest", "steepest descent of the smoothed loss"),
+                           ("minimum", "minimum of the smoothed loss (the edge)"),
+                           ("valley", "valley (fastai's rule, on its 0.98 moving average)")):
+            table.add_row(text, f"{suggestions[name]:.2e}", style="bold" if name == "suggested" else None)
         console.print(table)
-        console.print(f"suggested: --set optim.lr={suggestions['steepest']:.2g}", highlight=False)
+        console.print(f"suggested: --set optim.lr={suggestions['suggested']:.2g}", highlight=False)
     console.print(f"wrote {out}", highlight=False)

@@ -482,12 +482,13 @@ def lr_range_test(lrs: np.ndarray, losses: np.ndarray, smoothed: np.ndarray, sug
     fig = Figure(figsize=LR_FIND_SIZE)
     ax = fig.add_axes((0.1, 0.12, 0.86, 0.76))
     ax.plot(lrs, losses, color="gray", alpha=0.4, linewidth=1, label="loss of each step")
-    ax.plot(lrs, smoothed, color="#1f77b4", linewidth=2, label="centered moving average")
-    styles = {"steepest": ("#d62728", "o"), "valley": ("#2ca02c", "s"), "minimum": ("#9467bd", "^")}
+    ax.plot(lrs, smoothed, color="#1f77b4", linewidth=2, label="smoothed over a decade (median, then mean)")
+    styles = {"suggested": ("#d62728", "*", 15), "steepest": ("#ff7f0e", "o", 8), "minimum": ("#9467bd", "^", 8),
+              "valley": ("#2ca02c", "s", 7)}
     for name, lr in suggestions.items():
-        color, marker = styles[name]
-        ax.plot([lr], [np.interp(np.log(lr), np.log(lrs), smoothed)], marker=marker, color=color, markersize=9,
-                linestyle="none", label=f"{name}{' / 10' if name == 'minimum' else ''}: {lr:.2e}")
+        color, marker, size = styles[name]
+        ax.plot([lr], [np.interp(np.log(lr), np.log(lrs), smoothed)], marker=marker, color=color, markersize=size,
+                linestyle="none", label=f"{name}: {lr:.2e}")
     finite = smoothed[np.isfinite(smoothed)]
     top = min(float(finite.max()), float(finite[0]) * 1.5 if finite[0] > 0 else float(finite.max()))
     bottom = min(float(finite.min()), float(np.nanmin(losses)))

@@ -1,15 +1,22 @@
 """The learning-rate range test (Smith 2015, "Cyclical Learning Rates"; fastai's and Lightning's `lr_find`).
 
 A fresh model trains for up to `STEPS` steps of the recipe's own step (its optimizer, augmentation and
-loss) while the learning rate grows exponentially from `START_LR` to `END_LR`; the loss is smoothed
-with a debiased exponential moving average and the test stops once the smoothed loss exceeds
-`DIVERGE` times its minimum. The suggestions are read off a centered moving average of the losses
-instead (first tenth and last `SKIP_END` points left out, as fastai does): over 100 steps spanning
-eight decades, the 0.98 moving average lags about 50 steps, four decades of learning rate, and put
-LeNet-5's steepest descent at 3e-2 where the loss itself fell fastest near 2e-3. They are the
-steepest descent before the curve's minimum (the default), fastai's valley (two thirds down the
-longest descending stretch) and the minimum divided by 10. Nothing is written but the figure: no run
-directory, no checkpoint.
+loss) while the learning rate grows exponentially from `START_LR` to `END_LR`; the test stops once the
+debiased exponential moving average of the loss exceeds `DIVERGE` times its minimum (fastai, Lightning).
+
+The suggestions are read off a robust smoothing of the per-step losses, one decade of learning rate
+wide: a running median (one bad batch or one Adam spike is a single outlier, and a mean would turn it
+into a fake cliff) followed by a running mean of the same width (so that the slope is defined), both
+centered (the 0.98 moving average lags about 50 steps, four decades at 100 steps). Over the part of
+the curve fastai looks at (the first tenth and the last `SKIP_END` points left out), up to its minimum:
+
+- `steepest`: where the smoothed loss falls fastest per decade of lr, the conservative end of the descent;
+- `minimum`: where it stops falling, the aggressive end (past it the model is at the edge of diverging);
+- `suggested`: their geometric mean, the middle of the descent in log lr, which keeps the peak lr of
+  the run half the descent's width (in decades) away from the edge;
+- `valley`: fastai's default rule, computed as fastai does on its 0.98 moving average, for comparison.
+
+Nothing is written but the figure: no run directory, no checkpoint.
 """
 
 from dataclasses import dataclass
@@ -29,31 +36,31 @@ from cnncli.train.steps import check_batch, data_mesh, replicate
 
 START_LR, END_LR, STEPS = 1e-7, 10.0, 100  # fastai's and Lightning's defaults
 SMOOTHING = 0.98  # weight of the past in the loss's moving average (fastai, Lightning)
-DIVERGE = 4.0  # stop once the smoothed loss exceeds this many times its minimum (fastai, Lightning)
+DIVERGE = 4.0  # stop once the moving average exceeds this many times its minimum (fastai, Lightning)
 SKIP_END = 5  # points at the end left out of the suggestions: the loss is already blowing up there
 MIN_POINTS = 10  # fewer usable points than this give no suggestion
-CENTERED = 9  # steps in the centered moving average the suggestions are read from
 
 
 @dataclass
 class RangeTest:
-    """The learning rates tried, the loss at each, its smoothed curve and the suggestions read off it."""
+    """The learning rates tried, the loss at each, its smoothed curves and the suggestions read off them."""
 
     lrs: np.ndarray
     losses: np.ndarray
-    smoothed: np.ndarray  # the moving average the stopping rule watches
+    ema: np.ndarray  # the moving average the stopping rule watches
     stopped: str  # 'diverged' or 'end'
 
     @property
-    def centered(self) -> np.ndarray:
-        return centered(self.losses)
+    def smoothed(self) -> np.ndarray:
+        return robust_smooth(self.losses, window(self.lrs))
 
     def suggestions(self) -> dict[str, float]:
-        return suggest(self.lrs, self.centered)
+        return suggest(self.lrs, self.losses)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"lrs": self.lrs.tolist(), "losses": self.losses.tolist(), "smoothed": self.smoothed.tolist(),
-                "centered": self.centered.tolist(), "stopped": self.stopped, "suggestions": self.suggestions()}
+        return {"lrs": self.lrs.tolist(), "losses": self.losses.tolist(), "ema": self.ema.tolist(),
+                "smoothed": self.smoothed.tolist(), "window": window(self.lrs), "stopped": self.stopped,
+                "suggestions": self.suggestions()}
 
 
 def schedule(start: float, end: float, steps: int):
@@ -71,27 +78,44 @@ def smooth(losses: np.ndarray, beta: float = SMOOTHING) -> np.ndarray:
     return out
 
 
-def centered(losses: np.ndarray, window: int = CENTERED) -> np.ndarray:
-    """The mean of each loss and its neighbours, `window` steps centered on it (fewer at the ends): no lag."""
-    k, losses = window // 2, np.asarray(losses, np.float64)
-    return np.array([losses[max(0, i - k):i + k + 1].mean() for i in range(len(losses))])
+def window(lrs: np.ndarray) -> int:
+    """Steps per decade of learning rate, made odd and at least 3: the width of the smoothing."""
+    lrs = np.asarray(lrs)
+    decades = np.log10(lrs[-1] / lrs[0]) if len(lrs) > 1 else 0.0
+    per_decade = (len(lrs) - 1) / decades if decades > 0 else 3
+    return max(3, int(round(per_decade)) | 1)
 
 
-def suggest(lrs: np.ndarray, smoothed: np.ndarray) -> dict[str, float]:
-    """{'steepest', 'valley', 'minimum'} learning rates from a smoothed range test (empty if too short).
+def robust_smooth(losses: np.ndarray, width: int) -> np.ndarray:
+    """A centered running median of `width` losses, then a centered running mean of `width` medians
+    (edges: the median repeats the end values, the mean averages the neighbours there are)."""
+    losses, k = np.asarray(losses, np.float64), width // 2
+    if len(losses) == 0:
+        return losses
+    medians = np.median(np.lib.stride_tricks.sliding_window_view(np.pad(losses, k, mode="edge"), 2 * k + 1), axis=1)
+    return np.array([medians[max(0, i - k):i + k + 1].mean() for i in range(len(medians))])
 
-    The steepest descent and the valley are looked for up to the curve's minimum: past it the loss is
+
+def suggest(lrs: np.ndarray, losses: np.ndarray) -> dict[str, float]:
+    """{'suggested', 'steepest', 'minimum', 'valley'} learning rates from a range test's per-step losses
+    (empty if the usable part is too short or the loss never falls).
+
+    The steepest descent is looked for up to the smoothed curve's minimum: past it the loss is
     diverging, and its swings there are no descent.
     """
+    lrs, losses = np.asarray(lrs, np.float64), np.asarray(losses, np.float64)
     lo, hi = len(lrs) // 10, len(lrs) - SKIP_END
-    lrs, losses = np.asarray(lrs)[lo:hi], np.asarray(smoothed)[lo:hi]
-    if len(lrs) < MIN_POINTS:
+    if hi - lo < MIN_POINTS:
         return {}
-    bottom = int(np.argmin(losses))
-    down_lrs, down = lrs[: max(bottom + 1, 2)], losses[: max(bottom + 1, 2)]
-    slopes = np.diff(down) / np.diff(np.log(down_lrs))
-    return {"steepest": float(down_lrs[int(np.argmin(slopes))]), "valley": float(down_lrs[valley_index(down)]),
-            "minimum": float(lrs[bottom] / 10)}
+    curve = robust_smooth(losses, window(lrs))[lo:hi]
+    use = lrs[lo:hi]
+    bottom = int(np.argmin(curve))
+    if bottom < 2:
+        return {}
+    slopes = np.gradient(curve[:bottom + 1], np.log(use[:bottom + 1]))
+    steepest, minimum = float(use[int(np.argmin(slopes))]), float(use[bottom])
+    return {"suggested": float(np.sqrt(steepest * minimum)), "steepest": steepest, "minimum": minimum,
+            "valley": float(use[valley_index(smooth(losses)[lo:hi])])}
 
 
 def valley_index(losses: np.ndarray) -> int:
