@@ -1,28 +1,21 @@
-"""Live logs: TensorBoard events (read back with the TFRecord format and tensorboardX's protobufs) and CSV
-files that agree with metrics.jsonl, also after a resume."""
+"""Live logs: TensorBoard events (read back with TensorBoard's own reader, as `tensorboard --logdir` shows
+them) and CSV files that agree with metrics.jsonl, also after a resume."""
 
 import csv
 import json
-import struct
 
 import pytest
 from helpers import cli, cli_process
 
 
-def _events(logdir) -> list[tuple[str, int, float]]:
-    """(tag, step, value) of every scalar in the event files: TFRecords of tensorflow.Event protos."""
-    from tensorboardX.proto import event_pb2
+def _scalars(logdir) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value), ...]} as TensorBoard reads the run's event files (its EventAccumulator, which
+    drops the events a restarted writer purges)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    out = []
-    for path in sorted(logdir.glob("events.out.tfevents.*")):
-        data, i = path.read_bytes(), 0
-        while i < len(data):
-            (n,) = struct.unpack("<Q", data[i:i + 8])
-            event = event_pb2.Event()
-            event.ParseFromString(data[i + 12:i + 12 + n])
-            i += 12 + n + 4  # length, its CRC, the record, its CRC
-            out += [(v.tag, event.step, v.simple_value) for v in event.summary.value]
-    return out
+    reader = EventAccumulator(str(logdir), size_guidance={"scalars": 0})  # 0: keep every event
+    reader.Reload()
+    return {tag: [(e.step, e.value) for e in reader.Scalars(tag)] for tag in reader.Tags()["scalars"]}
 
 
 def _csv(path) -> list[dict]:
@@ -31,9 +24,13 @@ def _csv(path) -> list[dict]:
 
 
 def test_tensorboard_and_csv_logs_match_the_metrics(tmp_path, fashion):
+    """One epoch, then extended to two with --resume: the resume starts at step 9, whose events (the
+    epoch's last log and its metrics) TensorBoard must keep."""
     run = tmp_path / "run"
     result = cli("train", "lenet5_fashion_mnist", "--run-dir", run, "--set", "data.limit=1280", "--set",
-                 "train.epochs=2", "--set", "train.log_every=3")
+                 "train.epochs=1", "--set", "train.log_every=3")
+    assert result.exit_code == 0, result.output
+    result = cli("train", "--resume", "--run-dir", run, "--epochs", "2")
     assert result.exit_code == 0, result.output
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     epochs = _csv(run / "epochs.csv")
@@ -42,8 +39,8 @@ def test_tensorboard_and_csv_logs_match_the_metrics(tmp_path, fashion):
     spe = metrics[0]["step"]  # 9 steps an epoch: logs at 3, 6, 9 (the epoch's end)
     assert [int(r["step"]) for r in steps] == [3, 6, 9, 12, 15, 18]
     assert float(steps[spe // 3 - 1]["loss"]) == pytest.approx(metrics[0]["train_loss"])  # the epoch's last log
-    events = _events(run / "tensorboard")
-    scalars = {(tag, step): value for tag, step, value in events}
+    scalars = {(tag, step): value for tag, events in _scalars(run / "tensorboard").items() for step, value in events}
+    assert sorted({step for tag, step in scalars if tag == "train/loss"}) == [3, 6, 9, 12, 15, 18]
     for m in metrics:
         for key in ("val_acc", "val_loss", "train_loss", "lr", "grad_norm"):
             assert scalars[(f"epoch/{key}", m["step"])] == pytest.approx(m[key], rel=1e-6)
@@ -71,3 +68,9 @@ def test_a_resumed_run_drops_the_logs_after_its_checkpoint(tmp_path, fashion):
     assert steps == sorted(set(steps)) and steps[-1] == 27  # no step logged twice
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [int(r["epoch"]) for r in _csv(run / "epochs.csv")] == [m["epoch"] for m in metrics] == [1, 2, 3]
+    scalars = _scalars(run / "tensorboard")  # two event files now: TensorBoard shows every step once
+    rows = _csv(run / "steps.csv")
+    assert [step for step, _ in scalars["train/loss"]] == [int(r["step"]) for r in rows]
+    assert [v for _, v in scalars["train/loss"]] == pytest.approx([float(r["loss"]) for r in rows], rel=1e-6)
+    assert [step for step, _ in scalars["epoch/val_acc"]] == [m["step"] for m in metrics]
+    assert [v for _, v in scalars["epoch/val_acc"]] == pytest.approx([m["val_acc"] for m in metrics], rel=1e-6)

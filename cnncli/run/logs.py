@@ -19,12 +19,13 @@ STEP_FIELDS = ("step", "epoch", "loss", "acc", "lr", "img_per_s", "grad_norm")
 
 
 def tensorboard_writer(logdir, purge_step: int | None):
-    """A tensorboardX SummaryWriter, or None when tensorboardX is not installed."""
+    """A tensorboardX SummaryWriter, or None when tensorboardX is not installed. TensorBoard hides the
+    earlier events of `logdir` at steps >= `purge_step` (None: hide nothing)."""
     try:
         from tensorboardX import SummaryWriter
     except ImportError:
         return None
-    return SummaryWriter(str(logdir), purge_step=purge_step or None, flush_secs=10)
+    return SummaryWriter(str(logdir), purge_step=purge_step, flush_secs=10)
 
 
 class RunLogs:
@@ -41,7 +42,8 @@ class RunLogs:
         resumed_at = first_epoch * steps_per_epoch + first_step
         kept = [r for r in _read_csv(self.run.steps_csv) if int(r["step"]) <= resumed_at] if resumed_at else []
         _write_csv(self.run.steps_csv, STEP_FIELDS, kept)
-        self.writer = tensorboard_writer(self.run.tensorboard, resumed_at)
+        # TensorBoard drops the events at and after the purge step: the checkpoint's own step stays
+        self.writer = tensorboard_writer(self.run.tensorboard, resumed_at + 1 if resumed_at else None)
         self.display.start(epochs=epochs, steps_per_epoch=steps_per_epoch, first_epoch=first_epoch,
                            first_step=first_step)
 
