@@ -101,6 +101,35 @@ def test_linear_fool_on_softmax_regression(softmax_run, tmp_path):
     assert untargeted["rows"][0]["error_rate"] > 0.7  # softmax regression breaks like the paper's (99.9% at 0.25)
 
 
+def test_autoattack_table_json_npz_and_curve(lenet_run, tmp_path):
+    from cnncli.cli.adversarial import render_autoattack
+    from cnncli.console import console
+
+    out = _json("adversarial", lenet_run, "--attack", "autoattack", "--eps", "0.02,0.1", "--steps", "3",
+                "--n-targets", "2", "--queries", "20", "--limit", "60", "--batch-size", "32", "--out", tmp_path)
+    assert [a["name"] for a in out["attack"]["attacks"]] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert out["attack"]["attacks"][1] == {"name": "apgd-t", "norm": "linf", "steps": 3, "restarts": 1,
+                                           "random_start": True, "n_targets": 2}
+    low, high = out["rows"]
+    assert [s["attack"] for s in low["stages"]] == ["clean", "apgd-ce", "apgd-t", "fab-t", "square"]
+    assert high["robust_accuracy"] <= low["robust_accuracy"] < low["clean_accuracy"]
+    assert high["max_linf"] <= 0.1 + 1e-6 and high["min_pixel"] >= 0 and high["max_pixel"] <= 1
+    assert out["warnings"] == ["settings changed from the standard version's: the numbers are not comparable with "
+                               "RobustBench's"]
+    saved = np.load(out["npz"][1])
+    assert saved["x"].shape == (60, 28, 28, 1) and float(saved["eps"]) == pytest.approx(0.1)
+    assert saved["robust"].mean() == pytest.approx(high["robust_accuracy"])
+    assert np.abs(saved["x"] - saved["x_clean"] / 255).max() <= 0.1 + 1e-6
+    assert open(out["plots"][0], "rb").read(8) == PNG_MAGIC
+    # the saved examples are a dataset: evaluating them (rounded to 8 bits) gives about the robust accuracy
+    again = _json("eval", lenet_run, "--data", f"npz:{out['npz'][1]}", "--split", "train")
+    assert again["n"] == 60 and abs(again["top1"] - high["robust_accuracy"]) <= 0.1
+    with console.capture() as captured:
+        render_autoattack(out, console)
+    text = " ".join(captured.get().split())
+    assert "AutoAttack standard (linf) on test: 60 images" in text and "fab-t" in text and ".npz" in text
+
+
 @pytest.mark.parametrize("args, message", [
     (["--eps", "0,-0.1"], "eps must lie in [0, 1]"),
     (["--eps", "1.5"], "eps must lie in [0, 1]"),
@@ -111,6 +140,16 @@ def test_linear_fool_on_softmax_regression(softmax_run, tmp_path):
     (["--attack", "linear-fool"], "needs a linear model"),
     (["--attack", "fgsn"], "unknown attack 'fgsn' (did you mean: fgsm"),
     (["--norm", "l2"], "use fgm-l2"),
+    (["--attack", "autoattack", "--targeted", "0"], "untargeted robust accuracy"),
+    (["--attack", "autoattack", "--version", "turbo"], "unknown AutoAttack version 'turbo'"),
+    (["--attack", "autoattack", "--attacks", "apgd-ce"], "--attacks sets the attacks of --version custom"),
+    (["--attack", "autoattack", "--version", "custom"], "needs --attacks"),
+    (["--attack", "autoattack", "--version", "custom", "--attacks", "apgd-ce,nope"], "unknown attack 'nope'"),
+    (["--version", "plus"], "belong to --attack autoattack"),
+    (["--attack", "apgd-t", "--step-size", "0.01"], "adapts its own step size"),
+    (["--attack", "deepfool", "--targeted", "1"], "untargeted only"),
+    (["--attack", "cw-l2", "--norm", "linf"], "use deepfool"),
+    (["--attack", "square", "--queries", "0"], "--queries must be at least 1"),
 ])
 def test_bad_input_is_one_line_and_exit_2(lenet_run, tmp_path, args, message):
     result = cli("adversarial", lenet_run, *args, "--limit", "20", "--out", tmp_path)

@@ -21,9 +21,11 @@ CLASSES = 4
 MEAN, STD = 0.3, 0.25  # non-trivial normalization: attacks must see through it to pixel space
 ATOL = 1e-6
 
-# every attack, in every norm it supports, untargeted and targeted
-CASES = [AttackConfig(name=name, norm=norm, steps=3, restarts=2 if name == "pgd" else 1, target=target)
-         for name in ATTACKS.names() for norm in ATTACKS.get(name).norms for target in (None, "random")]
+# every attack, in every norm it supports, untargeted and (where it can be) targeted; few iterations
+CASES = [AttackConfig(name=name, norm=norm, steps=3, restarts=2 if name in ("pgd", "apgd-ce") else 1, target=target,
+                      targets=2, queries=20)
+         for name in ATTACKS.names() for norm in ATTACKS.get(name).norms for target in (None, "random")
+         if not (target and ATTACKS.get(name).untargeted_only)]
 
 
 def _model(name: str, **args) -> Model:
@@ -121,17 +123,25 @@ def test_linear_fool_untargeted_moves_towards_the_runner_up():
 @pytest.mark.parametrize("cfg", CASES, ids=lambda c: f"{c.name}-{c.norm}-{c.target or 'untargeted'}")
 def test_examples_stay_in_pixel_range_and_eps_ball_and_eps_zero_changes_nothing(cfg):
     model = _model("mlp", hidden=[]) if cfg.name == "linear-fool" else _nonlinear()
-    attack = _attacker(model, cfg)
+    logits_fn = _logits_fn(model)
+    attack = jax.jit(lambda x, y, e: attacks.run_attack(logits_fn, x, y, e, jax.random.key(0), cfg, CLASSES))
     # uint8 images hit 0 and 1 exactly, where clipping matters
     x, labels = jnp.asarray(np.random.default_rng(0).integers(0, 256, (12, *SHAPE)), jnp.float32) / 255.0, _labels(12)
     eps = 0.1 if cfg.norm == "linf" else 1.0
-    x_adv = np.asarray(attack(x, labels, eps))
+    x_adv, _, targets = attack(x, labels, jnp.float32(eps))
+    x_adv = np.asarray(x_adv)
     delta = (x_adv - np.asarray(x)).reshape(12, -1)
     assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
     size = np.abs(delta).max(1) if cfg.norm == "linf" else np.linalg.norm(delta, axis=1)
     assert size.max() <= eps + 1e-5
-    assert size.min() > 0.3 * eps  # it did move, even with clipping at 0 and 1
-    np.testing.assert_array_equal(np.asarray(attack(x, labels, 0.0)), np.asarray(x))
+    if ATTACKS.get(cfg.name).minimum_norm:  # it moves an example only to a success inside the ball
+        pred = np.asarray(jnp.argmax(logits_fn(x_adv), -1))
+        hit = pred == np.asarray(targets) if cfg.targeted else pred != np.asarray(labels)
+        moved = size > 1e-4
+        assert moved.any() and np.all(hit[moved])
+    else:
+        assert size.min() > 0.3 * eps  # it did move, even with clipping at 0 and 1
+    np.testing.assert_array_equal(np.asarray(attack(x, labels, jnp.float32(0.0))[0]), np.asarray(x))
 
 
 def test_targets():

@@ -159,3 +159,121 @@ def randomized(name: str, input_size: int, seed: int = 0, num_classes: int = 100
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     model((torch.rand(4, 3, input_size, input_size) - mean) / std)
     return model.eval()
+
+
+# ----------------------------------------------------------------------------- cnncli's small models in torch
+# The adversarial tests run torchattacks on the same weights as cnncli: LeNet-5 and the CIFAR ResNets
+# (option-A shortcuts), built from a cnncli model's state. Their inputs are pixels in [0, 1]; the
+# normalization is the first op, as in cnncli.
+
+
+class Normalized(nn.Module):
+    """(x - mean) / std per channel in front of a network."""
+
+    def __init__(self, net: nn.Module, mean, std):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x):
+        return self.net((x - self.mean) / self.std)
+
+
+class LeNet5(nn.Module):
+    """cnncli's `lenet5`: conv5x5(6, pad 2) - relu - max2 / conv5x5(16) - relu - max2 / fc120 - fc84 - fc."""
+
+    def __init__(self, channels=1, num_classes=10, side=28):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, 6, 5, padding=2)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        flat = 16 * ((side // 2 - 4) // 2) ** 2
+        self.fc1, self.fc2, self.fc3 = nn.Linear(flat, 120), nn.Linear(120, 84), nn.Linear(84, num_classes)
+
+    def forward(self, x):
+        x = nn.functional.max_pool2d(torch.relu(self.conv1(x)), 2)
+        x = nn.functional.max_pool2d(torch.relu(self.conv2(x)), 2)
+        x = torch.flatten(x, 1)
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+class BasicBlockA(nn.Module):
+    """The CIFAR ResNets' basic block with the paper's option-A shortcut (subsample, zero-pad channels)."""
+
+    def __init__(self, inplanes, planes, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.stride, self.extra = stride, planes - inplanes
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        short = x[:, :, :: self.stride, :: self.stride]
+        if self.extra:
+            short = nn.functional.pad(short, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
+        return torch.relu(out + short)
+
+
+class CifarResNet(nn.Module):
+    """cnncli's resnet20/32/...: 3x3 stem, three stages of n basic blocks (16, 32, 64 wide), average pool, fc."""
+
+    def __init__(self, depth=20, channels=1, num_classes=10):
+        super().__init__()
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(channels, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        stages, inplanes = [], 16
+        for i, planes in enumerate((16, 32, 64)):
+            blocks = []
+            for j in range(n):
+                blocks.append(BasicBlockA(inplanes, planes, 2 if i > 0 and j == 0 else 1))
+                inplanes = planes
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+@torch.no_grad()
+def from_cnncli(model, arch: str, input_shape, num_classes: int) -> nn.Module:
+    """The torch twin of a cnncli model (a train.state.Model of `lenet5` or a CIFAR `resnetN`), in eval mode."""
+    import numpy as np
+    from flax import nnx
+    from flax.traverse_util import flatten_dict
+
+    from cnncli.transfer.import_weights import resnet_mapping
+
+    h, _, c = input_shape
+    state = {**flatten_dict(nnx.to_pure_dict(model.params)), **flatten_dict(nnx.to_pure_dict(model.rest))}
+    arrays = {k: np.asarray(v, np.float32) for k, v in state.items()}
+    mean, std = arrays.pop(("normalize", "mean")), arrays.pop(("normalize", "std"))
+    tensors = {}
+    if arch == "lenet5":
+        net = LeNet5(c, num_classes, h)
+        for (_, layer, leaf), value in arrays.items():
+            if leaf == "bias":
+                tensors[f"{layer}.bias"] = value
+            elif value.ndim == 4:
+                tensors[f"{layer}.weight"] = value.transpose(3, 2, 0, 1)  # HWIO -> OIHW
+            elif layer == "fc1":  # cnncli flattens H, W, C; torch C, H, W
+                side = int(round((value.shape[0] // 16) ** 0.5))
+                tensors["fc1.weight"] = value.reshape(side, side, 16, -1).transpose(3, 2, 0, 1).reshape(
+                    value.shape[1], -1)
+            else:
+                tensors[f"{layer}.weight"] = value.T
+    else:
+        net = CifarResNet(int(arch.removeprefix("resnet")), c, num_classes)
+        for path, (key, _) in resnet_mapping(arrays, {}, None).items():
+            value = arrays[path]
+            tensors[key] = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T if value.ndim == 2 else value
+    net.load_state_dict({k: torch.from_numpy(np.array(v, copy=True)) for k, v in tensors.items()}, strict=False)
+    missing = set(net.state_dict()) - set(tensors) - {k for k in net.state_dict() if k.endswith("num_batches_tracked")}
+    if missing:
+        raise ValueError(f"no cnncli weights for {sorted(missing)}")
+    return Normalized(net, mean.tolist(), std.tolist()).eval()

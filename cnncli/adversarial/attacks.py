@@ -1,15 +1,23 @@
-"""Adversarial attacks as pure JAX functions over a batch of pixels in [0, 1].
+"""Adversarial attacks as pure JAX functions over a batch of pixels in [0, 1], and their registry.
 
 Models normalize inside (docs/design.md), so an attack perturbs pixels directly and clips to [0, 1].
-Every attack is `fn(logits_fn, x, y, eps, key, cfg) -> x_adv`, where `logits_fn` maps pixels to
-logits, `y` holds (N, C) label distributions (one-hot, or soft labels during training) and `eps`
-is a traced scalar, so one compilation serves every epsilon. Untargeted attacks ascend the
-cross-entropy of `y`; targeted ones (cfg.target set, `y` = the target) descend it.
+Two kinds of attack share the registry:
+
+- classic ones are `fn(logits_fn, x, y, eps, key, cfg) -> x_adv`, where `y` holds (N, C) label
+  distributions (one-hot, or soft labels during training): untargeted attacks ascend the
+  cross-entropy of `y`, targeted ones (cfg.target set, `y` = the target) descend it;
+- the attacks of the AutoAttack evaluation (apgd.py, fab.py, square.py) and the minimum-norm ones
+  (minimum_norm.py) are `run(logits_fn, x, labels, targets, eps, key, cfg, index) -> x_adv` with
+  integer labels; an attack is a sequence of runs (restarts, target classes), and `sweep` keeps,
+  per example, the first run that fools the model, as AutoAttack's attacks do.
+
+`eps` is a traced scalar, so one compilation serves every epsilon.
 
     fgsm          x + eps * sign(g)                                    (Goodfellow et al. 2014)
     fgm-l2        x + eps * g / ||g||_2                                (the lectures' x + a dE/dx)
     bim           iterated steps projected onto the eps-ball           (Kurakin et al. 2016)
     pgd           bim from a uniform random start, best of R restarts  (Madry et al. 2017)
+    mi-fgsm       bim with a momentum of L1-normalized gradients       (Dong et al. 2018)
     linear-fool   x + a * w_t, with a * ||w_t|| = eps, for an affine model (the lectures' kit fox)
 """
 
@@ -40,10 +48,16 @@ class AttackConfig:
     Attributes:
         name: a registered attack (see ATTACKS).
         norm: 'linf' or 'l2': the ball the perturbation stays in (fgsm is Linf, fgm-l2 is L2).
-        steps: iterations of bim/pgd.
-        step_size: bim/pgd step; None picks DEFAULT_STEP_FACTOR * eps / steps.
-        restarts: pgd random restarts; the strongest example per input is kept.
+        steps: iterations of the iterative attacks.
+        step_size: bim/pgd/mi-fgsm step; None picks DEFAULT_STEP_FACTOR * eps / steps (mi-fgsm: eps / steps).
+        restarts: random restarts (pgd keeps the strongest example; the AutoAttack attacks the first success).
         target: None (untargeted), a class index, 'least-likely' or 'random'.
+        targets: apgd-t / fab-t: how many of the top classes (after the first) the runs target.
+        queries: square: model queries per run.
+        eot: apgd: gradient samples averaged per step (expectation over transformation, for random models).
+        decay: mi-fgsm: momentum decay.
+        c: cw-l2: weight of the misclassification term against the squared L2 norm.
+        kappa: cw-l2: the logit margin it aims for.
     """
 
     name: str = "fgsm"
@@ -52,25 +66,51 @@ class AttackConfig:
     step_size: float | None = None
     restarts: int = 1
     target: int | str | None = None
+    targets: int = 9
+    queries: int = 5000
+    eot: int = 1
+    decay: float = 1.0
+    c: float = 1.0
+    kappa: float = 0.0
 
     @property
     def targeted(self) -> bool:
         return self.target is not None
 
-    def step_for(self, eps):
+    def step_for(self, eps, factor: float = DEFAULT_STEP_FACTOR):
         """The bim/pgd step size at `eps` (a float or a traced scalar)."""
-        return DEFAULT_STEP_FACTOR * eps / self.steps if self.step_size is None else self.step_size
+        return factor * eps / self.steps if self.step_size is None else self.step_size
 
 
 @dataclass(frozen=True)
 class Attack:
-    """A registered attack: the function and what it supports."""
+    """A registered attack: its function (`fn`, classic) or its run (`run`, see the module docstring), and
+    what it supports."""
 
-    fn: Callable
-    norms: tuple[str, ...]
+    fn: Callable | None = None
+    norms: tuple[str, ...] = NORMS
     iterative: bool = False
     random_start: bool = False
     needs_affine: bool = False  # only exact (and only allowed) for a model that is one affine map
+    run: Callable | None = None
+    runs: Callable[[AttackConfig, int], int] | None = None  # (cfg, num_classes) -> how many runs
+    default_steps: int = 10
+    auto_step: bool = False  # chooses its own step sizes: --step-size does not apply
+    minimum_norm: bool = False  # looks for the smallest perturbation; kept only when it lies inside eps
+    black_box: bool = False  # queries the model's outputs only, no gradients
+    untargeted_only: bool = False
+    sweeps_targets: bool = False  # untargeted, its runs still aim at the top classes in turn
+    min_classes: int = 2
+
+    def num_runs(self, cfg: AttackConfig, num_classes: int) -> int:
+        return 1 if self.runs is None else self.runs(cfg, num_classes)
+
+    def apply(self, logits_fn, x, labels, targets, eps, key, cfg: AttackConfig, index, num_classes: int):
+        """Run number `index` (a traced int) of the attack on integer labels (and targets when targeted)."""
+        if self.run is not None:
+            return self.run(logits_fn, x, labels, targets, eps, key, cfg, index)
+        y = jax.nn.one_hot(labels if targets is None else targets, num_classes)
+        return self.fn(logits_fn, x, y, eps, key, cfg)
 
 
 ATTACKS = Registry("attack")
@@ -140,6 +180,26 @@ def succeeded(logits: jax.Array, y: jax.Array, targeted: bool) -> jax.Array:
     return hit if targeted else ~hit
 
 
+def hits(logits: jax.Array, labels: jax.Array, targets: jax.Array | None) -> jax.Array:
+    """Per example, integer labels: predicted as the target (targets given), or misclassified."""
+    pred = jnp.argmax(logits, -1)
+    return pred != labels if targets is None else pred == targets
+
+
+def ranked_class(logits: jax.Array, rank) -> jax.Array:
+    """The class with the rank-th highest logit per example (rank 1: the top one; may be traced)."""
+    order = jnp.argsort(logits, axis=-1)
+    index = jnp.broadcast_to(logits.shape[-1] - jnp.asarray(rank, jnp.int32), logits.shape[:1])
+    return jnp.take_along_axis(order, index[:, None], axis=-1)[:, 0]
+
+
+def inside(x_adv: jax.Array, x: jax.Array, eps, norm: str) -> jax.Array:
+    """x_adv where its perturbation lies inside the eps-ball, else x: a minimum-norm attack within a budget."""
+    delta = x_adv - x
+    size = linf_norm(delta) if norm == "linf" else l2_norm(delta)
+    return jnp.where(size <= eps, x_adv, x)
+
+
 # ----------------------------------------------------------------------------- the attacks
 
 
@@ -191,6 +251,18 @@ def pgd(logits_fn: LogitsFn, x, y, eps, key, cfg: AttackConfig):
     return best[0]
 
 
+def mi_fgsm(logits_fn: LogitsFn, x, y, eps, key, cfg: AttackConfig):
+    """Momentum iterative FGSM (Dong et al. 2018): steps along the sign of a decayed sum of L1-normalized gradients."""
+    del key
+    step = cfg.step_for(eps, factor=1.0)  # the paper's alpha = eps / T
+    x_adv, momentum = x, jnp.zeros_like(x)
+    for _ in range(cfg.steps):  # unrolled, like _descend
+        g = input_gradient(logits_fn, x_adv, y, cfg.targeted)
+        momentum = cfg.decay * momentum + g / jnp.maximum(_per_example(jnp.sum, jnp.abs(g)), TINY)
+        x_adv = clip_pixels(x + project(x_adv + step * steepest_direction(momentum, cfg.norm) - x, eps, cfg.norm))
+    return x_adv
+
+
 def linear_fool(logits_fn: LogitsFn, x, y, eps, key, cfg: AttackConfig):
     """Add a multiple of the target class's weights: x + a * w_t, with ||a * w_t|| = eps in the chosen norm.
 
@@ -209,6 +281,8 @@ ATTACKS.register("bim", Attack(bim, NORMS, iterative=True),
                  help="basic iterative method: projected gradient steps from x (Linf or L2)")
 ATTACKS.register("pgd", Attack(pgd, NORMS, iterative=True, random_start=True),
                  help="projected gradient descent: random start, restarts keep the strongest (Linf or L2)")
+ATTACKS.register("mi-fgsm", Attack(mi_fgsm, NORMS, iterative=True),
+                 help="momentum iterative FGSM (Dong et al. 2018): decay 1.0, step eps/steps (Linf or L2)")
 ATTACKS.register("linear-fool", Attack(linear_fool, NORMS, needs_affine=True),
                  help="x + a*w_target for a linear (softmax) model, as on the lectures' kit-fox slide")
 
@@ -239,6 +313,28 @@ def choose_targets(target: int | str | None, clean_logits: jax.Array, labels: ja
     return jnp.argmax(masked, -1).astype(jnp.int32)
 
 
+def sweep(logits_fn: LogitsFn, x, labels, targets, eps, key, cfg: AttackConfig, num_classes: int):
+    """Every run of the attack in turn; per example, the first run that succeeds (else the last run) is kept."""
+    attack = ATTACKS.get(cfg.name)
+    runs = attack.num_runs(cfg, num_classes)
+
+    def one(i):
+        return attack.apply(logits_fn, x, labels, targets, eps, jax.random.fold_in(key, i), cfg, i, num_classes)
+
+    best = one(0)
+    if runs == 1:
+        return best
+
+    def body(i, carry):
+        best, done = carry
+        x_i = one(i)
+        keep = done.reshape((-1,) + (1,) * (x.ndim - 1))
+        return jnp.where(keep, best, x_i), done | hits(logits_fn(x_i), labels, targets)
+
+    best, _ = jax.lax.fori_loop(1, runs, body, (best, hits(logits_fn(best), labels, targets)))
+    return best
+
+
 def run_attack(logits_fn: LogitsFn, x: jax.Array, labels: jax.Array, eps, key: jax.Array, cfg: AttackConfig,
                num_classes: int):
     """Attack a batch with integer labels; returns (x_adv, clean logits, targets or None)."""
@@ -248,24 +344,36 @@ def run_attack(logits_fn: LogitsFn, x: jax.Array, labels: jax.Array, eps, key: j
     targets = None
     if cfg.targeted or attack.needs_affine:
         targets = choose_targets(cfg.target, clean_logits, labels, k_target, num_classes)
-    y = jax.nn.one_hot(labels if targets is None else targets, num_classes)
-    return attack.fn(logits_fn, x, y, eps, k_attack, cfg), clean_logits, targets
+    if attack.run is None:
+        y = jax.nn.one_hot(labels if targets is None else targets, num_classes)
+        return attack.fn(logits_fn, x, y, eps, k_attack, cfg), clean_logits, targets
+    return sweep(logits_fn, x, labels, targets, eps, k_attack, cfg, num_classes), clean_logits, targets
 
 
 def check_config(cfg: AttackConfig, class_names: list[str]) -> None:
     """Raise a UserError for an attack that cannot run as configured."""
     attack = ATTACKS.get(cfg.name)
     if cfg.norm not in attack.norms:
-        other = {"fgsm": "fgm-l2", "fgm-l2": "fgsm"}.get(cfg.name, "pgd")
+        other = {"fgsm": "fgm-l2", "fgm-l2": "fgsm", "cw-l2": "deepfool"}.get(cfg.name, "pgd")
         raise UserError(f"{cfg.name} works in the {'/'.join(attack.norms)} norm, not {cfg.norm}; use {other}")
     if cfg.steps < 1:
         raise UserError(f"--steps must be at least 1, got {cfg.steps}")
     if cfg.restarts < 1:
         raise UserError(f"--restarts must be at least 1, got {cfg.restarts}")
     if cfg.restarts > 1 and not attack.random_start:
-        raise UserError(f"--restarts needs a random start: use pgd, not {cfg.name}")
+        raise UserError(f"--restarts needs a random start: use pgd or apgd-ce, not {cfg.name}")
     if cfg.step_size is not None and cfg.step_size <= 0:
         raise UserError(f"--step-size must be positive, got {cfg.step_size}")
+    if cfg.step_size is not None and attack.auto_step:
+        raise UserError(f"{cfg.name} adapts its own step size; drop --step-size")
+    for value, flag in ((cfg.targets, "--n-targets"), (cfg.queries, "--queries"), (cfg.eot, "--eot")):
+        if value < 1:
+            raise UserError(f"{flag} must be at least 1, got {value}")
+    if cfg.targeted and attack.untargeted_only:
+        raise UserError(f"{cfg.name} is untargeted only; for a targeted attack use apgd-t, pgd or cw-l2")
+    if len(class_names) < attack.min_classes:
+        raise UserError(f"{cfg.name} needs at least {attack.min_classes} classes (its loss ranks the classes); this "
+                        f"model has {len(class_names)}: use apgd-ce or pgd")
     if isinstance(cfg.target, int) and not 0 <= cfg.target < len(class_names):
         raise UserError(f"target class {cfg.target} does not exist: the model has classes 0..{len(class_names) - 1} "
                         f"({', '.join(class_names[:5])}{', ...' if len(class_names) > 5 else ''})")
@@ -273,12 +381,14 @@ def check_config(cfg: AttackConfig, class_names: list[str]) -> None:
         raise UserError(f"unknown target '{cfg.target}'; give a class, {' or '.join(TARGET_MODES)}")
 
 
-def check_eps(eps_values) -> list[float]:
-    """Each epsilon must lie in [0, 1]: pixels live in [0, 1], so a larger ball is the whole image space."""
+def check_eps(eps_values, norm: str = "linf") -> list[float]:
+    """Linf radii must lie in [0, 1]: pixels live in [0, 1], so a larger ball is the whole image space.
+    L2 radii only need to be non-negative (an image of D pixels spans an L2 distance of up to sqrt(D))."""
     values = [float(e) for e in eps_values]
-    bad = [e for e in values if not 0.0 <= e <= 1.0]
+    bad = [e for e in values if not (0.0 <= e <= 1.0 if norm == "linf" else 0.0 <= e < float("inf"))]
     if bad:
-        raise UserError(f"eps must lie in [0, 1] (pixels are in [0, 1]), got {bad[0]:g}")
+        where = "[0, 1] (pixels are in [0, 1])" if norm == "linf" else "[0, inf) for the L2 norm"
+        raise UserError(f"eps must lie in {where}, got {bad[0]:g}")
     if not values:
         raise UserError("give at least one eps, e.g. --eps 0,0.05,0.1")
     return values
@@ -286,7 +396,8 @@ def check_eps(eps_values) -> list[float]:
 
 def step_size_warning(cfg: AttackConfig, eps_values) -> str | None:
     """A warning when an explicit bim/pgd step exceeds eps: each step then overshoots the ball."""
-    if not ATTACKS.get(cfg.name).iterative or cfg.step_size is None:
+    attack = ATTACKS.get(cfg.name)
+    if not attack.iterative or attack.auto_step or cfg.step_size is None:
         return None
     over = [e for e in eps_values if 0 < e < cfg.step_size]
     if not over:

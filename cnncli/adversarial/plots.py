@@ -44,6 +44,29 @@ def accuracy_curve(result: dict[str, Any], path: Path, title: str) -> Path:
     return path
 
 
+def autoattack_curve(result: dict[str, Any], path: Path, title: str) -> Path:
+    """Robust accuracy against epsilon after each attack of the AutoAttack sequence (the last line is the result)."""
+    plt = _pyplot()
+    rows = result["rows"]
+    eps = [r["eps"] for r in rows]
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=DPI)
+    stages = [s["attack"] for s in rows[0]["stages"]]
+    for i, name in enumerate(stages):
+        last = i == len(stages) - 1
+        label = "clean" if name == "clean" else (f"after {name}" + (" = AutoAttack" if last else ""))
+        ax.plot(eps, [100 * r["stages"][i]["robust_accuracy"] for r in rows], "o-" if last else ".--",
+                lw=2.2 if last else 1, color="black" if last else None, label=label)
+    norm = result["attack"]["norm"]
+    ax.set(xlabel=f"epsilon ({norm}{', pixels in [0, 1]' if norm == 'linf' else ''})", ylabel="robust accuracy (%)",
+           ylim=(-2, 102), title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def amplify(delta: np.ndarray) -> tuple[np.ndarray, float]:
     """Map a perturbation to [0, 1] around mid-gray so that its largest entry is fully saturated."""
     peak = float(np.abs(delta).max())

@@ -13,14 +13,46 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from cnncli.adversarial import sanity
 from cnncli.adversarial.attacks import ATTACKS, AttackConfig, check_config, check_eps, is_affine, run_attack
 from cnncli.errors import UserError
+from cnncli.models.layers.classifier import logits_and_aux
 from cnncli.train.batched import Batched
 from cnncli.train.evaluate import eval_batch
 from cnncli.train.steps import forward, to_pixels
 
 AFFINE_CHECK_SEED = 0
+CHECK_BATCH = 250  # images the sanity checks look at (AutoAttack's default batch)
+
+
+def logits_function(graphdef, params, rest) -> Callable:
+    """pixels -> float32 logits of the model as deployed; with a key, its random streams (dropout left on, a
+    noise layer) are reseeded from it, so that EOT samples differ. A deterministic model ignores the key."""
+
+    def logits_fn(v, key=None):
+        if key is None:
+            return forward(graphdef, params, rest, v)[0]
+        model = nnx.merge(graphdef, params, rest, copy=True)
+        streams = sorted({s.tag for _, s in nnx.iter_graph(model) if isinstance(s, nnx.RngStream)})
+        if streams:
+            nnx.reseed(model, **{name: jax.random.fold_in(key, i) for i, name in enumerate(streams)})
+        return logits_and_aux(model, v)[0].astype(jnp.float32)
+
+    return logits_fn
+
+
+def model_warnings(model, x: np.ndarray, y: np.ndarray) -> tuple[list[str], dict[str, Any]]:
+    """AutoAttack's checks on the model (sanity.py) over the first CHECK_BATCH images: (warnings, measurements)."""
+    xb = jnp.asarray(x[:CHECK_BATCH], jnp.float32) / (255.0 if x.dtype == np.uint8 else 1.0)
+    yb = jnp.asarray(y[:CHECK_BATCH], jnp.int32)
+    logits_fn = jax.jit(logits_function(model.eval_def, model.params, model.rest))
+    stateful = jax.jit(lambda rest, v: forward(model.eval_def, model.params, rest, v))
+    zero, zero_warning = sanity.zero_gradients(logits_fn, xb, yb)
+    found = [sanity.probability_outputs(np.asarray(logits_fn(xb))), zero_warning,
+             sanity.randomized(stateful, model.rest, xb, yb)]
+    return [w for w in found if w], {"checked": int(xb.shape[0]), "zero_gradients": zero}
 
 
 def make_attack_step(eval_def, cfg: AttackConfig, *, num_classes: int, batch_size: int, mesh,
@@ -44,9 +76,7 @@ def make_attack_step(eval_def, cfg: AttackConfig, *, num_classes: int, batch_siz
         images, labels, _ = batch
         x = to_pixels(images)
 
-        def logits_fn(v):
-            return forward(eval_def, params, rest, v)[0]
-
+        logits_fn = logits_function(eval_def, params, rest)
         clean_pred = jnp.argmax(logits_fn(x), -1)
         source = clean_pred if use_predictions else labels
         x_adv, clean_logits, targets = run_attack(logits_fn, x, source, eps, jax.random.fold_in(key, index), cfg,
@@ -140,17 +170,20 @@ def robustness(model, x: np.ndarray, y: np.ndarray, class_names: list[str], cfg:
         y: integer labels.
         class_names: the model's classes.
         cfg: the attack.
-        eps_values: epsilons in [0, 1].
+        eps_values: epsilons (Linf: in [0, 1]).
         batch_size: requested batch (rounded to the split and the device count).
         mesh: the device mesh.
         use_predictions: attack the clean predictions instead of the labels.
         seed: randomness of pgd starts and random targets.
         examples: how many examples to keep for the figure (0: none).
         progress: callable(done, total) over batches.
+
+    The result also holds `warnings`, AutoAttack's sanity flags on the model (sanity.py), and `checks`.
     """
-    eps_values = check_eps(eps_values)
+    eps_values = check_eps(eps_values, cfg.norm)
     check_config(cfg, class_names)
     check_attackable(model.eval_def, model.params, model.rest, cfg, x.shape[1:])
+    warnings, checks = model_warnings(model, x, y)
     batch = eval_batch(len(x), batch_size, mesh)
     step = make_attack_step(model.eval_def, cfg, num_classes=len(class_names), batch_size=batch, mesh=mesh,
                             use_predictions=use_predictions)
@@ -171,19 +204,32 @@ def robustness(model, x: np.ndarray, y: np.ndarray, class_names: list[str], cfg:
         if examples > 0:
             candidates.append(Examples(eps, x[:len(first)].astype(np.float32) / 255.0, first,
                                        {k: v[:len(first)] for k, v in results.items()}))
-    return {"attack": _describe(cfg, use_predictions), "rows": rows,
+    return {"attack": _describe(cfg, use_predictions), "rows": rows, "warnings": warnings, "checks": checks,
             "examples": pick_examples(candidates, examples, cfg.targeted) if examples > 0 else None}
 
 
 def _describe(cfg: AttackConfig, use_predictions: bool) -> dict[str, Any]:
+    return {**describe(cfg), "target": cfg.target, "labels": "predictions" if use_predictions else "data"}
+
+
+def describe(cfg: AttackConfig) -> dict[str, Any]:
+    """The settings that define an attack's result, for reports."""
     attack = ATTACKS.get(cfg.name)
-    out: dict[str, Any] = {"name": cfg.name, "norm": cfg.norm, "target": cfg.target,
-                           "labels": "predictions" if use_predictions else "data"}
+    out: dict[str, Any] = {"name": cfg.name, "norm": cfg.norm}
     if attack.iterative:
-        out.update(steps=cfg.steps, step_size=cfg.step_size if cfg.step_size is not None else "2.5*eps/steps")
+        out["steps"] = cfg.steps
+        if not attack.auto_step:
+            default = "eps/steps" if cfg.name == "mi-fgsm" else "2.5*eps/steps"
+            out["step_size"] = cfg.step_size if cfg.step_size is not None else default
     if attack.random_start:
         out.update(restarts=cfg.restarts, random_start=True)
-    return out
+    if attack.sweeps_targets and not cfg.targeted:
+        out["n_targets"] = cfg.targets
+    extra = {"square": {"queries": cfg.queries}, "mi-fgsm": {"decay": cfg.decay},
+             "cw-l2": {"c": cfg.c, "kappa": cfg.kappa}}.get(cfg.name, {})
+    if cfg.name.startswith("apgd") and cfg.eot > 1:
+        extra = {"eot": cfg.eot}
+    return {**out, **extra}
 
 
 def fooled(results: dict[str, np.ndarray], targeted: bool) -> np.ndarray:

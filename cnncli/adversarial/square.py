@@ -1,0 +1,177 @@
+"""Square attack (Andriushchenko, Croce, Flammarion & Hein 2020, "Square Attack: a query-efficient black-box
+adversarial attack via random search"): AutoAttack's fourth attack, which never looks at a gradient.
+
+It starts from a random vertex of the Linf ball (vertical stripes of +-eps) or a pattern of random
+L2 blobs, then proposes one random square at a time (Linf: the square set to +-eps per channel; L2:
+mass moved between two squares, shaped by the paper's centred pattern) and keeps a proposal when it
+lowers the margin z_y - max_{i != y} z_i, until the margin is negative (fooled) or the queries run out.
+The square's side shrinks on the paper's schedule (p_init = 0.8 of the image, halved after 10, 50,
+200, 500, 1000, 2000, 4000, 6000 and 8000 queries: the schedule AutoAttack runs without rescaling).
+Written after the reference code (fra31/auto-attack square.py; torchattacks 3.5 Square). One run is a
+jitted `lax.while_loop` over the batch, each example drawing its own squares.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cnncli.adversarial.attacks import ATTACKS, TINY, Attack, AttackConfig, clip_pixels, l2_norm, project
+
+P_INIT = 0.8
+SCHEDULE = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)  # queries after which the square's area halves
+L2_MIN_SIDE = 3
+L2_INIT_TILES = 5  # the L2 start tiles the image with blobs of side H // 5
+
+
+def margin_and_loss(logits, labels, targets):
+    """(margin, loss) to drive below zero: z_y - max_other untargeted, max_{i != t} z_i - z_t targeted."""
+    own = labels if targets is None else targets
+    z_own = jnp.take_along_axis(logits, own[:, None], -1)[:, 0]
+    others = jnp.max(jnp.where(jax.nn.one_hot(own, logits.shape[-1], dtype=bool), -jnp.inf, logits), -1)
+    margin = z_own - others if targets is None else others - z_own
+    return margin, margin
+
+
+def side(i, n_features: int, channels: int, minimum: int):
+    """The square's side at query i (traced): sqrt(p * pixels), p halved on SCHEDULE."""
+    halvings = jnp.sum(i > jnp.asarray(SCHEDULE))
+    p = P_INIT / 2.0 ** halvings
+    s = jnp.maximum(jnp.round(jnp.sqrt(p * n_features / channels)).astype(jnp.int32), minimum)
+    return s if minimum < L2_MIN_SIDE else s + (s % 2 == 0)  # the L2 squares have odd sides
+
+
+def _corner(key, n, length, s):
+    """Per example, a random corner in [0, length - s) (the reference's range; 0 when the square fills the side)."""
+    return jnp.floor(jax.random.uniform(key, (n,)) * jnp.maximum(length - s, 0)).astype(jnp.int32)
+
+
+def _window(vh, vw, s, h, w):
+    """(N, H, W, 1) masks of the squares of side s at corners (vh, vw)."""
+    rows = jnp.arange(h)[None, :, None, None] - vh[:, None, None, None]
+    cols = jnp.arange(w)[None, None, :, None] - vw[:, None, None, None]
+    return (rows >= 0) & (rows < s) & (cols >= 0) & (cols < s), rows, cols
+
+
+def harmonic_squares(length: int) -> jax.Array:
+    """table[m] = sum_{k < m} 1 / (k + 1)^2 for m = 0..length."""
+    return jnp.asarray(np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, length + 1) ** 2)]), jnp.float32)
+
+
+def _rectangle(u, v, rows, cols, inside, table):
+    """The reference's eta_rectangles(rows, cols) at local coordinates (u, v): nested rectangles around the
+    centre, the k-th weighted 1 / (k + 1)^2, normalized to unit L2 over the rectangle."""
+    depth = jnp.maximum(jnp.abs(u - rows // 2), jnp.abs(v - cols // 2))
+    top = jnp.maximum(rows // 2 + 1, cols // 2 + 1)
+    last = table.shape[0] - 1
+    value = jnp.where(inside, table[jnp.clip(top, 0, last)] - table[jnp.clip(depth, 0, last)], 0.0)
+    size = jnp.sqrt(jnp.sum(value * value, axis=(1, 2), keepdims=True))
+    return value / (size + TINY)
+
+
+def blob(rows, cols, s, flip):
+    """The reference's eta(s) laid on the canvas: +rectangle on the top half of the square, -rectangle on the
+    bottom half, unit L2; rows/cols are local coordinates (N, H, W, 1), flip transposes it (per example)."""
+    table = harmonic_squares(max(rows.shape[1], cols.shape[2]) + 1)
+    flip = flip[:, None, None, None]
+    u, v = jnp.where(flip, cols, rows), jnp.where(flip, rows, cols)
+    inside = (u >= 0) & (u < s) & (v >= 0) & (v < s)
+    half = s // 2
+    upper = _rectangle(u, v, half, s, inside & (u < half), table)
+    lower = _rectangle(u - half, v, s - half, s, inside & (u >= half), table)
+    value = upper - lower
+    return value / (jnp.sqrt(jnp.sum(value * value, axis=(1, 2), keepdims=True)) + TINY)
+
+
+def _l2_start(x, eps, key):
+    """The L2 start: tiles of side H // 5, each a random-signed blob per channel, scaled to norm eps."""
+    n, h, w, c = x.shape
+    s = max(h // L2_INIT_TILES, 1)
+    first = (h - s * L2_INIT_TILES) // 2
+    delta = jnp.zeros_like(x)
+    tile = 0
+    for vh in range(first, h, s):
+        for vw in range(first, w, s):
+            if vh + s > h or vw + s > w:
+                continue
+            k_flip, k_sign = jax.random.split(jax.random.fold_in(key, tile))
+            _, rows, cols = _window(jnp.full(n, vh), jnp.full(n, vw), s, h, w)
+            flip = jax.random.bernoulli(k_flip, 0.5, (n,))
+            sign = jnp.sign(jax.random.uniform(k_sign, (n, 1, 1, c), minval=-1.0, maxval=1.0))
+            delta = delta + blob(rows, cols, s, flip) * sign
+            tile += 1
+    return clip_pixels(x + delta / (l2_norm(delta) + TINY) * eps)
+
+
+def square_run(logits_fn, x, labels, eps, key, *, queries: int, norm: str, targets=None):
+    """One Square run; returns the best example found (fooled, or the lowest margin reached).
+
+    Args:
+        logits_fn: pixels -> logits (only outputs are used).
+        x, labels: clean pixels (N, H, W, C) and integer labels.
+        eps: the radius (traced).
+        key: the randomness of every proposal.
+        queries: proposals per example (each one forward pass).
+        norm: 'linf' or 'l2'.
+        targets: aim at these classes instead of away from the labels.
+    """
+    n, h, w, c = x.shape
+    n_features = h * w * c
+    k_init, k_loop = jax.random.split(key)
+    if norm == "linf":
+        stripes = jnp.sign(jax.random.uniform(k_init, (n, 1, w, c), minval=-1.0, maxval=1.0))
+        x_best = clip_pixels(x + eps * stripes)
+    else:
+        x_best = _l2_start(x, eps, k_init)
+    margin, loss = margin_and_loss(logits_fn(x_best), labels, targets)
+
+    def propose(i, x_best):
+        keys = jax.random.split(jax.random.fold_in(k_loop, i), 6)
+        s = side(i, n_features, c, 1 if norm == "linf" else L2_MIN_SIDE)
+        vh, vw = _corner(keys[0], n, h, s), _corner(keys[1], n, w, s)
+        sign = jnp.sign(jax.random.uniform(keys[2], (n, 1, 1, c), minval=-1.0, maxval=1.0))
+        window, rows, cols = _window(vh, vw, s, h, w)
+        if norm == "linf":
+            x_new = jnp.where(window, x_best + 2.0 * eps * sign, x_best)
+            return clip_pixels(x + project(x_new - x, eps, "linf"))
+        delta = x_best - x
+        other, _, _ = _window(_corner(keys[3], n, h, s), _corner(keys[4], n, w, s), s, h, w)
+        in_window = jnp.sqrt(jnp.sum(jnp.where(window, delta * delta, 0.0), axis=(1, 2), keepdims=True))
+        image = l2_norm(delta)
+        both = l2_norm(jnp.where(window | other, delta, 0.0))
+        new = (blob(rows, cols, s, jax.random.bernoulli(keys[5], 0.5, (n,))) * sign
+               + jnp.where(window, delta, 0.0) / (TINY + in_window))
+        new_size = jnp.sqrt(jnp.sum(new * new, axis=(1, 2), keepdims=True))
+        new = new / (TINY + new_size) * jnp.sqrt(jnp.maximum(eps * eps - image * image, 0.0) / c + both * both)
+        delta = jnp.where(window, new, jnp.where(other, 0.0, delta))
+        return clip_pixels(x + delta / (l2_norm(delta) + TINY) * eps)
+
+    def cond(carry):
+        i, _, margin, _ = carry
+        return (i < queries) & jnp.any(margin > 0)
+
+    def body(carry):
+        i, x_best, margin, loss = carry
+        x_new = propose(i, x_best)
+        m_new, l_new = margin_and_loss(logits_fn(x_new), labels, targets)
+        active = margin > 0  # fooled examples stop
+        lower = active & (l_new < loss)
+        take = active & (lower | (m_new <= 0))
+        x_best = jnp.where(take[:, None, None, None], x_new, x_best)
+        return i + 1, x_best, jnp.where(take, m_new, margin), jnp.where(lower, l_new, loss)
+
+    _, x_best, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), x_best, margin, loss))
+    return x_best
+
+
+def _runs(cfg: AttackConfig, num_classes: int) -> int:
+    return cfg.restarts
+
+
+def _square(logits_fn, x, labels, targets, eps, key, cfg: AttackConfig, index):
+    del index
+    return square_run(logits_fn, x, labels, eps, key, queries=cfg.queries, norm=cfg.norm, targets=targets)
+
+
+ATTACKS.register("square", Attack(run=_square, runs=_runs, random_start=True, auto_step=True, black_box=True),
+                 help="Square (Andriushchenko et al. 2020): black-box random search, --queries per run (5000 in "
+                      "AutoAttack)")
