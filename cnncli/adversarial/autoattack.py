@@ -29,6 +29,7 @@ from cnncli.adversarial import sanity
 from cnncli.adversarial.attacks import ATTACKS, AttackConfig, check_config, check_eps
 from cnncli.adversarial.robustness import describe, logits_function, model_warnings
 from cnncli.errors import UserError
+from cnncli.train.batched import Batched
 from cnncli.train.steps import forward, replicate
 
 VERSIONS = ("standard", "plus", "rand", "custom")
@@ -93,14 +94,13 @@ def make_run_step(eval_def, cfg: AttackConfig, num_classes: int, mesh) -> Callab
 
 
 def _predict(eval_def, params, rest, x: np.ndarray, batch: int, mesh) -> np.ndarray:
-    """Clean predictions of float pixels x in batches of `batch` (the last one padded)."""
-    fn = jax.jit(lambda p, r, v: jnp.argmax(forward(eval_def, p, r, v)[0], -1))
-    out = []
-    for start in range(0, len(x), batch):
-        chunk = x[start:start + batch]
-        padded = np.concatenate([chunk, np.repeat(chunk[:1], batch - len(chunk), 0)]) if len(chunk) < batch else chunk
-        out.append(np.asarray(fn(params, rest, jax.device_put(padded, NamedSharding(mesh, P("data")))))[:len(chunk)])
-    return np.concatenate(out)
+    """Clean predictions of float pixels x, in batches of `batch`."""
+
+    def fn(consts, carry, arrays, index):
+        images, _ = arrays
+        return carry, jnp.argmax(forward(eval_def, *consts, images)[0], -1)
+
+    return Batched(fn, batch_size=batch, mesh=mesh)((params, rest), [x])[1]
 
 
 def _norms(delta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
