@@ -17,7 +17,7 @@ $(VENV)/.cnncli: pyproject.toml constraints.txt
 # + the test extra: pytest, ruff, and the references the tests compare with (PyTorch, torchmetrics, TFDS)
 $(VENV)/.test: $(VENV)/.cnncli
 	$(PIP) -e '.[test]'
-	$(PIP) --no-deps jax2onnx  # ONNX export (the export extra in pyproject.toml says why --no-deps)
+	$(PIP) --no-deps jax2onnx torchattacks  # the export and test extras in pyproject.toml say why --no-deps
 	touch $@
 
 setup: $(VENV)/.test  ## .venv with cnncli (editable) and its test tools
