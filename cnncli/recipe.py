@@ -11,15 +11,22 @@ from __future__ import annotations
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator
 
-from cnncli.errors import UserError, suggest
+from cnncli.errors import UserError, brief, suggest
 
 # Package data (pyproject.toml), so that `pip install cnncli` ships them; a plain directory once installed.
 BUNDLED_RECIPES = Path(str(resources.files("cnncli") / "recipes"))
+# Bounds on what a recipe file (or --set) may ask for: real recipes are a few KB, a few levels deep and a
+# few hundred values; the bounds stop a small hostile file (an alias bomb, a 20,000-deep list) early.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_DEPTH = 50
+MAX_VALUES = 100_000  # after YAML aliases are expanded
+MAX_IMAGE_SIDE = 8192  # pixels; 224 is ImageNet's, medical and satellite crops stay below this
+MAX_SEED = 2**63  # NumPy's generators take a non-negative seed, JAX's a 64-bit signed one
 PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")  # a recipe name is a directory name under runs/
 
 
@@ -78,8 +85,8 @@ class DataConfig(Section):
                                                      "tfds:NAME, folder:PATH, arrayrecord:DIR, npz:PATH, idx:DIR, "
                                                      "synthetic")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="fraction of the training set held out for validation")
-    image_size: tuple[int, int] | None = Field(None, description="resize images to [H, W], or 28 / 28x28 for "
-                                                              "square ones (folder sources need it)")
+    image_size: tuple[Annotated[int, Field(ge=1, le=MAX_IMAGE_SIDE)], Annotated[int, Field(ge=1, le=MAX_IMAGE_SIDE)]] \
+        | None = Field(None, description="resize images to [H, W], or 28 / 28x28 for square ones (folder sources need it)")
     channels: Literal[1, 3] | None = Field(None, description="convert images to 1 (gray) or 3 (RGB) channels")
     preprocess: Literal["scale", "center", "standardize"] = Field(
         "standardize", description="scale to [0,1]; then subtract the per-channel mean, or also divide by the std")
@@ -240,7 +247,7 @@ class FinetuneConfig(Section):
 class Recipe(Section):
     name: str = Field(description="the run's name: runs/<name> by default, so a plain name (no path)")
     description: str = ""
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=MAX_SEED)
     model: ModelConfig
     data: DataConfig = Field(default_factory=DataConfig)
     augment: list[AugmentOp] = Field(default_factory=list)
@@ -283,15 +290,76 @@ def bundled_recipes() -> list[Path]:
     return sorted(BUNDLED_RECIPES.glob("*.yaml"))
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader, refusing duplicate keys and nesting deeper than MAX_DEPTH."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                raise yaml.YAMLError(f"nested more than {MAX_DEPTH} levels deep")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, list | dict):
+                raise yaml.YAMLError(f"a key at line {key_node.start_mark.line + 1} is a list or a mapping")
+            if key in seen:
+                raise yaml.YAMLError(f"duplicate key {brief(key, 40)} at line {key_node.start_mark.line + 1}")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _values(obj: Any, memo: dict[int, int]) -> int:
+    """How many values `obj` holds once every YAML alias is expanded (shared objects counted once each)."""
+    if not isinstance(obj, dict | list):
+        return 1
+    if id(obj) not in memo:
+        memo[id(obj)] = 0  # a self-reference (a recursive alias) counts as one
+        children = obj.values() if isinstance(obj, dict) else obj
+        memo[id(obj)] = 1 + sum(_values(child, memo) for child in children)
+    return memo[id(obj)]
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """YAML text as Python values, within the bounds above; every problem is one UserError line."""
     try:
-        raw = yaml.safe_load(path.read_text())
+        value = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        raise UserError(f"{source} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    except RecursionError:
+        raise UserError(f"{source} is nested too deeply") from None
+    if _values(value, {}) > MAX_VALUES:
+        raise UserError(f"{source} expands to more than {MAX_VALUES:,} values (through YAML aliases?): a recipe is "
+                        "far smaller")
+    return value
+
+
+def _read_text(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_RECIPE_BYTES + 1)
     except OSError as e:
         raise UserError(f"cannot read recipe {path}: {e.strerror}") from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise UserError(f"{path} is larger than {MAX_RECIPE_BYTES >> 20} MB: not a recipe")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}): save the "
+                        "recipe as UTF-8") from None
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    raw = parse_yaml(_read_text(path), str(path))
     if not isinstance(raw, dict):
         raise UserError(f"{path} is not a recipe: expected a YAML mapping with a 'model' section")
     return raw
@@ -301,27 +369,28 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     """Apply one `a.b.c=value` override in place; the value is parsed as YAML (3 -> int, [1,2] -> list)."""
     key, sep, text = assignment.partition("=")
     if not sep or not key.strip():
-        raise UserError(f"--set expects KEY=VALUE (e.g. optim.lr=0.05), got '{assignment}'")
+        raise UserError(f"--set expects KEY=VALUE (e.g. optim.lr=0.05), got '{brief(assignment)}'")
     try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        value = text
+        value = parse_yaml(text, f"--set {key.strip()}")
+    except UserError:
+        if len(text) > MAX_RECIPE_BYTES:
+            raise
+        value = text  # not YAML: the text itself (validation says whether a string fits here)
     parts = key.strip().split(".")
     node: Any = raw
     for i, part in enumerate(parts[:-1]):
         if isinstance(node, list):
             node = node[_list_index(node, part, parts[: i + 1])]
-            continue
-        if node.get(part) is None:  # a missing or empty (null) section becomes a mapping
-            node[part] = {}
-        node = node[part]
-    last = parts[-1]
+        else:
+            if node.get(part) is None:  # a missing or empty (null) section becomes a mapping
+                node[part] = {}
+            node = node[part]
+        if not isinstance(node, dict | list):
+            raise UserError(f"--set {key.strip()}: '{'.'.join(parts[: i + 1])}' is a value, not a section")
     if isinstance(node, list):
-        node[_list_index(node, last, parts)] = value
-    elif isinstance(node, dict):
-        node[last] = value
+        node[_list_index(node, parts[-1], parts)] = value
     else:
-        raise UserError(f"--set {key}: '{'.'.join(parts[:-1])}' is a value, not a section")
+        node[parts[-1]] = value
 
 
 def _list_index(node: list, part: str, path: list[str]) -> int:
@@ -350,6 +419,14 @@ def load(path_or_name: str | Path, overrides: list[str] = (), defaults: dict[str
     return validate(raw, source=str(path), overrides=overrides)
 
 
+def loads(text: str, source: str = "recipe") -> Recipe:
+    """A recipe from YAML text (a run's recipe.yaml, or the copy a checkpoint keeps)."""
+    raw = parse_yaml(text, source)
+    if not isinstance(raw, dict):
+        raise UserError(f"{source} is not a recipe: expected a YAML mapping with a 'model' section")
+    return validate(raw, source)
+
+
 def validate(raw: dict[str, Any], source: str = "recipe", overrides: list[str] = ()) -> Recipe:
     """The Recipe of `raw`; an error names the `--set` that set the bad key, else `source` (the file)."""
     return validate_section(Recipe, raw, source, overrides)
@@ -372,7 +449,7 @@ def _blame(loc: tuple, overrides: list[str]) -> str | None:
         key = assignment.partition("=")[0].strip().split(".")
         n = min(len(key), len(where))
         if key[:n] == where[:n]:
-            return f"--set {assignment}"
+            return f"--set {assignment if len(assignment) <= 80 else assignment[:77] + '...'}"
     return None
 
 
@@ -386,7 +463,7 @@ def _describe(err: dict[str, Any], schema: type[BaseModel] | None = None) -> str
     if err["type"] == "missing":
         return f"missing key '{path}'"
     message = err["msg"].removeprefix("Value error, ")
-    return f"key '{path}': {message} (got {err.get('input')!r})"
+    return f"key '{path}': {message} (got {brief(err.get('input'))})"
 
 
 def recipe_keys(model: Any = None, prefix: str = "") -> list[str]:

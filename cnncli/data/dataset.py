@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnncli.errors import UserError
+from cnncli.errors import UserError, brief
 
 # Where cached decoded datasets live; CNNCLI_CACHE overrides the root.
 CACHE_ENV = "CNNCLI_CACHE"
@@ -132,10 +132,12 @@ def subset_indices(name: str, train_y: np.ndarray, test_y: np.ndarray | None, cl
         if bad:
             raise UserError(f"data.classes: class {bad[0]} does not exist; {name} has {k} classes (0..{k - 1})")
         if len(set(classes)) != len(classes):
-            raise UserError(f"data.classes {list(classes)} repeats a class; list each class once")
+            seen: set[int] = set()
+            repeated = next(c for c in classes if c in seen or seen.add(c))
+            raise UserError(f"data.classes {brief(list(classes))} repeats class {repeated}; list each class once")
         if len(classes) < MIN_CLASSES:
-            raise UserError(f"data.classes {list(classes)} keeps {len(classes)} class; a classifier needs at least "
-                            f"{MIN_CLASSES}")
+            raise UserError(f"data.classes {brief(list(classes))} keeps {len(classes)} class; a classifier needs at "
+                            f"least {MIN_CLASSES}")
         relabel = np.full(k, -1, np.int32)
         relabel[np.asarray(classes, dtype=np.int64)] = np.arange(len(classes), dtype=np.int32)
         train_idx = np.flatnonzero(relabel[train_y] >= 0)

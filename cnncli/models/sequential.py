@@ -29,7 +29,7 @@ PyTorch does). Any impossible shape is reported as `layers[i] (kind): ...` with 
 import re
 from typing import Any
 
-from cnncli.errors import UserError, suggest
+from cnncli.errors import UserError, brief, suggest
 from cnncli.models.layers import (
     ACTIVATIONS,
     Act,
@@ -62,6 +62,7 @@ CONV_TOKEN = re.compile(r"^(sep)?(conv|local)(\d+)(?:k(\d+))?(?:s(\d+))?(?:p(\d+
 POOL_TOKEN = re.compile(r"^(max|avg|l2)pool(?:(\d+))?(?:s(\d+))?$")
 NUMBER_TOKEN = re.compile(r"^(fc|dropout)([\d.]+)?$")
 FITS = ("exact", "floor")
+MAX_LAYERS = 10_000  # far beyond any real network; a larger list is a typo or a hostile recipe
 
 
 def parse_token(token: str, where: str) -> dict[str, Any]:
@@ -117,7 +118,7 @@ def expand(layers: list[Any], where: str = "layers") -> list[tuple[str, dict[str
             continue
         if not isinstance(item, dict):
             raise UserError(f"{label}: a layer is a mapping like {{conv: 32, kernel: 3}} or a string like "
-                            f"'conv32k3', got {item!r}")
+                            f"'conv32k3', got {brief(item)}")
         kinds = [k for k in item if k in PRIMARY] or [k for k in item if k in KINDS]
         if len(kinds) != 1:
             unknown = [k for k in item if k not in KINDS and not any(k in o for o in OPTIONS.values())]
@@ -131,13 +132,21 @@ def expand(layers: list[Any], where: str = "layers") -> list[tuple[str, dict[str
                             f"its options: {', '.join(sorted(OPTIONS[kind])) or 'none'}")
         if kind == "repeat":
             count = item["repeat"]
-            if not isinstance(count, int) or count < 1:
-                raise UserError(f"{label}: repeat needs a positive count, got {count!r}")
+            if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+                raise UserError(f"{label}: repeat needs a positive count, got {brief(count)}")
             inner = expand(item.get("layers"), f"{where}[{i}].layers")
+            _check_size(len(out) + count * len(inner), label)  # before expanding: a count can be 10**9
             out += [(f"{lab}#{r + 1}", spec) for r in range(count) for lab, spec in inner]
             continue
         out.append((label, item))
+    _check_size(len(out), where)
     return out
+
+
+def _check_size(n: int, label: str) -> None:
+    if n > MAX_LAYERS:
+        raise UserError(f"{label}: the layer list expands to {n:,} layers, more than the {MAX_LAYERS:,} a "
+                        "sequential model may have (check the repeat counts)")
 
 
 def _fit(spec: dict, label: str) -> bool:
@@ -182,7 +191,7 @@ def _build_layer(kind: str, spec: dict, b: StackBuilder, num_classes: int, rngs)
     if kind == "fc":
         width = num_classes if value == "classes" else value
         if not isinstance(width, int) or width < 1:
-            raise UserError(f"fc needs a positive width or 'classes', got {value!r}")
+            raise UserError(f"fc needs a positive width or 'classes', got {brief(value)}")
         return "fc", Dense(b.features, width, act=spec.get("act"), norm=spec.get("norm"),
                            dropout=float(spec.get("dropout", 0.0)), bias=spec.get("bias", True), rngs=rngs)
     raise AssertionError(kind)

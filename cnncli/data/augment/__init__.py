@@ -37,7 +37,7 @@ from cnncli.data.augment.core import (
     sample_bilinear,
     warp_affine,
 )
-from cnncli.errors import UserError, suggest
+from cnncli.errors import UserError, brief, suggest
 
 __all__ = ["AUGMENTATIONS", "Augment", "affine_matrices", "build_augment", "op_parameters", "preview_draws",
            "sample_bilinear", "warp_affine"]
@@ -72,7 +72,7 @@ def _validate(i: int, op: Any) -> tuple[Callable, float, dict[str, Any]]:
         raise UserError(f"{where}: {err}") from None
     where = f"{where} ({name})"
     if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= p <= 1.0:
-        raise UserError(f"{where}: p must be a probability in [0, 1]; got {p!r}")
+        raise UserError(f"{where}: p must be a probability in [0, 1]; got {brief(p)}")
     allowed = op_parameters(name)
     specs = getattr(fn, "param_specs", {})
     checked = {}
@@ -83,7 +83,7 @@ def _validate(i: int, op: Any) -> tuple[Callable, float, dict[str, Any]]:
         try:
             checked[key] = specs[key].check(value) if key in specs else value
         except ValueError as err:
-            raise UserError(f"{where}: {key} {err}; got {value!r}") from None
+            raise UserError(f"{where}: {key} {err}; got {brief(value)}") from None
     return fn, float(p), checked
 
 

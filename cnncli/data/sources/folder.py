@@ -31,9 +31,11 @@ def _class_dirs(root: Path) -> list[Path]:
 
 
 def _image_files(class_dir: Path) -> list[Path]:
-    # rglob: nested folders inside a class folder still belong to that class.
+    # rglob: nested folders inside a class folder still belong to that class, except hidden ones
+    # (.ipynb_checkpoints/, .thumbnails/ hold copies and thumbnails, not training images)
     return sorted(p for p in class_dir.rglob("*")
-                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not _is_hidden(p))
+                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                  and not any(part.startswith(".") for part in p.relative_to(class_dir).parts))
 
 
 def _decode_all(files: list[tuple[Path, int]]) -> tuple[list[np.ndarray], np.ndarray]:
