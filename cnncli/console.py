@@ -1,9 +1,30 @@
 """Rich consoles shared by every command: results go to stdout, messages and progress to stderr."""
 
+import json
+import math
+from typing import Any
+
 from rich.console import Console
 
 console = Console()
 err_console = Console(stderr=True)
+
+
+def finite(obj: Any) -> Any:
+    """`obj` with every NaN or infinite float replaced by None (null in JSON)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def to_json(obj: Any, **kwargs) -> str:
+    """Strict JSON (what `--json`, metrics.jsonl and summary.json hold): NaN and infinities become null,
+    since a bare NaN is not JSON and strict readers (jq, JSON.parse) reject the whole line."""
+    return json.dumps(finite(obj), allow_nan=False, **kwargs)
 
 
 def fmt_count(n: float) -> str:

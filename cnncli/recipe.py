@@ -358,8 +358,13 @@ def _read_text(path: Path) -> str:
                         "recipe as UTF-8") from None
 
 
+def read_yaml_file(path: Path, source: str | None = None) -> Any:
+    """A YAML (or JSON) file given by the user, within the bounds above; every problem is one UserError."""
+    return parse_yaml(_read_text(path), source or str(path))
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
-    raw = parse_yaml(_read_text(path), str(path))
+    raw = read_yaml_file(path)
     if not isinstance(raw, dict):
         raise UserError(f"{path} is not a recipe: expected a YAML mapping with a 'model' section")
     return raw

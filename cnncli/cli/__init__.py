@@ -11,8 +11,8 @@ import typer
 from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 
-from cnncli import __version__
-from cnncli.errors import EXIT_USER_ERROR, UserError
+from cnncli import __version__, interrupts
+from cnncli.errors import EXIT_USER_ERROR, UserError, is_disk_full, os_fault
 
 # The panels of `cnncli --help`; every command names one (`rich_help_panel=`; tests/test_cli_help.py checks).
 TRAIN = "Train"
@@ -39,8 +39,10 @@ class _Command(TyperCommand):
 
 
 class _Group(TyperGroup):
-    """Turns a UserError raised by any command into one red line on stderr and exit code 2, and adds the
-    matching `--set KEY=VALUE` to an unknown option of a command that reads a recipe."""
+    """Turns a UserError, or a fault of the environment (full disk, read-only file system, no memory),
+    raised by any command into one red line on stderr and exit code 2, and a stop signal into one line and
+    128 + its number; adds the matching `--set KEY=VALUE` to an unknown option of a command that reads a
+    recipe."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -59,14 +61,44 @@ class _Group(TyperGroup):
         try:
             return super().invoke(ctx)
         except UserError as e:
+            _error_line(str(e))
+            ctx.exit(EXIT_USER_ERROR)
+        except KeyboardInterrupt as e:
             from cnncli.console import err_console
 
-            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-            ctx.exit(EXIT_USER_ERROR)
+            signum = getattr(e, "signum", 2)
+            err_console.print(f"stopped by {interrupts.describe(signum)}", highlight=False)
+            ctx.exit(128 + signum)
         except Exception as e:
             if type(e).__name__ == "NoSuchOption":  # click's class is private to typer (typer._click)
                 _hint_recipe_key(e)
-            raise
+                raise
+            message = environment_fault(e)
+            if message is None:
+                raise  # a bug in cnncli: keep the traceback
+            _error_line(message)
+            ctx.exit(EXIT_USER_ERROR)
+
+
+def _error_line(text: str) -> None:
+    from cnncli.console import err_console
+
+    err_console.print(f"[bold red]error:[/] {escape(text)}", highlight=False, soft_wrap=True)
+
+
+def environment_fault(e: BaseException) -> str | None:
+    """One line for an exception that reports the machine's limits rather than a bug; None otherwise."""
+    if isinstance(e, MemoryError):
+        return ("out of memory: the data or the model does not fit in this machine's RAM; lower data.image_size, "
+                "data.limit or train.batch_size")
+    if type(e).__name__ in ("XlaRuntimeError", "JaxRuntimeError") and "RESOURCE_EXHAUSTED" in str(e):
+        return ("out of accelerator memory: lower train.batch_size or train.eval_batch_size (or use "
+                "train.precision=bfloat16)")
+    if is_disk_full(e):
+        where = f" ({e.filename})" if isinstance(e, OSError) and e.filename else ""
+        return f"the disk is full{where}: free space and run the command again (a run continues with --resume)"
+    fault = os_fault(e, "cannot read or write a file")
+    return None if fault is None else str(fault)
 
 
 def _hint_recipe_key(error) -> None:
@@ -138,6 +170,7 @@ for _module in pkgutil.iter_modules(__path__):
 
 def main() -> None:
     """Entry point of the `cnncli` script."""
+    interrupts.install()  # first: a signal during start-up (imports, data loading, compiling) is never lost
     from cnncli.runtime import keep_freed_memory
 
     keep_freed_memory()  # before JAX allocates anything: large step buffers stay mapped between steps

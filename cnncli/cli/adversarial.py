@@ -1,6 +1,5 @@
 """`cnncli adversarial` (alias `cnncli attack`): attack a trained run, measure robust accuracy, draw the figures."""
 
-import json
 from pathlib import Path
 
 import typer
@@ -96,7 +95,7 @@ def adversarial(
     from rich.markup import escape
 
     from cnncli.adversarial.attacks import ATTACKS, AttackConfig, check_config, check_eps, step_size_warning
-    from cnncli.console import console, err_console, progress_bar
+    from cnncli.console import console, err_console, progress_bar, to_json
     from cnncli.data.classes import parse_class_map
     from cnncli.train.steps import data_mesh
     from cnncli.train.trained_run import eval_data, load_trained
@@ -136,7 +135,7 @@ def adversarial(
     result.pop("examples")
     _warn(result["warnings"], err_console)
     if as_json:
-        print(json.dumps(result))
+        print(to_json(result))
         return
     render(result, console)
 
@@ -153,7 +152,7 @@ def _autoattack(path, eps, version, attacks, norm, steps, restarts, n_targets, q
 
     from cnncli.adversarial.attacks import NORMS, check_eps
     from cnncli.adversarial.autoattack import autoattack, version_attacks, with_overrides
-    from cnncli.console import console, err_console, progress_bar
+    from cnncli.console import console, err_console, progress_bar, to_json
     from cnncli.data.classes import parse_class_map
     from cnncli.train.steps import data_mesh
     from cnncli.train.trained_run import eval_data, load_trained
@@ -191,7 +190,7 @@ def _autoattack(path, eps, version, attacks, norm, steps, restarts, n_targets, q
                   npz=_save_examples(result.pop("examples"), x, y, trained.class_names, folder, stem))
     _warn(result["warnings"], err_console)
     if as_json:
-        print(json.dumps(result))
+        print(to_json(result))
         return
     render_autoattack(result, console)
 

@@ -1,6 +1,5 @@
 """`cnncli benchmark`: images/s of the jitted steps, comparable with benchmarks/torch_peer.py."""
 
-import json
 
 import typer
 
@@ -25,7 +24,7 @@ def benchmark(
     The JSON line has the PyTorch peer's fields plus gflops (achieved, from the model's FLOP count),
     peak_gflops and peak_fraction (once `--peak` has measured the peak on this machine).
     """
-    from cnncli.console import console
+    from cnncli.console import console, to_json
     from cnncli.tools import benchmark as bench
 
     if peak:
@@ -38,4 +37,4 @@ def benchmark(
                     else " (run with --peak once for the fraction of this machine's peak)")
         console.print(f"{model} {mode} batch {batch_size}: [bold]{result['img_per_s']:,.0f} img/s[/], "
                       f"{result['gflops']:,.0f} GFLOP/s{fraction} ({result['steps']} steps on {result['device']})")
-    print(json.dumps(result))
+    print(to_json(result))

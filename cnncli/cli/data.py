@@ -77,12 +77,11 @@ def show(
 ) -> None:
     """Class counts, shares and imbalance (largest / smallest class) of a dataset, and a PNG grid of
     random examples of each class, labelled with the class and its count."""
-    import json
 
     from rich.markup import escape
     from rich.table import Table
 
-    from cnncli.console import console
+    from cnncli.console import console, to_json
     from cnncli.data.overview import class_counts, examples_per_class, split_arrays
     from cnncli.data.sources import load_dataset
     from cnncli.errors import UserError
@@ -107,7 +106,7 @@ def show(
     figures.save(figures.class_examples([x[p] for p in picks], labels, title, per_class), out)
     counts.update(source=source, split=split, image_shape=[h, w, c], figure=str(out))
     if as_json:
-        print(json.dumps(counts))
+        print(to_json(counts))
         return
     table = Table(title=title)
     for column in ("#", "class", "images", "share"):

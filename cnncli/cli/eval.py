@@ -1,6 +1,5 @@
 """`cnncli eval`: metrics of a trained run on any split or another dataset source."""
 
-import json
 from pathlib import Path
 
 import typer
@@ -45,7 +44,7 @@ def eval_command(
     """Top-1/top-5 accuracy, loss, per-class precision/recall/F1, the confusion matrix and its most-confused pairs."""
     from rich.markup import escape
 
-    from cnncli.console import console, err_console, progress_bar
+    from cnncli.console import console, err_console, progress_bar, to_json
     from cnncli.data.classes import parse_class_map
     from cnncli.train.evaluate import evaluate
     from cnncli.train.steps import data_mesh
@@ -94,7 +93,7 @@ def eval_command(
                                               out_dir=trained.run.plots, fit=temperature, tta=tta,
                                               batch_size=batch_size, progress=advance)
     if as_json:
-        print(json.dumps(result))
+        print(to_json(result))
         return
     render(result, console)
 

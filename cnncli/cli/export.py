@@ -31,9 +31,8 @@ def export(
     writing, the export runs on random images and must match cnncli's logits within 1e-4.
     ONNX needs `pip install 'cnncli[export]' && pip install --no-deps jax2onnx==0.17.1`.
     """
-    import json
 
-    from cnncli.console import console, progress_bar
+    from cnncli.console import console, progress_bar, to_json
     from cnncli.tools.export import export as export_run
     from cnncli.train.trained_run import load_trained
 
@@ -43,7 +42,7 @@ def export(
         written = export_run(trained, out, fmt, layout=layout, batch=batch_size)
     info = written.to_dict()
     if as_json:
-        print(json.dumps(info))
+        print(to_json(info))
         return
     shape = "x".join(str(d) for d in info["input_shape"])
     opset = f", opset {info['metadata']['opset']}" if "opset" in info["metadata"] else ""

@@ -42,41 +42,50 @@ def fine_tune(
     (finetune.lr_mult, lr_decay: layer-wise rates); lwf everything, distilling
     the old head's recorded outputs (Learning without Forgetting).
     """
+    import json
+
     from cnncli import recipe as recipe_lib
-    from cnncli.cli.train import shortcut_overrides
+    from cnncli.cli.train import shortcut_overrides, writing
     from cnncli.recipe import FinetuneConfig
+    from cnncli.run import checkpoint
     from cnncli.run.rundir import DEFAULT_ROOT, RunDir, default_run_dir
     from cnncli.train.trained_run import load_trained
 
     overrides = [*overrides, *shortcut_overrides(epochs=epochs, data=data, lr=lr, batch_size=batch_size)]
     if resume:
-        if run_dir is None or not (run_dir / "recipe.yaml").is_file():
+        if run_dir is None:
             raise UserError("--resume needs --run-dir pointing at a fine-tuned run")
         if source is not None or recipe is not None or overrides or mode or unfreeze_last is not None:
             raise UserError("--resume continues a run as it was started; give only --run-dir")
         run = RunDir(run_dir)
-        resolved = recipe_lib.load(run.recipe)
-        if resolved.finetune is None or resolved.finetune.source is None:
-            raise UserError(f"{run.path} was not made by `cnncli fine-tune`; resume it with `cnncli train --resume`")
-        trained = load_trained(resolved.finetune.source)
+        if not run.has_run() and checkpoint.read_index(run.checkpoints, quiet=True) is None:
+            raise UserError(f"nothing to resume in {run.path}: --resume needs --run-dir pointing at a fine-tuned run")
+        with writing(run):
+            resolved = checkpoint.read_run_file(run.path, "recipe.yaml",
+                                                lambda text: recipe_lib.loads(text, str(run.recipe)), repair=True)
+            if resolved.finetune is None or resolved.finetune.source is None:
+                raise UserError(f"{run.path} was not made by `cnncli fine-tune`; resume it with `cnncli train "
+                                "--resume`")
+            checkpoint.read_run_file(run.path, "data.json", json.loads, repair=True)
+            trained = load_trained(resolved.finetune.source)
+            _fine_tune(trained, resolved, run, resume=True, overwrite=False)
+        return
+    if source is None or recipe is None:
+        raise UserError("give the SOURCE run and the RECIPE of the new data, e.g. "
+                        "`cnncli fine-tune runs/base recipes/my_finetune.yaml`")
+    trained = load_trained(source)
+    defaults = {"model": trained.recipe.model.model_dump(mode="json")}
+    resolved = recipe_lib.load(recipe, [*overrides, *_mode_overrides(mode, unfreeze_last)], defaults=defaults)
+    # the resolved recipe names its source, so that --resume can rebuild the same fine-tuning
+    resolved.finetune = (resolved.finetune or FinetuneConfig()).model_copy(update={"source": str(source.resolve())})
+    # runs/NAME, or runs/NAME-2, ... when it holds a run (as `cnncli train`); --run-dir is never changed
+    if run_dir is not None or overwrite:
+        run = RunDir(run_dir or DEFAULT_ROOT / resolved.name)
     else:
-        if source is None or recipe is None:
-            raise UserError("give the SOURCE run and the RECIPE of the new data, e.g. "
-                            "`cnncli fine-tune runs/base recipes/my_finetune.yaml`")
-        trained = load_trained(source)
-        defaults = {"model": trained.recipe.model.model_dump(mode="json")}
-        resolved = recipe_lib.load(recipe, [*overrides, *_mode_overrides(mode, unfreeze_last)], defaults=defaults)
-        # the resolved recipe names its source, so that --resume can rebuild the same fine-tuning
-        resolved.finetune = (resolved.finetune or FinetuneConfig()).model_copy(update={"source": str(source.resolve())})
-        # runs/NAME, or runs/NAME-2, ... when it holds a run (as `cnncli train`); --run-dir is never changed
-        if run_dir is not None or overwrite:
-            run = RunDir(run_dir or DEFAULT_ROOT / resolved.name)
-        else:
-            run = default_run_dir(DEFAULT_ROOT, resolved.name)
-        if run.has_run() and not overwrite:
-            raise UserError(f"{run.path} already holds a run: --resume to continue it, --overwrite to start over, "
-                            "or --run-dir for another directory")
-    _fine_tune(trained, resolved, run, resume=resume, overwrite=overwrite)
+        run = default_run_dir(DEFAULT_ROOT, resolved.name)
+    with writing(run):
+        run.check_new(overwrite, "`cnncli fine-tune --resume --run-dir DIR`")
+        _fine_tune(trained, resolved, run, resume=False, overwrite=overwrite)
 
 
 def _mode_overrides(mode: str | None, unfreeze_last: int | None) -> list[str]:
@@ -91,8 +100,6 @@ def _mode_overrides(mode: str | None, unfreeze_last: int | None) -> list[str]:
 
 
 def _fine_tune(trained, recipe, run, *, resume: bool, overwrite: bool) -> None:
-    import shutil
-
     from cnncli.cli.train import print_summary, write_curves
     from cnncli.console import TrainDisplay, console, err_console
     from cnncli.data.pipeline import load_splits
@@ -108,11 +115,10 @@ def _fine_tune(trained, recipe, run, *, resume: bool, overwrite: bool) -> None:
     err_console.print(tuning.describe(), highlight=False)
     for note in tuning.notes:
         err_console.print(note, highlight=False)
-    if overwrite and run.path.exists() and not resume:
-        shutil.rmtree(run.path)
-    run.path.mkdir(parents=True, exist_ok=True)
+    if overwrite and not resume and run.has_run():
+        run.clear()  # the run's own files only, once the data and the source loaded
     if not resume:
-        run.recipe.write_text(recipe.to_yaml())
+        run.write_text(run.recipe, recipe.to_yaml())
         run.write_json(run.data, run_data(trained, recipe, splits, tuning))
     err_console.print(f"run directory: {run.path}", highlight=False)
     try:

@@ -49,9 +49,18 @@ def import_weights(
     running statistics kept). cnncli models take pixels in [0, 1], so the
     weights' normalization (ImageNet's unless --mean/--std) is the first op.
     """
+    from cnncli.cli.train import writing
+    from cnncli.run.rundir import RunDir
+
+    run = RunDir(run_dir)
+    with writing(run):
+        run.check_new(overwrite, "(an imported run is not resumed)")
+        _import(run, arch, path, mean, std, input_shape, class_names, data, overwrite)
+
+
+def _import(run, arch, path, mean, std, input_shape, class_names, data, overwrite) -> None:
     from cnncli.cli.summary import parse_shape
     from cnncli.console import console
-    from cnncli.run.rundir import RunDir
     from cnncli.transfer.import_weights import (
         IMAGENET_MEAN,
         IMAGENET_SOURCE,
@@ -61,9 +70,6 @@ def import_weights(
         write_run,
     )
 
-    run = RunDir(run_dir)
-    if run.has_run() and not overwrite:
-        raise UserError(f"{run_dir} already holds a run: --overwrite to replace it, or choose another --run-dir")
     shape = parse_shape(input_shape)
     means = parse_floats(mean, "--mean") if mean else IMAGENET_MEAN
     stds = parse_floats(std, "--std") if std else IMAGENET_STD
@@ -78,5 +84,5 @@ def import_weights(
     names = read_class_names(class_names, n) if class_names else [f"class_{i:0{len(str(n - 1))}d}" for i in range(n)]
     write_run(run, imported, source=path, class_names=names, data_source=data or IMAGENET_SOURCE, overwrite=overwrite)
     console.print(f"{arch}: {imported.num_params:,} parameters, {n} classes, input {input_shape}, from {path} -> "
-                  f"{run_dir}\nnext: `cnncli eval {run_dir} --data SOURCE`, `cnncli fine-tune {run_dir} RECIPE`, "
-                  f"`cnncli summary {run_dir}`", highlight=False)
+                  f"{run.path}\nnext: `cnncli eval {run.path} --data SOURCE`, `cnncli fine-tune {run.path} RECIPE`, "
+                  f"`cnncli summary {run.path}`", highlight=False)

@@ -28,12 +28,11 @@ def lr_find(
     suggestion is for 100 steps (more steps shift the whole curve to lower lrs). Nothing is written
     but the figure: no run directory.
     """
-    import json
 
     from rich.table import Table
 
     from cnncli import recipe as recipe_lib
-    from cnncli.console import console, progress_bar
+    from cnncli.console import console, progress_bar, to_json
     from cnncli.data.pipeline import load_splits
     from cnncli.inspect import figures
     from cnncli.tools.lr_find import range_test
@@ -51,7 +50,7 @@ def lr_find(
              f"{len(result.lrs)} steps, {result.lrs[0]:.0e} to {result.lrs[-1]:.1e} ({where})")
     figures.save(figures.lr_range_test(result.lrs, result.losses, result.smoothed, suggestions, title), out)
     if as_json:
-        print(json.dumps({**result.to_dict(), "figure": str(out)}))
+        print(to_json({**result.to_dict(), "figure": str(out)}))
         return
     if not suggestions:
         console.print(f"no descent of the loss to read a learning rate from ({len(result.lrs)} steps, "

@@ -1,6 +1,5 @@
 """`cnncli predict RUN IMAGE...`: the most probable classes of image files (one, or a folder of thousands)."""
 
-import json
 from pathlib import Path
 
 import typer
@@ -31,7 +30,7 @@ def predict(
     When `cnncli eval --temperature` has fitted a temperature for this checkpoint, the probabilities
     are those of the calibrated model (the ranking is the same).
     """
-    from cnncli.console import console, progress_bar
+    from cnncli.console import console, progress_bar, to_json
     from cnncli.inspect.predict import check_out, find_images, predict_files, write_predictions
     from cnncli.train.trained_run import load_trained
 
@@ -45,7 +44,7 @@ def predict(
         if not as_json:
             console.print(f"wrote {len(results):,} predictions to {out}", highlight=False, soft_wrap=True)
     if as_json:
-        print(json.dumps(results))
+        print(to_json(results))
     elif len(results) <= MAX_LISTED:
         _render(results)
     else:

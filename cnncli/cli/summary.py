@@ -1,7 +1,6 @@
 """`cnncli summary RECIPE_OR_MODEL`: the per-layer table of a network (shapes, parameters, MACs,
 activation memory, receptive field), as the lectures tabulate VGG-16."""
 
-import json
 
 import typer
 
@@ -55,14 +54,15 @@ def _recipe_input(recipe) -> tuple[tuple[int, int, int], int]:
 
 
 def _parse_options(assignments: list[str]) -> dict:
-    import yaml
+    from cnncli.errors import brief
+    from cnncli.recipe import parse_yaml
 
     options = {}
     for a in assignments:
         key, sep, value = a.partition("=")
         if not sep:
-            raise UserError(f"--set expects OPTION=VALUE (e.g. classifier=linear), got '{a}'")
-        options[key.strip()] = yaml.safe_load(value)
+            raise UserError(f"--set expects OPTION=VALUE (e.g. classifier=linear), got {brief(a)}")
+        options[key.strip()] = parse_yaml(value, f"--set {key.strip()}")
     return options
 
 
@@ -87,9 +87,11 @@ def summary(
 
     from flax import nnx
 
+    from cnncli.console import to_json
     from cnncli.inspect.summary import summarize
     from cnncli.models import build_network, default_input, model_options, registered_models
     from cnncli.recipe import load
+    from cnncli.run.rundir import RunDir
 
     names = registered_models()
     # A model name wins over a bundled recipe of the same name (`cnncli summary vgg16` is the
@@ -97,7 +99,7 @@ def summary(
     if Path(target).is_dir() and (Path(target) / "recipe.yaml").is_file():
         # A run directory: its resolved recipe, and the image shape and classes it was trained on.
         recipe = load(Path(target) / "recipe.yaml", overrides)
-        data = json.loads((Path(target) / "data.json").read_text())
+        data = RunDir(target).read_json(Path(target) / "data.json")
         name, options = recipe.model.name, model_options(recipe.model)
         shape, n_classes = tuple(data["image_shape"]), len(data["class_names"])
         run_batch = recipe.train.batch_size
@@ -126,7 +128,7 @@ def summary(
     net = nnx.eval_shape(lambda: build_network(name, input_shape=shape, num_classes=n_classes, **options))
     result = summarize(net, shape, batch=run_batch)
     if as_json:
-        typer.echo(json.dumps({"model": name, "num_classes": n_classes, **result.to_dict()}))
+        typer.echo(to_json({"model": name, "num_classes": n_classes, **result.to_dict()}))
         return
     _print_table(name, n_classes, result)
 

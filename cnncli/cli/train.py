@@ -1,5 +1,6 @@
 """`cnncli train`: train a model from a YAML recipe into a run directory."""
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -64,18 +65,38 @@ def train(
         # without --run-dir: the newest of runs/NAME, runs/NAME-2, ... (process 0 looks, the others follow)
         run = RunDir(run_dir or distributed.agree(
             lambda: str(latest_run_dir(DEFAULT_ROOT, recipe_lib.load(_require(recipe)).name).path)))
-        # process 0 reads the run directory (the other hosts need not see it) and hands out the recipe
-        raw, extended_from = distributed.agree(lambda: _resumable(run, overrides))
-        resolved = recipe_lib.validate(raw, source=str(run.recipe))
     else:
         resolved = recipe_lib.load(_require(recipe), overrides)
         if run_dir is None and not overwrite:
             # runs/NAME, or runs/NAME-2, ... when it holds a run; an explicit --run-dir is never changed
             run_dir = distributed.agree(lambda: str(default_run_dir(DEFAULT_ROOT, resolved.name).path))
         run = RunDir(run_dir or DEFAULT_ROOT / resolved.name)
-        distributed.agree(lambda: _check_new(run, overwrite or dry_run))
-    _train(resolved, run, resume=resume, overwrite=overwrite, dry_run=dry_run, extended_from=extended_from,
-           default_dir=default_dir)
+    if dry_run and not resume:
+        _train(resolved, run, resume=False, overwrite=False, dry_run=True, default_dir=default_dir)
+        return
+    with writing(run):
+        if resume:
+            # process 0 reads the run directory (the other hosts need not see it) and hands out the recipe
+            raw, extended_from = distributed.agree(lambda: _resumable(run, overrides))
+            resolved = recipe_lib.validate(raw, source=str(run.recipe))
+        else:
+            distributed.agree(lambda: run.check_new(overwrite, "--resume"))
+        _train(resolved, run, resume=resume, overwrite=overwrite, dry_run=dry_run, extended_from=extended_from,
+               default_dir=default_dir)
+
+
+@contextmanager
+def writing(run):
+    """Hold the run directory's lock (process 0 takes it, a refusal stops every process): one writer."""
+    from cnncli.run import distributed
+    from cnncli.run.rundir import RunLock
+
+    lock = RunLock(run.path)
+    distributed.agree(lock.acquire)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def shortcut_overrides(*, epochs: int | None, data: str | None, lr: float | None, batch_size: int | None) -> list[str]:
@@ -85,19 +106,29 @@ def shortcut_overrides(*, epochs: int | None, data: str | None, lr: float | None
 
 
 def _resumable(run, overrides: list[str]) -> tuple[dict, int | None]:
-    """The recipe of the run to resume in `run` (as JSON), and its epochs before an extension (None if none).
+    """The recipe of the run to resume in `run` (as JSON), and its epochs before an extension (None if none);
+    its recipe.yaml and data.json are repaired from a checkpoint's copy when missing or damaged.
 
     `--set train.epochs=N` (or --epochs N) extends a run, finished or not, to N epochs; nothing else may change.
     """
-    from cnncli import recipe as recipe_lib
+    import json
 
-    if not run.recipe.is_file():
+    from cnncli import recipe as recipe_lib
+    from cnncli.run import checkpoint
+
+    from cnncli import recipe as recipe_lib
+    from cnncli.run import checkpoint
+
+    if not run.has_run() and checkpoint.read_index(run.checkpoints, quiet=True) is None:
         raise UserError(f"nothing to resume in {run.path}: it holds no run; start the run without --resume")
-    stored = recipe_lib.load(run.recipe)
     keys = {o.partition("=")[0].strip() for o in overrides}
     if keys - {EXTENDABLE}:
         raise UserError(f"--set {', '.join(sorted(keys - {EXTENDABLE}))} cannot change a run being resumed (only "
                         f"{EXTENDABLE} may grow, to extend it); start a new run (--run-dir) instead")
+    if run.checkpoints.is_dir():
+        checkpoint.read_run_file(run.path, "data.json", json.loads, repair=True)
+    stored = checkpoint.read_run_file(run.path, "recipe.yaml", lambda text: recipe_lib.loads(text, str(run.recipe)),
+                                      repair=True)
     if not overrides:
         return stored.model_dump(mode="json"), None
     extended = recipe_lib.load(run.recipe, overrides)
@@ -108,12 +139,6 @@ def _resumable(run, overrides: list[str]) -> tuple[dict, int | None]:
     return extended.model_dump(mode="json"), (old if new > old else None)
 
 
-def _check_new(run, replacing: bool) -> None:
-    if run.has_run() and not replacing:
-        raise UserError(f"{run.path} already holds a run: --resume to continue it, --overwrite to start over, "
-                        "or --run-dir for another directory")
-
-
 def _require(recipe: str | None) -> str:
     if recipe is None:
         raise UserError("give a recipe (a YAML file or a bundled recipe name); see `cnncli recipes`")
@@ -122,8 +147,6 @@ def _require(recipe: str | None) -> str:
 
 def _train(recipe, run, *, resume: bool, overwrite: bool, dry_run: bool, extended_from: int | None = None,
            default_dir: bool = False) -> None:
-    import shutil
-
     from cnncli.console import TrainDisplay, console, err_console
     from cnncli.data.pipeline import load_data, split_sizes
     from cnncli.run import distributed
@@ -155,13 +178,15 @@ def _train(recipe, run, *, resume: bool, overwrite: bool, dry_run: bool, extende
             err_console.print(model_line, highlight=False)
         return
     if main:
-        if overwrite and run.path.exists() and not resume:
-            shutil.rmtree(run.path)
-        run.path.mkdir(parents=True, exist_ok=True)
+        if overwrite and not resume and run.has_run():
+            kept = run.clear()  # the run's own files only, after the data loaded: a failure above keeps the old run
+            if kept:
+                err_console.print(f"--overwrite kept {len(kept)} entries of {run.path} that are not cnncli's: "
+                                  f"{', '.join(kept[:5])}{', ...' if len(kept) > 5 else ''}", highlight=False)
         if not resume:
             start_run(recipe, splits, run)
         elif extended_from is not None:
-            run.recipe.write_text(recipe.to_yaml())  # the run now ends at the new epoch count
+            run.write_text(run.recipe, recipe.to_yaml())  # the run now ends at the new epoch count
             schedule = "" if recipe.schedule.name == "constant" else (
                 f"; the {recipe.schedule.name} learning-rate schedule now spans {recipe.train.epochs} epochs")
             err_console.print(f"extending {run.path} from {extended_from} to {recipe.train.epochs} epochs{schedule}",

@@ -49,12 +49,9 @@ def parse_class_map(text: str | None) -> dict[str, str]:
         return {}
     path = Path(text).expanduser()
     if path.is_file():
-        import yaml
+        from cnncli.recipe import read_yaml_file
 
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise UserError(f"--class-map {path} is not a YAML or JSON mapping: {e}") from None
+        raw = read_yaml_file(path, f"--class-map {path}")
         if not isinstance(raw, dict):
             raise UserError(f"--class-map {path} must map data class names to run class names (or '-' to drop), "
                             f"e.g. {json.dumps({'tshirt': 'T-shirt/top', 'other': DROP})}")

@@ -4,6 +4,7 @@
 kept its source's head is rebuilt with both heads (`TwoHeads`), so the old task stays evaluable.
 """
 
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,7 @@ class TrainedRun:
 def _run_of(path: Path) -> RunDir:
     """The run directory of a run path, its checkpoints folder, or one checkpoint inside it."""
     for candidate in (path, path.parent, path.parent.parent):
-        if (candidate / "recipe.yaml").is_file():
+        if (candidate / "recipe.yaml").is_file() or checkpoint.run_file(candidate / "checkpoints", "recipe.yaml"):
             return RunDir(candidate)
     raise UserError(f"{path} is not a cnncli run: no recipe.yaml in it or above it (train one with `cnncli train`)")
 
@@ -79,21 +80,34 @@ def load_trained(path: str | Path, which: str = "best", *, ema: bool = False) ->
     """Load the run at `path` and restore its `which` (best or latest) checkpoint, or the checkpoint at `path`.
 
     With `ema`, the model gets the checkpoint's EMA weights instead of the raw ones (runs trained with
-    train.ema; otherwise a UserError).
+    train.ema; otherwise a UserError). A run still training may prune a checkpoint while it is read: the
+    checkpoint it then names is read instead.
     """
 
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path} does not exist: give a run directory written by `cnncli train`")
+    if which not in checkpoint.WHICH:
+        checkpoint.find(path, which)  # the one clear error for an unknown --checkpoint
     run = _run_of(path)
-    is_single = path.name.startswith("step_") and path.is_dir()
-    ckpt, meta = (path, {}) if is_single else checkpoint.find(run.path, which)
-    recipe = recipe_lib.load(run.recipe)
-    data = run.read_json(run.data)
+    is_single = checkpoint.STEP_DIR.match(path.name) is not None and path.is_dir()
+    if not is_single and checkpoint.checkpoints_dir(run.path) is None:
+        raise checkpoint.no_checkpoint(run.path)
+    recipe = checkpoint.read_run_file(run.path, "recipe.yaml", lambda text: recipe_lib.loads(text, str(run.recipe)))
+    data = checkpoint.read_run_file(run.path, "data.json", json.loads)
     model = _build(recipe, data)
     template = TrainState(model.params, model.rest, None, None,
                           {"params": model.params, "rest": model.rest} if ema else None)
-    state, _ = checkpoint.restore(ckpt, template, with_optimizer=False)
+    for attempt in range(3):
+        if is_single:
+            checkpoint.check_intact(path)
+        ckpt, meta = (path, {}) if is_single else checkpoint.find(run.path, which)
+        try:
+            state, _ = checkpoint.restore(ckpt, template, with_optimizer=False)
+            break
+        except checkpoint.Vanished:
+            if is_single or attempt == 2:
+                raise
     weights = state.ema if ema else {"params": state.params, "rest": state.rest}
     model = replace(model, params=weights["params"], rest=weights["rest"])
     return TrainedRun(run=run, recipe=recipe, data=data, model=model, checkpoint=ckpt, meta=meta,

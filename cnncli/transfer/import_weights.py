@@ -352,17 +352,14 @@ def import_state_dict(arch: str, tensors: dict[str, np.ndarray], *, source: str,
 def write_run(run, imported: Imported, *, source: Path, class_names: list[str], data_source: str,
               overwrite: bool = False) -> None:
     """Write the run directory other commands read: recipe.yaml, data.json and one checkpoint (step 0)."""
-    import shutil
-
-
     h, w, c = imported.input_shape
     recipe = Recipe(name=run.path.name, description=f"{imported.arch} imported from {Path(source).name}",
                     model=ModelConfig(name=ARCHS[imported.arch][0], args=ARCHS[imported.arch][1]),
                     data=DataConfig(source=data_source, image_size=(h, w), channels=c))
-    if overwrite and run.path.exists():
-        shutil.rmtree(run.path)
+    if overwrite and run.has_run():
+        run.clear()  # the run's own files only
     run.path.mkdir(parents=True, exist_ok=True)
-    run.recipe.write_text(recipe.to_yaml())
+    run.write_text(run.recipe, recipe.to_yaml())
     run.write_json(run.data, {"source": data_source, "class_names": class_names, "image_shape": [h, w, c],
                               "mean": list(imported.mean), "std": list(imported.std),
                               "imported_from": str(Path(source).resolve())})
