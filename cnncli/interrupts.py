@@ -11,6 +11,7 @@ except while a checkpoint is being written: that waits for the write (cnncli.run
 
 import contextlib
 import signal
+import sys
 import threading
 
 SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
@@ -38,6 +39,16 @@ def install() -> None:
     for s in SIGNALS:
         signal.signal(s, _handle)
     _State.installed = True
+    _State.received = None
+    sys.unraisablehook = _quiet_when_swallowed
+
+
+def _quiet_when_swallowed(unraisable, _default=sys.unraisablehook) -> None:
+    """An Interrupt raised inside a callback that cannot propagate it (JAX's gc callback) is not printed as
+    "Exception ignored ... Traceback": the request it carries is recorded, and the loop honours it."""
+    if isinstance(unraisable.exc_value, Interrupt):
+        return
+    _default(unraisable)
 
 
 def _handle(signum, frame) -> None:
@@ -52,10 +63,6 @@ def _handle(signum, frame) -> None:
 def requested() -> int | None:
     """The signal that asked to stop (None when none did)."""
     return _State.received
-
-
-def reset() -> None:
-    _State.received = None
 
 
 def describe(signum: int) -> str:
@@ -75,6 +82,7 @@ def stepping():
         yield
     finally:
         _State.stepping = False
+        _State.received = None  # the loop has acted on it (a checkpoint and Interrupted)
         if owned:
             for s, handler in previous.items():
                 signal.signal(s, handler if handler is not None else signal.SIG_DFL)

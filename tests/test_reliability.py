@@ -260,6 +260,21 @@ def _running_process(run, epochs=40):
     return proc
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_6_sigterm_and_sighup_checkpoint_the_step_and_resume_exactly(tmp_path, sig):
+    reference = _train(tmp_path / "reference", epochs=6)
+    run = tmp_path / "preempted"
+    proc = cli_process("train", "lenet5_fashion_mnist", "--run-dir", run, *FAST, "--set", "train.epochs=6")
+    _wait_for(lambda: (run / "checkpoints" / "index.json").is_file(), proc, what="a first checkpoint")
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, stderr
+    assert "checkpoint saved" in stderr and "--resume" in stderr and "Traceback" not in stderr
+    result = cli("train", "--resume", "--run-dir", run)
+    assert result.exit_code == 0, result.output
+    assert metric_rows(run) == metric_rows(reference)
+
+
 def test_7_ctrl_c_twice_in_quick_succession_stops_cleanly(tmp_path):
     run = tmp_path / "twice"
     proc = _running_process(run)
@@ -269,6 +284,17 @@ def test_7_ctrl_c_twice_in_quick_succession_stops_cleanly(tmp_path):
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "Traceback" not in stderr, stderr
     assert cli("train", "--resume", "--run-dir", run).exit_code == 0  # whatever was on disk is consistent
+
+
+def test_7_ctrl_c_during_start_up_is_not_lost(tmp_path):
+    run = tmp_path / "startup"
+    proc = cli_process("train", "lenet5_fashion_mnist", "--run-dir", run, *FAST, "--set", "train.epochs=200")
+    time.sleep(1.5)  # importing JAX, loading data, compiling
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+    assert len(metric_rows(run)) < 200 if (run / "metrics.jsonl").exists() else True
+    assert not (run / "summary.json").exists() or json.loads((run / "summary.json").read_text()).get("stopped")
 
 
 def test_7_a_signal_during_a_checkpoint_write_waits_for_it(tmp_path, monkeypatch):
@@ -468,7 +494,7 @@ def test_10_disk_full_during_training_keeps_the_last_checkpoint_and_resumes(smal
     _, stderr = proc.communicate(timeout=120)
     text = " ".join(stderr.split())
     assert proc.returncode == 2 and "Traceback" not in stderr, stderr
-    assert "full" in text and "--resume" in text
+    assert "disk full" in text and "is intact" in text and "--resume" in text
     assert not list((run / "checkpoints").glob("*orbax-checkpoint-tmp*"))  # no half-written checkpoint left
     latest = _index(run)["latest"]["dir"]
     assert checkpoint.damage(run / "checkpoints" / latest) is None
@@ -603,3 +629,19 @@ def test_runs_of_the_earlier_layout_still_evaluate_and_resume(top3, tmp_path):
     assert result.exit_code == 0, result.output
     assert metric_rows(run) == metric_rows(top3)
     assert (run / "checkpoints" / _index(run)["latest"]["dir"] / "SHA256SUMS").is_file()  # saved in today's layout
+
+
+def test_a_checkpoint_carries_an_extra_json_item_under_its_checksums(tmp_path):
+    """What a data pipeline needs to resume its position (issue 24) travels in the checkpoint, checked."""
+    from cnncli.run import checkpoint
+
+    run = _train(tmp_path / "run", epochs=1)
+    position = {"shard": 3, "offset": 1234, "seen": [1, 2]}
+    meta = {"epoch": 1, "step_in_epoch": 2, "global_step": 8, "best": {}}
+    checkpoint.save(run / "checkpoints", state=_template(run), totals=_zero_totals(), meta=meta, best=False,
+                    extra=position)
+    step_dir = run / "checkpoints" / "step_8"
+    assert checkpoint.read_extra(step_dir) == position
+    assert "extra/metadata" in (step_dir / "SHA256SUMS").read_text()
+    _flip(step_dir / "extra" / "metadata", 3)
+    assert checkpoint.damage(step_dir) == "extra/metadata does not match its checksum"

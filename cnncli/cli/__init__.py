@@ -6,6 +6,7 @@ stays instant. A `UserError` anywhere becomes one line on stderr and exit code 2
 
 import importlib
 import pkgutil
+import signal
 
 import typer
 from rich.markup import escape
@@ -64,20 +65,25 @@ class _Group(TyperGroup):
             _error_line(str(e))
             ctx.exit(EXIT_USER_ERROR)
         except KeyboardInterrupt as e:
-            from cnncli.console import err_console
-
-            signum = getattr(e, "signum", 2)
-            err_console.print(f"stopped by {interrupts.describe(signum)}", highlight=False)
-            ctx.exit(128 + signum)
+            _stopped(ctx, getattr(e, "signum", None) or interrupts.requested() or signal.SIGINT)
         except Exception as e:
             if type(e).__name__ == "NoSuchOption":  # click's class is private to typer (typer._click)
                 _hint_recipe_key(e)
                 raise
+            if interrupts.requested() is not None:  # a library turned the stop signal into its own error
+                _stopped(ctx, interrupts.requested())
             message = environment_fault(e)
             if message is None:
                 raise  # a bug in cnncli: keep the traceback
             _error_line(message)
             ctx.exit(EXIT_USER_ERROR)
+
+
+def _stopped(ctx, signum: int) -> None:
+    from cnncli.console import err_console
+
+    err_console.print(f"stopped by {interrupts.describe(signum)}", highlight=False)
+    ctx.exit(128 + signum)
 
 
 def _error_line(text: str) -> None:

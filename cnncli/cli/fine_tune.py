@@ -100,7 +100,7 @@ def _mode_overrides(mode: str | None, unfreeze_last: int | None) -> list[str]:
 
 
 def _fine_tune(trained, recipe, run, *, resume: bool, overwrite: bool) -> None:
-    from cnncli.cli.train import print_summary, write_curves
+    from cnncli.cli.train import print_summary, stopped_message, write_curves
     from cnncli.console import TrainDisplay, console, err_console
     from cnncli.data.pipeline import load_splits
     from cnncli.train.loop import Interrupted, check_recipe, train
@@ -124,9 +124,8 @@ def _fine_tune(trained, recipe, run, *, resume: bool, overwrite: bool) -> None:
     try:
         summary = train(recipe, splits, run, resume=resume, display=TrainDisplay(), tune=tuning)
     except Interrupted as e:
-        err_console.print(f"interrupted at {e}: checkpoint saved; continue with "
-                          f"`cnncli fine-tune --resume --run-dir {run.path}`", highlight=False)
-        raise typer.Exit(130) from None
+        err_console.print(stopped_message(e, f"cnncli fine-tune --resume --run-dir {run.path}"), highlight=False)
+        raise typer.Exit(e.exit_code) from None
     print_summary(summary, console)
     write_curves(run)
     old = summary.get("old_task_test")

@@ -22,24 +22,27 @@ def train(
 
     Ctrl-C stops after the current step and keeps the generator trained so far.
     """
-    import shutil
-
-    from cnncli.console import console, err_console
-    from cnncli.data.pipeline import load_splits
-    from cnncli.errors import UserError
-    from cnncli.generative import acgan
+    from cnncli.cli.train import writing
     from cnncli.generative.recipe import load
-    from cnncli.generative.run import train as train_gan
-    from cnncli.inspect import figures
     from cnncli.run.rundir import DEFAULT_ROOT, RunDir
 
     resolved = load(recipe, overrides)
     run = RunDir(run_dir or DEFAULT_ROOT / resolved.name)
-    if run.path.exists() and any(run.path.iterdir()):
-        if not overwrite:
-            raise UserError(f"{run.path} already holds a run: --overwrite to start over, or --run-dir for another")
-        shutil.rmtree(run.path)
+    with writing(run):
+        run.check_new(overwrite, "(a GAN run is not resumed)")
+        _train(resolved, run, overwrite)
+
+
+def _train(resolved, run, overwrite: bool) -> None:
+    from cnncli.console import console, err_console
+    from cnncli.data.pipeline import load_splits
+    from cnncli.generative import acgan
+    from cnncli.generative.run import train as train_gan
+    from cnncli.inspect import figures
+
     splits = load_splits(resolved.data, resolved.seed)
+    if overwrite and run.has_run():
+        run.clear()  # the run's own files only, once the data loaded
     acgan.check_shape(splits.image_shape)
     err_console.print(f"ACGAN on {len(splits.train_x):,} training images of {resolved.data.source} "
                       f"({splits.num_classes} classes); run directory: {run.path}", highlight=False)

@@ -48,7 +48,7 @@ def sweep(
     try:
         results = run_sweep(recipe, points, overrides, out, on_point=announce, display_factory=TrainDisplay)
     except Interrupted as e:
-        err_console.print(f"sweep interrupted at {e}; run the same command to continue it", highlight=False)
-        raise typer.Exit(130) from None
+        err_console.print(f"sweep stopped by {e.by} at {e}; run the same command to continue it", highlight=False)
+        raise typer.Exit(e.exit_code) from None
     keys = tuple(g.partition("=")[0].strip() for g in grids)
     report(results, out / CURVES_PNG, f"sweep of {base.name}: {', '.join(keys)}", console, labelled=keys)

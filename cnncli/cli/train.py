@@ -207,9 +207,8 @@ def _train(recipe, run, *, resume: bool, overwrite: bool, dry_run: bool, extende
         summary = train(recipe, splits, run, resume=resume, display=TrainDisplay() if main else None)
     except Interrupted as e:
         if main:
-            err_console.print(f"interrupted at {e}: checkpoint saved; continue with "
-                              f"`cnncli train --resume --run-dir {run.path}`", highlight=False)
-        raise typer.Exit(130) from None
+            err_console.print(stopped_message(e, f"cnncli train --resume --run-dir {run.path}"), highlight=False)
+        raise typer.Exit(e.exit_code) from None
     if main:
         print_summary(summary, console)
         write_curves(run)
@@ -223,6 +222,13 @@ def write_curves(run) -> None:
     if run.read_metrics():
         path, _ = run_curves(run)
         console.print(f"curves: {path}", highlight=False, soft_wrap=True)
+
+
+def stopped_message(e, resume: str) -> str:
+    """What a run stopped by a signal says: by what, where, and how to continue it."""
+    if e.saved:
+        return f"stopped by {e.by} at {e}: checkpoint saved; continue with `{resume}`"
+    return f"stopped by {e.by} at {e}: nothing was trained; `{resume}` starts it from the beginning"
 
 
 def _fingerprint(recipe, splits) -> dict:

@@ -431,6 +431,7 @@ def _manager(ckpt_dir: Path, keep_top: int | None, keep: set[str]):
         # best_fn only makes Orbax store the metrics it ranks by; the preservation policy decides what stays
         step_prefix=PREFIX, preservation_policy=policies.AnyPreservationPolicy(kept), best_fn=rank, create=False,
         enable_async_checkpointing=False, save_root_metadata=False, temporary_path_class=_durable_rename(),
+        cleanup_tmp_directories=True,  # what a killed write left
         **extra)
     ckpt_dir.mkdir(parents=True, exist_ok=True)  # Orbax creates it only without active_processes (one process)
     with _quiet_orbax():

@@ -21,7 +21,7 @@ from typing import Any
 from cnncli import recipe as recipe_lib
 from cnncli.data.pipeline import load_splits
 from cnncli.errors import UserError
-from cnncli.run.rundir import DEFAULT_ROOT, RunDir
+from cnncli.run.rundir import DEFAULT_ROOT, RunDir, RunLock
 from cnncli.train.loop import check_recipe, start_run, train
 from cnncli.train.optim import SUGGESTED_LR
 
@@ -121,6 +121,11 @@ def run_sweep(recipe_ref: str, points: Sequence[Point], overrides: Sequence[str]
         Interrupted: Ctrl-C during a point (its checkpoint is saved; the same command continues).
     """
 
+    with RunLock(out, "cnncli sweep"):  # one sweep at a time writes its points
+        return _run_points(recipe_ref, points, overrides, out, on_point, display_factory)
+
+
+def _run_points(recipe_ref, points, overrides, out: Path, on_point, display_factory) -> list[dict[str, Any]]:
     data_cache: dict[str, Any] = {}
     for i, point in enumerate(points):
         recipe = recipe_lib.load(recipe_ref, [*overrides, *point.assignments])

@@ -22,6 +22,7 @@ import math
 import signal
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -33,12 +34,13 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from cnncli import interrupts
 from cnncli.adversarial.attacks import AttackConfig
 from cnncli.adversarial.robustness import make_perturb, make_robust_accuracy
 from cnncli.data.augment import build_augment
 from cnncli.data.pipeline import STATS_SAMPLE, Splits, split_sizes
 from cnncli.data.stream import StreamSplits
-from cnncli.errors import UserError
+from cnncli.errors import ENVIRONMENT_ERRNOS, UserError, is_disk_full
 from cnncli.recipe import Recipe
 from cnncli.run import checkpoint, distributed
 from cnncli.run.logs import RunLogs
@@ -68,7 +70,17 @@ class TrainingDiverged(UserError):
 
 
 class Interrupted(Exception):
-    """The user pressed Ctrl-C; a checkpoint of the current step was saved."""
+    """A stop signal (Ctrl-C, SIGTERM, SIGHUP) ended the run; a checkpoint of the current step was saved
+    (`saved`; False when the signal came before the first step of a run that had no checkpoint)."""
+
+    def __init__(self, where: str, signum: int = signal.SIGINT, saved: bool = True):
+        super().__init__(where)
+        self.signum, self.saved = signum, saved
+        self.exit_code = 128 + signum  # 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP
+
+    @property
+    def by(self) -> str:
+        return interrupts.describe(self.signum)
 
 
 def check_recipe(recipe: Recipe, *, fine_tuning: bool = False) -> None:
@@ -137,41 +149,38 @@ def _check_generated(recipe: Recipe) -> None:
 
 
 class _StopFlag:
-    """First Ctrl-C asks the loop to checkpoint and stop after the current step; a second one aborts."""
+    """The first stop signal (Ctrl-C, SIGTERM, SIGHUP: cnncli.interrupts) asks the loop to checkpoint and stop
+    after the current step; a second one stops at once."""
 
     def __init__(self):
-        self.set = False
-        self._previous = None
         self._multiprocess = distributed.multiprocess()
+        self._stepping = interrupts.stepping()
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: leave Ctrl-C alone
-            self._previous = None
+        self._stepping.__enter__()
         return self
-
-    def _handle(self, signum, frame):
-        if self.set:
-            raise KeyboardInterrupt
-        self.set = True
 
     def requested(self, in_sync: bool) -> bool:
         """Whether to stop here. With several processes, all must stop at the same step, so the flag
         is only consulted where they compare it (`in_sync`: a progress update or the end of an epoch)."""
+        mine = interrupts.requested() is not None
         if not self._multiprocess:
-            return self.set
-        return in_sync and distributed.any_process(self.set)
+            return mine
+        return in_sync and distributed.any_process(mine)
+
+    @property
+    def signum(self) -> int:
+        """The signal that stopped the run (Ctrl-C's when another process received it)."""
+        return interrupts.requested() or signal.SIGINT
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        self._stepping.__exit__(*exc)
 
 
 def start_run(recipe: Recipe, splits: Splits | StreamSplits, run: RunDir) -> None:
     """Write what a new run directory holds before training: the resolved recipe and the data description."""
     run.path.mkdir(parents=True, exist_ok=True)
-    run.recipe.write_text(recipe.to_yaml())
+    run.write_text(run.recipe, recipe.to_yaml())
     n_train, n_val, _ = split_sizes(splits)
     run.write_json(run.data, {"source": recipe.data.source, "class_names": splits.class_names,
                               "image_shape": list(splits.image_shape), "mean": splits.mean, "std": splits.std,
@@ -284,6 +293,8 @@ def train(recipe: Recipe, splits: Splits | StreamSplits, run: RunDir, *, resume:
     stopped = None
     display.start(epochs=epochs, steps_per_epoch=spe, first_epoch=start_epoch, first_step=start_step)
     with _StopFlag() as stop, _closing(s.stream):
+        if stop.requested(in_sync=True):  # a signal during start-up that JAX's code swallowed
+            raise Interrupted("start-up, before the first step", stop.signum, saved=resume)
         for epoch in range(start_epoch, epochs):
             if _stalled(recipe, run):  # checked here, not after an epoch, so a resumed stopped run stays stopped
                 stopped = "early"
@@ -311,14 +322,15 @@ def train(recipe: Recipe, splits: Splits | StreamSplits, run: RunDir, *, resume:
             improved = validate is None or best.beaten_by(row[select])  # without validation, the latest is best
             if improved:
                 best = Best(row.get("val_acc", -1.0), epoch + 1, row.get(select, -1.0))
-            run.append_metrics(row)
+            with _disk_faults(run, run.metrics):
+                run.append_metrics(row)
             if plateau:
                 state, lr_scale = _plateau(s, state)
             _save(s, state, totals, best, epoch + 1, 0, is_best=improved, score=row.get("val_acc"))
             display.epoch_done(row)
             totals = replicate(init_totals(), mesh)
             if epoch + 1 < epochs and stop.requested(in_sync=True):
-                raise _interrupted(s, state, best, f"end of epoch {epoch + 1}")
+                raise _interrupted(s, state, best, f"end of epoch {epoch + 1}", stop.signum)
 
     # ---- Finish: the reported checkpoint on the test split, summary.json ----
     display.finish()
@@ -500,8 +512,9 @@ def _epoch_steps(s: _Setup, train_step, state, totals, batch_at, augment_key, *,
         state, totals = train_step(state, totals, xs, ys, epoch_start, augment_key, aux)
         log = (i + 1) % log_every == 0 or i + 1 == spe
         if i + 1 < spe and stop.requested(in_sync=log):
+            _check_finite(_train_row(totals), epoch, i + 1, s.run)  # a NaN step is never saved, so never `latest`
             _save(s, state, totals, best, epoch, i + 1, is_best=False)
-            raise _interrupted(s, state, best, f"epoch {epoch + 1}, step {i + 1}/{spe}")
+            raise _interrupted(s, state, best, f"epoch {epoch + 1}, step {i + 1}/{spe}", stop.signum)
         if log:
             row = _train_row(totals)
             _check_finite(row, epoch, i + 1, s.run)
@@ -530,13 +543,32 @@ def _save(s: _Setup, state, totals, best: Best, epoch: int, step_in_epoch: int, 
                     keep_top=s.recipe.train.keep_checkpoints, score=score, extra=extra)
 
 
-def _interrupted(s: _Setup, state, best: Best, where: str) -> Interrupted:
-    """Ctrl-C; with early_stopping.restore_best the summary reports the best epoch, as an early stop would."""
+def _interrupted(s: _Setup, state, best: Best, where: str, signum: int) -> Interrupted:
+    """A stop signal; with early_stopping.restore_best the summary reports the best epoch, as an early stop
+    would."""
     if _restores_best(s.recipe) and best.epoch > 0:
         s.display.finish()
         finish(s.recipe, s.splits, s.run, s.model, state, s.mesh, best, stopped="user", stream=s.stream)
         where += f"; summary.json reports the best epoch ({best.epoch})"
-    return Interrupted(where)
+    return Interrupted(where, signum)
+
+
+@contextmanager
+def _disk_faults(run: RunDir, path: Path):
+    """A full disk (or a read-only one) while writing a run file: one line saying which checkpoint is intact."""
+    try:
+        yield
+    except Exception as e:
+        if is_disk_full(e):
+            reason = "disk full"
+        elif isinstance(e, OSError) and e.errno in ENVIRONMENT_ERRNOS:
+            reason = f"cannot write ({ENVIRONMENT_ERRNOS[e.errno]})"
+        else:
+            raise
+        index = checkpoint.read_index(run.checkpoints, quiet=True)
+        intact = (f"the checkpoint {checkpoint.describe(index['latest'])} is intact" if index
+                  else "no checkpoint was written yet")
+        raise UserError(f"{reason} writing {path}; {intact}; free space, then continue with --resume") from None
 
 
 def _device_epochs(recipe: Recipe, splits: Splits, mesh, tune):
@@ -671,7 +703,8 @@ def finish(recipe: Recipe, splits: Splits | StreamSplits, run: RunDir, model: Mo
         ckpt, _ = _find_checkpoint(run, which)
         reported, _ = checkpoint.restore(ckpt, state, with_optimizer=False)
         summary.update(tune.final_metrics(reported.params, reported.rest))
-    run.write_json(run.summary, summary)
+    with _disk_faults(run, run.summary):
+        run.write_json(run.summary, summary)
     return summary
 
 
@@ -698,8 +731,8 @@ def _train_row(totals) -> dict[str, float]:
 
 def _check_finite(row: dict[str, float], epoch: int, step: int, run: RunDir) -> None:
     if not math.isfinite(row["train_loss"]):
-        index = checkpoint.read_index(run.checkpoints)
-        kept = (f"the last finite checkpoint (epoch {index['latest']['epoch']}) is kept in {run.checkpoints}"
+        index = checkpoint.read_index(run.checkpoints, quiet=True) if run.writes else None
+        kept = (f"the last finite checkpoint, {checkpoint.describe(index['latest'])}, is kept in {run.checkpoints}"
                 if index else "no checkpoint was written yet")
         raise TrainingDiverged(f"the training loss became {row['train_loss']} in epoch {epoch + 1} at step {step}; "
                                f"{kept}. Lower optim.lr or set optim.clip_norm.")
