@@ -86,7 +86,8 @@ class DataConfig(Section):
                                                      "synthetic")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="fraction of the training set held out for validation")
     image_size: tuple[Annotated[int, Field(ge=1, le=MAX_IMAGE_SIDE)], Annotated[int, Field(ge=1, le=MAX_IMAGE_SIDE)]] \
-        | None = Field(None, description="resize images to [H, W], or 28 / 28x28 for square ones (folder sources need it)")
+        | None = Field(None, description="resize images to [H, W], or 28 / 28x28 for square ones "
+                                       "(folder sources need it)")
     channels: Literal[1, 3] | None = Field(None, description="convert images to 1 (gray) or 3 (RGB) channels")
     preprocess: Literal["scale", "center", "standardize"] = Field(
         "standardize", description="scale to [0,1]; then subtract the per-channel mean, or also divide by the std")

@@ -32,11 +32,11 @@ def main() -> None:
     import orbax.checkpoint as ocp
     from flax import nnx
 
+    from cnncli.models import build_model
     from cnncli.recipe import ModelConfig, OptimConfig, ScheduleConfig
     from cnncli.run import checkpoint
     from cnncli.train import optim
     from cnncli.train.state import Model, TrainState, init_totals, split_model
-    from cnncli.models import build_model
 
     shape = tuple(int(v) for v in args.input.split("x"))
     net = build_model(ModelConfig(name=args.model), input_shape=shape, num_classes=args.classes, seed=0)

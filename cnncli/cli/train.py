@@ -116,9 +116,6 @@ def _resumable(run, overrides: list[str]) -> tuple[dict, int | None]:
     from cnncli import recipe as recipe_lib
     from cnncli.run import checkpoint
 
-    from cnncli import recipe as recipe_lib
-    from cnncli.run import checkpoint
-
     if not run.has_run() and checkpoint.read_index(run.checkpoints, quiet=True) is None:
         raise UserError(f"nothing to resume in {run.path}: it holds no run; start the run without --resume")
     keys = {o.partition("=")[0].strip() for o in overrides}

@@ -56,7 +56,7 @@ def train(recipe: GanRecipe, splits: Splits, run: RunDir, *, progress=None) -> d
     step_key = jax.random.fold_in(key, STEP_STREAM)
     per_epoch = n // cfg.batch_size
     run.path.mkdir(parents=True, exist_ok=True)
-    run.recipe.write_text(recipe.to_yaml())
+    run.write_text(run.recipe, recipe.to_yaml())
     run.write_json(run.data, {"source": recipe.data.source, "class_names": splits.class_names,
                               "image_shape": list(splits.image_shape), "n_train": n, "kind": "gan"})
     stop = {"now": False}

@@ -35,8 +35,9 @@ from cnncli.errors import UserError, os_fault
 
 DEFAULT_ROOT = Path("runs")
 LOCK = ".lock"
-OWN_FILES = ("recipe.yaml", "data.json", "metrics.jsonl", "summary.json", "calibration.json", "samples.png")
-OWN_DIRS = ("checkpoints", "plots", "generator")  # generator/ and samples.png: `cnncli gan train`
+OWN_FILES = ("recipe.yaml", "data.json", "metrics.jsonl", "summary.json", "calibration.json", "steps.csv",
+             "epochs.csv", "samples.png")
+OWN_DIRS = ("checkpoints", "plots", "tensorboard", "generator")  # generator/ and samples.png: `cnncli gan train`
 TMP_SUFFIX = ".tmp"
 
 
