@@ -7,6 +7,7 @@ resume must work from what process 0 alone can read.
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -43,6 +44,10 @@ def _single(cwd, *args: str) -> subprocess.CompletedProcess:
 
 def _launch(cwds, *args: str) -> list[subprocess.CompletedProcess]:
     """`cnncli train args` as process i of len(cwds) in cwds[i]; each process sees 2 CPU devices."""
+    return _wait(_start(cwds, *args), time.monotonic() + TIMEOUT)
+
+
+def _start(cwds, *args: str) -> list[subprocess.Popen]:
     port = _free_port()
     procs = []
     for i, cwd in enumerate(cwds):
@@ -51,11 +56,20 @@ def _launch(cwds, *args: str) -> list[subprocess.CompletedProcess]:
             [sys.executable, "-m", "cnncli", "train", *args, "--coordinator", f"127.0.0.1:{port}",
              "--num-processes", str(len(cwds)), "--process-id", str(i)],
             cwd=cwd, env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    deadline = time.monotonic() + TIMEOUT
+    return procs
+
+
+def _wait(procs, deadline: float) -> list[subprocess.CompletedProcess]:
+    """Every process's result; one still running at the deadline is killed (its test then fails)."""
     results = []
     try:
         for proc in procs:
-            out, err = proc.communicate(timeout=max(deadline - time.monotonic(), 1))
+            try:
+                out, err = proc.communicate(timeout=max(deadline - time.monotonic(), 1))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, err = proc.communicate()
+                err += "\n[still running at the deadline: killed]"
             results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
     finally:
         for proc in procs:
@@ -140,6 +154,29 @@ def test_two_processes_stream_their_own_rows_and_match_one(tmp_path):
     # padded for 4 devices (process 0 holds rows 0-5, process 1 rows 6-11, of which 4 are images)
     assert summary_one["stream"]["records_read"] == [3 * (64 + 10)]
     assert summary_two["stream"]["records_read"] == [3 * (32 + 6), 3 * (32 + 4)]
+
+
+def test_sigterm_to_one_process_stops_every_process_with_a_checkpoint(tmp_path):
+    """Preemption (Slurm, Kubernetes, `timeout`) sends SIGTERM; here only process 1 gets it. Every process
+    stops at the next progress update, process 0 checkpoints that step, and all exit with 143: none hangs
+    (JAX's own preemption service used to take the signal and leave the processes running)."""
+    from cnncli.run import checkpoint
+
+    hosts = [tmp_path / "host0", tmp_path / "host1"]
+    procs = _start(hosts, *ARGS, "--set", "train.epochs=5000")
+    run = hosts[0] / "run"
+    deadline = time.monotonic() + TIMEOUT
+    while not (run / "metrics.jsonl").is_file() and procs[0].poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    results = _wait(procs, time.monotonic() + 120)
+    assert [r.returncode for r in results] == [143, 143], [r.stderr[-2000:] for r in results]
+    text = " ".join(results[0].stderr.split())
+    assert "stopped by SIGTERM" in text and "checkpoint saved" in text and "--resume" in text
+    assert "Traceback" not in results[0].stderr + results[1].stderr
+    index = json.loads((run / "checkpoints" / "index.json").read_text())
+    assert index["latest"]["epoch"] == metric_rows(run)[-1]["epoch"] < 5000  # the step it stopped at
+    assert checkpoint.damage(run / "checkpoints" / index["latest"]["dir"]) is None
 
 
 @pytest.mark.parametrize(("flags", "message"), [

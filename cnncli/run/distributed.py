@@ -63,6 +63,9 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
 
     if jax.distributed.is_initialized() or not (explicit or _cluster_detected()):
         return
+    # cnncli handles SIGTERM itself (a checkpoint, then exit 143, agreed between processes at the next
+    # progress update); JAX's preemption service would take the signal and leave the processes running.
+    jax.config.update("jax_enable_preemption_service", False)
     try:
         if explicit:
             jax.distributed.initialize(coordinator, num_processes, process_id)
@@ -213,14 +216,17 @@ def from_main(fn: Callable[[], Any], like: Any) -> Any:
     return jax.tree.unflatten(treedef, out)
 
 
-def any_process(flag: bool) -> bool:
-    """True on every process when `flag` is true on any of them (e.g. Ctrl-C reached one of them)."""
+def first_signal(signum: int) -> int:
+    """The stop signal any process received (0: none), the same on every process: the smallest number
+    among them, so that a run stops together and every process exits with the same code."""
     if not multiprocess():
-        return flag
+        return signum
     import numpy as np
     from jax.experimental import multihost_utils
 
-    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+    received = np.asarray(multihost_utils.process_allgather(np.int32(signum))).reshape(-1)
+    received = received[received > 0]
+    return int(received.min()) if received.size else 0
 
 
 def _broadcast_json(obj: Any) -> Any:

@@ -155,6 +155,7 @@ class _StopFlag:
     def __init__(self):
         self._multiprocess = distributed.multiprocess()
         self._stepping = interrupts.stepping()
+        self._signum = 0
 
     def __enter__(self):
         self._stepping.__enter__()
@@ -163,15 +164,17 @@ class _StopFlag:
     def requested(self, in_sync: bool) -> bool:
         """Whether to stop here. With several processes, all must stop at the same step, so the flag
         is only consulted where they compare it (`in_sync`: a progress update or the end of an epoch)."""
-        mine = interrupts.requested() is not None
+        mine = interrupts.requested() or 0
         if not self._multiprocess:
-            return mine
-        return in_sync and distributed.any_process(mine)
+            self._signum = mine
+        elif in_sync:
+            self._signum = distributed.first_signal(mine)  # the same on every process, so is the exit code
+        return bool(self._signum)
 
     @property
     def signum(self) -> int:
-        """The signal that stopped the run (Ctrl-C's when another process received it)."""
-        return interrupts.requested() or signal.SIGINT
+        """The signal that stopped the run (received by this process or another one)."""
+        return self._signum or signal.SIGINT
 
     def __exit__(self, *exc):
         self._stepping.__exit__(*exc)
