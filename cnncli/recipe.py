@@ -186,11 +186,25 @@ class EarlyStoppingConfig(Section):
 class AdversarialConfig(Section):
     """Adversarial training: each step also trains on Linf attacks of its batch, made inside the step."""
 
-    attack: Literal["fgsm", "pgd"] = Field("pgd", description="fgsm (Goodfellow et al.) or pgd (Madry et al.)")
+    attack: Literal["fgsm", "pgd", "fast-fgsm"] = Field(
+        "pgd", description="fgsm (Goodfellow et al.), pgd (Madry et al.) or fast-fgsm (Wong et al. 2020: one step "
+                           "from a uniform random start)")
     eps: float = Field(0.1, gt=0.0, le=1.0, description="Linf radius in pixels [0, 1]")
     steps: int = Field(7, ge=1, description="pgd iterations")
-    step_size: float = Field(0.02, gt=0.0, description="pgd step")
+    step_size: float | None = Field(None, gt=0.0, description="pgd step [default 0.02]; fast-fgsm step [default "
+                                                              "1.25 * eps]")
     mix: float = Field(0.5, gt=0.0, le=1.0, description="weight of the adversarial loss; 1 - mix on the clean loss")
+    trades: float | None = Field(None, gt=0.0, description="TRADES (Zhang et al. 2019) with this beta: the loss is "
+                                                           "CE(clean) + beta * KL(clean || adversarial) and the attack "
+                                                           "maximizes the KL (mix is unused; the paper: 1 to 6)")
+
+    @field_validator("trades")
+    @classmethod
+    def _random_start(cls, value, info):
+        # the KL is at its minimum at the clean image, where its gradient is zero: fgsm would never move
+        if value is not None and info.data.get("attack") == "fgsm":
+            raise ValueError("TRADES needs a random start: use attack pgd or fast-fgsm")
+        return value
 
 
 class TrainConfig(Section):

@@ -63,6 +63,9 @@ from cnncli.train.steps import (
 )
 
 SHUFFLE_STREAM, AUGMENT_STREAM, ROBUST_STREAM = 1, 2, 3  # independent random streams from the recipe's seed
+# Single-step adversarial training also validates against PGD on a slice of the validation set, to catch
+# catastrophic overfitting (Wong et al. 2020): PGD accuracy collapsing while single-step accuracy rises.
+CO_IMAGES, CO_STEPS, CO_DROP = 1000, 10, 0.2
 
 
 class TrainingDiverged(UserError):
@@ -289,7 +292,7 @@ def train(recipe: Recipe, splits: Splits | StreamSplits, run: RunDir, *, resume:
         epoch_batches = _in_memory(s, (_sharded_epochs if stacked else _device_epochs)(recipe, splits, mesh, tune))
     validate = _validation(s, stacked, robust_key=jax.random.fold_in(key, ROBUST_STREAM))
     shuffle_key, augment_key = jax.random.fold_in(key, SHUFFLE_STREAM), jax.random.fold_in(key, AUGMENT_STREAM)
-    select = "val_robust_acc" if recipe.train.adversarial is not None else "val_acc"  # the score of Best
+    select = _score_name(recipe)  # the score of Best
 
     # ---- The epochs ----
     lr_scale = optim_lib.get_plateau_scale(state.opt_state) or 1.0
@@ -327,6 +330,9 @@ def train(recipe: Recipe, splits: Splits | StreamSplits, run: RunDir, *, resume:
                 best = Best(row.get("val_acc", -1.0), epoch + 1, row.get(select, -1.0))
             with _disk_faults(run, run.metrics):
                 run.append_metrics(row)
+            warning = catastrophic_overfitting(run.read_metrics()) if "val_pgd_acc" in row else None
+            if warning:
+                display.message(f"warning: {warning}")
             if plateau:
                 state, lr_scale = _plateau(s, state)
             _save(s, state, totals, best, epoch + 1, 0, is_best=improved, score=row.get("val_acc"))
@@ -416,13 +422,15 @@ def _step_options(s: _Setup, stacked: bool) -> StepOptions:
     penalty = (lambda p: optim_lib.penalty(p, recipe.optim)) if (recipe.optim.l1 or recipe.optim.l2) else None
     perturb = None
     if adversarial is not None:
-        perturb = make_perturb(s.model.train_def, training_attack(adversarial), adversarial.eps)
-        if adversarial.attack == "pgd" and adversarial.step_size > adversarial.eps:
-            s.display.message(f"warning: train.adversarial.step_size={adversarial.step_size:g} is larger than "
+        cfg = training_attack(adversarial)
+        perturb = make_perturb(s.model.train_def, cfg, adversarial.eps)
+        if adversarial.attack == "pgd" and cfg.step_size > adversarial.eps:
+            s.display.message(f"warning: train.adversarial.step_size={cfg.step_size:g} is larger than "
                               f"eps={adversarial.eps:g}: every step overshoots the ball and is projected back")
     weights = toolbox.class_weight_vector(recipe.train.class_weights, s.splits.train_y, s.splits.num_classes)
     return StepOptions(augment=_augment(recipe), label_smoothing=recipe.train.label_smoothing, penalty=penalty,
                        perturb=perturb, mix=adversarial.mix if adversarial else 1.0,
+                       trades=adversarial.trades if adversarial else None,
                        class_weights=None if weights is None else replicate(jnp.asarray(weights), s.mesh),
                        ema_decay=recipe.train.ema, precision=recipe.train.precision,
                        distill=s.tune.distill if s.tune else None, stacked=stacked,
@@ -460,10 +468,13 @@ def _validation(s: _Setup, stacked: bool, robust_key: jax.Array) -> Callable[[Tr
         return _streamed_validation(s, batch)
     step = make_eval_step(model.eval_def, num_classes=splits.num_classes, batch_size=batch, mesh=mesh,
                           stacked=stacked)
-    robust = None
+    robust = pgd = None
     if adversarial is not None:
         robust = make_robust_accuracy(model.eval_def, training_attack(adversarial), num_classes=splits.num_classes,
                                       batch_size=batch, mesh=mesh)
+        if single_step(adversarial):
+            pgd = make_robust_accuracy(model.eval_def, AttackConfig("pgd", steps=CO_STEPS),
+                                       num_classes=splits.num_classes, batch_size=batch, mesh=mesh)
     val = partial(evaluate, model.eval_def, x=splits.val_x, y=splits.val_y, class_names=splits.class_names,
                   batch_size=batch, mesh=mesh, step_fn=step)
 
@@ -474,6 +485,9 @@ def _validation(s: _Setup, stacked: bool, robust_key: jax.Array) -> Callable[[Tr
             # the same starts every epoch, so epochs are compared on the same attack
             row["val_robust_acc"] = robust(state.params, state.rest, splits.val_x, splits.val_y, adversarial.eps,
                                            robust_key)
+        if pgd is not None:
+            row["val_pgd_acc"] = pgd(state.params, state.rest, splits.val_x[:CO_IMAGES], splits.val_y[:CO_IMAGES],
+                                     adversarial.eps, robust_key)
         if state.ema is not None:
             averaged = val(params=state.ema["params"], rest=state.ema["rest"])
             row.update(val_ema_loss=averaged["loss"], val_ema_acc=averaged["top1"])
@@ -679,7 +693,7 @@ def finish(recipe: Recipe, splits: Splits | StreamSplits, run: RunDir, model: Mo
                                "best_val_acc": best.val_top1 if best.val_top1 >= 0 else None,
                                "params": model.num_params, "epochs_run": len(rows)}
     if recipe.train.adversarial is not None and best.score is not None and best.score >= 0:
-        summary["best_val_robust_acc"] = best.score
+        summary[f"best_{_score_name(recipe)}"] = best.score
     summary["train_seconds"] = round(sum(r.get("seconds", 0.0) for r in rows), 1)
     if stopped:
         summary["stopped"] = stopped
@@ -713,9 +727,40 @@ def finish(recipe: Recipe, splits: Splits | StreamSplits, run: RunDir, model: Mo
 
 def training_attack(adversarial):
     """The AttackConfig of a recipe's train.adversarial section (Linf, untargeted)."""
+    if adversarial.attack == "fast-fgsm":  # Wong et al. 2020: one step of 1.25 eps from a uniform random start
+        step = 1.25 * adversarial.eps if adversarial.step_size is None else adversarial.step_size
+        return AttackConfig(name="pgd", norm="linf", steps=1, step_size=step)
+    step = 0.02 if adversarial.step_size is None else adversarial.step_size
+    return AttackConfig(name=adversarial.attack, norm="linf", steps=adversarial.steps, step_size=step)
 
-    return AttackConfig(name=adversarial.attack, norm="linf", steps=adversarial.steps,
-                        step_size=adversarial.step_size)
+
+def single_step(adversarial) -> bool:
+    """Whether a train.adversarial attack takes one gradient step (the kind that can overfit catastrophically)."""
+    return adversarial.attack in ("fgsm", "fast-fgsm") or (adversarial.attack == "pgd" and adversarial.steps == 1)
+
+
+def _score_name(recipe: Recipe) -> str:
+    """The validation metric that picks the best epoch: PGD accuracy for single-step adversarial training (its own
+    attack's accuracy rises when it overfits catastrophically), the training attack's, or clean accuracy."""
+    adversarial = recipe.train.adversarial
+    if adversarial is None:
+        return "val_acc"
+    return "val_pgd_acc" if single_step(adversarial) else "val_robust_acc"
+
+
+def catastrophic_overfitting(rows: list[dict]) -> str | None:
+    """A warning when the last epoch's PGD accuracy fell more than CO_DROP below its best epoch's while the
+    single-step attack's accuracy rose above that epoch's (Wong et al. 2020, section 5.2); rows: metrics rows."""
+    rows = [r for r in rows if "val_pgd_acc" in r]
+    if len(rows) < 2:
+        return None
+    best, last = max(rows[:-1], key=lambda r: r["val_pgd_acc"]), rows[-1]
+    if best["val_pgd_acc"] - last["val_pgd_acc"] > CO_DROP and last["val_robust_acc"] > best["val_robust_acc"]:
+        return (f"catastrophic overfitting at epoch {last['epoch']}: PGD-{CO_STEPS} accuracy on validation fell from "
+                f"{best['val_pgd_acc']:.1%} (epoch {best['epoch']}) to {last['val_pgd_acc']:.1%} while the "
+                f"training attack's rose from {best['val_robust_acc']:.1%} to {last['val_robust_acc']:.1%}; the best "
+                "checkpoint keeps the most PGD-robust epoch (smaller step_size, eps or learning rate avoid it)")
+    return None
 
 
 def _augment(recipe: Recipe):

@@ -124,6 +124,9 @@ class StepOptions:
         mix * loss(adversarial) (Goodfellow et al.'s alpha = 1 - mix; Madry et al.'s PGD training is
         mix = 1). The training accuracy is then measured on the clean half, or on the adversarial
         batch when mix = 1.
+    trades: TRADES (Zhang et al. 2019) with this beta instead of the mix: `perturb` attacks the model's own
+        (training-mode) predictions on the clean batch, which maximizes KL(clean || adversarial), and the loss
+        is cross-entropy on the clean batch + trades * that KL (mean over the batch).
     class_weights: (k,) weights of the loss per class.
     ema_decay: update state.ema after every step with this decay.
     precision: bfloat16 computes the forward and backward pass in bfloat16 (with a train graphdef
@@ -144,6 +147,7 @@ class StepOptions:
     penalty: Callable | None = None
     perturb: Callable | None = None
     mix: float = 1.0
+    trades: float | None = None
     class_weights: jax.Array | None = None
     ema_decay: float | None = None
     precision: str = "float32"
@@ -191,8 +195,13 @@ def make_train_step(train_def, tx: optax.GradientTransformation, *, num_classes:
         targets = optax.smooth_labels(labels, o.label_smoothing) if o.label_smoothing else labels
         inputs, weights = x, None
         if o.perturb is not None:
-            x_adv = o.perturb(state.params, state.rest, x, labels, jax.random.fold_in(step_key, PERTURB_STREAM))
-            inputs, targets, weights = _mix_adversarial(x, jax.lax.stop_gradient(x_adv), targets, o.mix)
+            # TRADES attacks the predictions: the cross-entropy towards them is the KL up to a constant
+            attacked = labels if o.trades is None else jax.nn.softmax(
+                forward(train_def, state.params, state.rest, x)[0])
+            x_adv = o.perturb(state.params, state.rest, x, attacked, jax.random.fold_in(step_key, PERTURB_STREAM))
+            # TRADES: cross-entropy on the clean half only (weights 1, 0); the KL joins below
+            inputs, targets, weights = _mix_adversarial(x, jax.lax.stop_gradient(x_adv), targets,
+                                                        o.mix if o.trades is None else 0.0)
             inputs = jax.lax.with_sharding_constraint(inputs, batch_sharding)
 
         def loss_fn(params):
@@ -212,6 +221,8 @@ def make_train_step(train_def, tx: optax.GradientTransformation, *, num_classes:
             aux_loss = sum(AUX_WEIGHT * weighted_cross_entropy(a, targets, o.class_weights, weights)
                            for a in aux_logits)
             reg = o.penalty(params) if o.penalty is not None else 0.0
+            if o.trades is not None:
+                kept = kept + o.trades * trades_kl(logits[:batch_size], logits[batch_size:])
             return loss + aux_loss + reg + kept, (loss, logits[:batch_size], rest)
 
         grads, (loss, logits, rest) = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -231,8 +242,15 @@ def make_train_step(train_def, tx: optax.GradientTransformation, *, num_classes:
     return partial(jitted, pool=o.generated)
 
 
+def trades_kl(clean_logits: jax.Array, adversarial_logits: jax.Array) -> jax.Array:
+    """TRADES' robust term: KL(softmax(clean) || softmax(adversarial)), summed over classes, averaged over the batch."""
+    p = jax.nn.log_softmax(clean_logits)
+    return jnp.mean(jnp.sum(jnp.exp(p) * (p - jax.nn.log_softmax(adversarial_logits)), -1))
+
+
 def _mix_adversarial(x, x_adv, targets, mix: float):
-    """Inputs, targets and per-example loss weights for (1 - mix) * clean + mix * adversarial."""
+    """Inputs, targets and per-example loss weights for (1 - mix) * clean + mix * adversarial (mix 0: the
+    adversarial half carries no cross-entropy, as in TRADES)."""
     if mix == 1.0:
         return x_adv, targets, None
     n = x.shape[0]
