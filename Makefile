@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/pip install --quiet -c constraints.txt
 RUN_DIR ?= runs/lenet5_fashion_mnist
 
-.PHONY: setup data demo test test-wheel lint bench clean clean-runs
+.PHONY: setup data demo test test-fast test-wheel lint bench clean clean-runs
 
 # cnncli and what training needs: no test tools, no PyTorch
 $(VENV)/.cnncli: pyproject.toml constraints.txt
@@ -32,8 +32,11 @@ demo: $(VENV)/.cnncli data  ## train LeNet-5 on Fashion-MNIST and evaluate it
 	$(BIN)/cnncli train lenet5_fashion_mnist --run-dir $(RUN_DIR) --overwrite
 	$(BIN)/cnncli eval $(RUN_DIR)
 
-test: setup data  ## the whole test suite (what .ci/run runs)
-	$(BIN)/python -m pytest -q
+test: setup data  ## the whole test suite (what .ci/run runs), then its 25 slowest tests
+	$(BIN)/python -m pytest -q --durations=25
+
+test-fast: setup data  ## while working: the tests not marked `slow` (docs/design.md, rule 9, says which are)
+	$(BIN)/python -m pytest -q -m "not slow" --durations=10
 
 # The package as a user gets it: a wheel in a fresh venv, run from outside the checkout (.ci/run runs it).
 test-wheel:

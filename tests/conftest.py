@@ -25,3 +25,16 @@ def lenet_run(tmp_path_factory, fashion):
     result = cli("train", "lenet5_fashion_mnist", "--run-dir", run_dir, *SMALL_LENET)
     assert result.exit_code == 0, result.output
     return run_dir
+
+
+def pytest_collection_modifyitems(items):
+    """The fast tier (`make test-fast`, `-m "not slow"`) runs each parametrized test on its first case not
+    marked `slow`; its other cases are `slow` too, so `make test` still runs every case."""
+    seen = set()
+    for item in items:
+        if not hasattr(item, "callspec") or item.get_closest_marker("slow"):
+            continue
+        test = (item.path, item.cls, item.originalname)
+        if test in seen:
+            item.add_marker(pytest.mark.slow)
+        seen.add(test)

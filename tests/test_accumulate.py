@@ -38,6 +38,7 @@ def _train(name: str, lr: float, batch: int, accumulate: int):
 
 
 # Adam divides by sqrt(v): a float32 rounding of a near-zero gradient moves its update by up to ~1e-3 of a step
+@pytest.mark.slow
 @pytest.mark.parametrize("name,lr,atol", [("sgd", 0.5, 2e-6), ("adam", 0.01, 2e-5)])
 def test_k_batches_update_as_one_k_times_larger_batch(name, lr, atol):
     big, big_totals = _train(name, lr, K * B, 1)
@@ -51,6 +52,7 @@ def test_k_batches_update_as_one_k_times_larger_batch(name, lr, atol):
     assert float(small_totals["loss"]) == pytest.approx(float(big_totals["loss"]), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_grad_norm_is_the_global_norm_of_the_gradient():
     params, totals = _train("sgd", 1e-30, B, 1)  # every step sees the initial weights (lr > 0 is required)
     from sklearn.datasets import load_digits
@@ -71,6 +73,7 @@ def test_grad_norm_is_the_global_norm_of_the_gradient():
     assert float(totals["grad_norm"]) / float(totals["count"]) == pytest.approx(np.mean(norms), rel=1e-4)
 
 
+@pytest.mark.slow
 def test_accumulate_through_the_cli_matches_the_larger_batch(tmp_path, fashion):
     rows = {}
     for name, sets in (("big", ["--set", "train.batch_size=128"]),

@@ -62,6 +62,7 @@ def test_json_rows_plots_and_clean_accuracy_match_eval(lenet_run, tmp_path):
     assert grid.shape[0] > grid.shape[1]  # 4 rows of 3 images: taller than wide
 
 
+@pytest.mark.slow
 def test_pgd_is_at_least_as_strong_as_fgsm(lenet_run, tmp_path):
     common = ["--eps", "0.05", *LIMIT, "--examples", "0", "--out", tmp_path]
     fgsm = _json("adversarial", lenet_run, *common)["rows"][0]
@@ -70,6 +71,7 @@ def test_pgd_is_at_least_as_strong_as_fgsm(lenet_run, tmp_path):
     assert pgd["rows"][0]["success_rate"] > fgsm["success_rate"]
 
 
+@pytest.mark.slow
 def test_targeted_by_class_name_raises_the_target_probability(lenet_run, tmp_path):
     out = _json("adversarial", lenet_run, "--attack", "pgd", "--steps", "5", "--eps", "0,0.2", "--targeted",
                 "shirt", *LIMIT, "--examples", "2", "--out", tmp_path)
@@ -81,6 +83,7 @@ def test_targeted_by_class_name_raises_the_target_probability(lenet_run, tmp_pat
     assert attacked["attacked"] == 300 - 28  # the 28 shirts are not attacked
 
 
+@pytest.mark.slow
 def test_alias_prints_the_table(lenet_run, tmp_path):
     result = cli("attack", lenet_run, "--attack", "bim", "--norm", "l2", "--steps", "3", "--eps", "0,0.5,1",
                  "--limit", "100", "--examples", "3", "--out", tmp_path)
@@ -90,6 +93,7 @@ def test_alias_prints_the_table(lenet_run, tmp_path):
     assert (tmp_path / "adversarial_bim_l2_examples.png").is_file()
 
 
+@pytest.mark.slow
 def test_linear_fool_on_softmax_regression(softmax_run, tmp_path):
     out = _json("adversarial", softmax_run, "--attack", "linear-fool", "--eps", "0,0.05,0.2", "--targeted", "0",
                 *LIMIT, "--out", tmp_path)
@@ -157,6 +161,7 @@ def test_bad_input_is_one_line_and_exit_2(lenet_run, tmp_path, args, message):
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
+@pytest.mark.slow
 def test_four_devices_give_the_rows_of_one(lenet_run, tmp_path):
     args = ["adversarial", lenet_run, "--attack", "pgd", "--steps", "2", "--eps", "0,0.1", "--limit", "50",
             "--batch-size", "16", "--examples", "2", "--out", tmp_path, "--json"]
@@ -169,12 +174,14 @@ def test_four_devices_give_the_rows_of_one(lenet_run, tmp_path):
         assert a["max_linf"] == pytest.approx(b["max_linf"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_run_without_checkpoint(lenet_run, tmp_path):
     (tmp_path / "recipe.yaml").write_text((lenet_run / "recipe.yaml").read_text())
     result = cli("adversarial", tmp_path)
     assert result.exit_code == 2 and "no checkpoint" in result.stderr
 
 
+@pytest.mark.slow
 def test_pgd_step_larger_than_eps_warns(lenet_run, tmp_path):
     result = cli("adversarial", lenet_run, "--attack", "pgd", "--steps", "2", "--step-size", "0.2", "--eps", "0,0.1",
                  "--limit", "20", "--examples", "0", "--out", tmp_path)
@@ -229,6 +236,7 @@ def test_train_step_mixes_clean_and_adversarial_losses():
     assert any(not np.allclose(a, b) for a, b in zip(clean, attacked, strict=True))
 
 
+@pytest.mark.slow
 def test_adversarial_training_reports_robust_validation_accuracy(tmp_path):
     result = cli("train", "lenet5_fashion_mnist", "--run-dir", tmp_path / "run", "--set",
                  "data.source=synthetic:16x16x1:4", "--set", "data.limit=640", "--set", "train.epochs=2", "--set",

@@ -203,6 +203,7 @@ def _bn_model() -> Model:
     return Model(*split_model(Classifier(net, channels=1, mean=MEAN, std=STD)))
 
 
+@pytest.mark.slow
 def test_gradients_flow_through_batch_norm_in_inference_mode():
     model = _bn_model()
     x, labels = _pixels(6, seed=3), _labels(6, seed=3)

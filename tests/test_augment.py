@@ -326,6 +326,7 @@ SHARDED_CHECK = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sharded_batch_gives_the_same_result():
     """On a 4-device data mesh the ops (mixing across shards included) give the one-device result."""
     repo = Path(__file__).resolve().parent.parent

@@ -26,6 +26,7 @@ def test_gflops_are_images_per_second_times_the_modes_forward_passes(peak_store)
     assert result["peak_gflops"] is None and result["peak_fraction"] is None  # no peak measured here yet
 
 
+@pytest.mark.slow
 def test_peak_is_measured_stored_and_used_for_the_fraction(peak_store):
     out = cli("benchmark", "--model", "lenet5", "--steps", "2", "--warmup", "1", "--peak")
     assert out.exit_code == 0

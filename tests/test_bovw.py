@@ -33,6 +33,7 @@ def test_pyramid_regions_split_the_positions():
     assert (r[1:] > 0).sum(1).tolist() == [36, 30, 30, 25]  # 6 + 5 rows and columns
 
 
+@pytest.mark.slow
 def test_codebook_is_k_means_of_the_descriptors(fitted):
     from sklearn.cluster import KMeans
 
@@ -50,6 +51,7 @@ def test_codebook_is_k_means_of_the_descriptors(fitted):
     assert inertia < 1.3 * reference
 
 
+@pytest.mark.slow
 def test_features_are_standardized_histograms_and_a_linear_head_classifies_like_sklearn(fitted):
     from sklearn.linear_model import LogisticRegression
 
@@ -82,6 +84,7 @@ def test_an_image_too_small_for_the_pyramid_is_a_user_error():
         BagOfWords((8, 8), cell=4, stride=4, pyramid=(1, 4))
 
 
+@pytest.mark.slow
 def test_bovw_trains_evaluates_predicts_and_summarizes_through_the_cli(fashion, tmp_path):
     import json
 

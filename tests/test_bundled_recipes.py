@@ -30,7 +30,12 @@ def _runs_here(path) -> bool:
     return not {"finetune", "gan"} & set(raw) and data.get("pipeline") != "stream" and "generated" not in data
 
 
-@pytest.mark.parametrize("path", [p for p in bundled_recipes() if _runs_here(p)], ids=lambda p: p.stem)
+# LeNet-5 stands for all in the fast tier (`make test-fast`); every other recipe compiles for seconds more.
+FAST = {"lenet5_fashion_mnist"}
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, marks=() if p.stem in FAST else pytest.mark.slow)
+                                  for p in bundled_recipes() if _runs_here(p)], ids=lambda p: p.stem)
 def test_recipe_runs(path, tmp_path):
     _smoke_train(path, tmp_path / "run")
 

@@ -107,6 +107,7 @@ def eval_json(run, *args):
     return json.loads(result.stdout), result.stderr
 
 
+@pytest.mark.slow
 def test_eval_on_a_folder_in_another_order_matches_classes_by_name(lenet_run, test_images, tmp_path):
     x, y, predicted = test_images
     root = image_folder(tmp_path / "all", x, y, range(10))
@@ -119,6 +120,7 @@ def test_eval_on_a_folder_in_another_order_matches_classes_by_name(lenet_run, te
         assert row["accuracy"] == pytest.approx(np.mean(predicted[y == k] == k), abs=1e-9)
 
 
+@pytest.mark.slow
 def test_eval_on_a_subset_of_classes(lenet_run, test_images, tmp_path):
     x, y, predicted = test_images
     subset = [8, 5, 1]  # Bag, Sandal, Trouser
@@ -130,6 +132,7 @@ def test_eval_on_a_subset_of_classes(lenet_run, test_images, tmp_path):
     assert [row["n"] for row in result["per_class"]] == [PER_CLASS if k in subset else 0 for k in range(10)]
 
 
+@pytest.mark.slow
 def test_eval_on_a_folder_with_an_unknown_class(lenet_run, test_images, tmp_path):
     x, y, predicted = test_images
     root = image_folder(tmp_path / "unknown", x, y, [0, 7])
@@ -149,6 +152,7 @@ def test_eval_on_a_folder_with_an_unknown_class(lenet_run, test_images, tmp_path
     assert evaluated["per_class"][7]["n"] == PER_CLASS + 1
 
 
+@pytest.mark.slow
 def test_a_source_without_test_split_says_which_splits_it_has(lenet_run, test_images, tmp_path):
     x, y, _ = test_images
     root = image_folder(tmp_path / "flat", x, y, [1, 2])
@@ -160,6 +164,7 @@ def test_a_source_without_test_split_says_which_splits_it_has(lenet_run, test_im
     assert train_split["n"] == 2 * PER_CLASS and train_split["split"] == "train"
 
 
+@pytest.mark.slow
 def test_adversarial_and_visualize_take_the_same_matching(lenet_run, test_images, tmp_path):
     x, y, predicted = test_images
     root = image_folder(tmp_path / "shuffled", x, y, range(10))
@@ -203,6 +208,7 @@ def prepared(source_run, data: str, tmp_path, *overrides):
     return tuning, splits, lambda x: np.asarray(model(x.astype(np.float32) / 255))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("classes", [list(range(10)), [5, 1, 8]], ids=["shuffled", "subset"])
 def test_fine_tune_keeps_the_head_for_the_same_classes_by_name(lenet_run, test_images, tmp_path, classes):
     x, y, _ = test_images
@@ -217,6 +223,7 @@ def test_fine_tune_keeps_the_head_for_the_same_classes_by_name(lenet_run, test_i
     np.testing.assert_allclose(logits(x[:20]), reference, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_fine_tune_replaces_the_head_for_other_classes(lenet_run, test_images, tmp_path):
     x, y, _ = test_images
     root = image_folder(tmp_path / "data", x, y, [0, 1], folder_name=lambda n: f"not a {n.replace('/', '-')}")

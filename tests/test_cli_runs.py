@@ -31,6 +31,7 @@ def train(*args):
     return result
 
 
+@pytest.mark.slow
 def test_default_run_directory_takes_the_next_free_name(tiny, tmp_path):
     train(tiny)
     second = train(tiny)
@@ -46,6 +47,7 @@ def test_default_run_directory_takes_the_next_free_name(tiny, tmp_path):
     assert len(metric_rows(tmp_path / "runs" / "tiny-2")) == 2 and len(metric_rows(tmp_path / "runs" / "tiny")) == 1
 
 
+@pytest.mark.slow
 def test_a_finished_run_extends_to_the_same_metrics_as_a_longer_run(tiny, tmp_path):
     train(tiny, "--run-dir", "short")
     result = train("--resume", "--run-dir", "short", "--set", "train.epochs=3")
@@ -59,6 +61,7 @@ def test_a_finished_run_extends_to_the_same_metrics_as_a_longer_run(tiny, tmp_pa
     assert other.exit_code == 2 and "--set optim.lr cannot change a run being resumed" in other.stderr
 
 
+@pytest.mark.slow
 def test_dry_run_prints_a_recipe_that_trains(tiny, tmp_path):
     result = train(tiny, "--dry-run", "--lr", "0.02")
     assert "mlp:" in result.stderr and "mlp:" not in result.stdout  # the model line is a message
@@ -68,6 +71,7 @@ def test_dry_run_prints_a_recipe_that_trains(tiny, tmp_path):
     assert again.stdout == result.stdout
 
 
+@pytest.mark.slow
 def test_every_trained_run_has_its_curves(tiny, tmp_path):
     result = train(tiny, "--run-dir", "r")
     png = tmp_path / "r" / "plots" / "curves.png"
@@ -75,6 +79,7 @@ def test_every_trained_run_has_its_curves(tiny, tmp_path):
     assert f"curves: {png.relative_to(tmp_path)}" in result.stdout
 
 
+@pytest.mark.slow
 def test_compare_tells_runs_of_one_recipe_apart(tiny, tmp_path):
     train(tiny, "--run-dir", "a/tiny")
     train(tiny, "--run-dir", "b/tiny", "--lr", "0.003")
@@ -110,6 +115,7 @@ def test_the_progress_bar_says_compiling_before_the_first_step():
     display.finish()
 
 
+@pytest.mark.slow
 def test_tta_warns_when_the_run_never_trained_on_flips(tiny, tmp_path):
     from cnncli import recipe as recipe_lib
     from cnncli.train.toolbox import tta_warning

@@ -68,6 +68,7 @@ def test_rectified_projections_are_non_negative_below_a_relu(rule):
     assert interpret.projections(net, x, "gradient", classes=classes).min() < 0
 
 
+@pytest.mark.slow
 def test_unit_projection_sets_the_rest_of_the_layer_to_zero(pair):
     net, _, x = pair
     units, positions = np.array([1, 3, 0, 2]), np.array([[0, 0], [2, 1], [5, 5], [3, 4]])
@@ -82,6 +83,7 @@ def test_unit_projection_sets_the_rest_of_the_layer_to_zero(pair):
     assert not ours[0, 8:].any() and not ours[0, :, 8:].any()
 
 
+@pytest.mark.slow
 def test_smoothgrad_without_noise_is_the_gradient_and_of_a_linear_model_the_weights():
     net = build_network("linear", input_shape=(6, 5, 1), num_classes=3, seed=0)
     x = jax.random.uniform(jax.random.key(2), (2, 6, 5, 1))

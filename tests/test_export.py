@@ -52,6 +52,7 @@ def test_onnx_matches_cnncli_in_onnxruntime(lenet_run, reference, tmp_path):
     assert "pixels in [0, 1]" in meta["input"] and meta["temperature"] == "1"
 
 
+@pytest.mark.slow
 def test_onnx_nchw_layout(lenet_run, reference, tmp_path):
     x, expected, _ = reference
     out = tmp_path / "nchw.onnx"
@@ -62,6 +63,7 @@ def test_onnx_nchw_layout(lenet_run, reference, tmp_path):
     assert np.abs(got - expected).max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_stablehlo_export_runs_through_jax_export(lenet_run, reference, tmp_path):
     from jax import export as jax_export
 
@@ -92,6 +94,7 @@ def run_of(tmp_path_factory, fashion):
     return train
 
 
+@pytest.mark.slow
 def test_a_layer_jax2onnx_cannot_convert_is_named(run_of, tmp_path):
     run = run_of("hog_mlp")  # its HoG features need a fixed batch size
     result = cli("export", run, "--out", tmp_path / "hog.onnx")

@@ -71,6 +71,7 @@ def changed(before: dict, after: dict, path) -> bool:
 # ----------------------------------------------------------------------------- freezing
 
 
+@pytest.mark.slow
 def test_head_mode_leaves_every_frozen_parameter_and_statistic_bit_identical(source_run, tmp_path):
     result = fine_tune(source_run, tmp_path / "head", "--mode", "head")
     message = " ".join(result.stderr.split())
@@ -93,6 +94,7 @@ def test_head_mode_leaves_every_frozen_parameter_and_statistic_bit_identical(sou
     assert_one_line_error(cli("train", "--resume", "--run-dir", tmp_path / "head"), "cnncli fine-tune --resume")
 
 
+@pytest.mark.slow
 def test_partial_trains_only_the_last_stages(source_run, tmp_path):
     result = fine_tune(source_run, tmp_path / "partial", "--unfreeze-last", "1")
     assert "trains: head, fc2; frozen: conv1, conv2, fc1" in " ".join(result.stderr.split())
@@ -138,6 +140,7 @@ def test_stages_and_head_of_resnet_and_vgg():
 # ----------------------------------------------------------------------------- Learning without Forgetting
 
 
+@pytest.mark.slow
 def test_distillation_is_zero_while_the_shared_layers_are_unchanged(source_run):
     from cnncli import recipe as recipe_lib
     from cnncli.data.pipeline import load_splits
@@ -156,6 +159,7 @@ def test_distillation_is_zero_while_the_shared_layers_are_unchanged(source_run):
     assert float(finetune.distillation_loss(logits[:, 3:] * 0.5, jnp.asarray(tuning.aux[:64]), 2.0)) > 1e-3
 
 
+@pytest.mark.slow
 def test_lwf_reports_both_tasks_each_epoch_and_keeps_the_old_head_evaluable(lenet_run, tmp_path):
     recipe = tmp_path / "b.yaml"
     recipe.write_text("name: b\ndata: {source: fashion_mnist, classes: [5, 6, 7, 8, 9], limit: 500}\n"
@@ -173,6 +177,7 @@ def test_lwf_reports_both_tasks_each_epoch_and_keeps_the_old_head_evaluable(lene
     assert new["n"] == 5000 and new["class_names"][0] == "Sandal"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", [p for p in bundled_recipes() if "finetune" in read_yaml(p)], ids=lambda p: p.stem)
 def test_bundled_fine_tune_recipes_run(path, lenet_run, tmp_path):
     result = cli("fine-tune", lenet_run, path, "--run-dir", tmp_path / "run", "--set", "train.epochs=1")
@@ -196,6 +201,7 @@ def save_both(model, directory):
     return directory / "weights.pth", directory / "weights.safetensors"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch,size", [("resnet18", 224), ("resnet50", 64), ("vgg11_bn", 64), ("alexnet", 64)])
 def test_imported_weights_give_torch_logits(arch, size, tmp_path):
     model = randomized(arch, size)
@@ -231,6 +237,7 @@ def resnet18_files(tmp_path_factory):
     return model, *save_both(model, directory)
 
 
+@pytest.mark.slow
 def test_imported_run_works_with_eval_summary_and_fine_tune(resnet18_files, tmp_path):
     model, pth, _ = resnet18_files
     run = tmp_path / "imported"
@@ -266,6 +273,7 @@ def assert_one_line_error(result, expected: str) -> None:
     assert "Traceback" not in result.output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change,expected", [
     (["--set", "data.source=synthetic:16x16x3:3"], "set data.channels: 1"),
     (["--set", "data.source=synthetic:20x20x1:3"], "set data.image_size: [16, 16]"),
@@ -281,6 +289,7 @@ def test_fine_tune_bad_input_writes_nothing(source_run, tmp_path, change, expect
     assert not run_dir.exists()
 
 
+@pytest.mark.slow
 def test_source_without_checkpoint(source_run, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -290,6 +299,7 @@ def test_source_without_checkpoint(source_run, tmp_path):
     assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.slow
 def test_train_refuses_a_fine_tune_recipe(source_run):
     assert_one_line_error(cli("train", "finetune_fmnist_b50", "--dry-run"), "run it with `cnncli fine-tune")
     with_model = source_run / "with_model.yaml"  # a fine-tune recipe that names its model is still one
@@ -297,6 +307,7 @@ def test_train_refuses_a_fine_tune_recipe(source_run):
     assert_one_line_error(cli("train", with_model, "--dry-run"), "run it with `cnncli fine-tune")
 
 
+@pytest.mark.slow
 def test_import_bad_input_writes_nothing(resnet18_files, tmp_path):
     _, pth, safetensors = resnet18_files
     out = tmp_path / "never"

@@ -43,6 +43,7 @@ def trained(dark_and_bright, tmp_path_factory):
     return run.path, last
 
 
+@pytest.mark.slow
 def test_generator_and_discriminator_shapes():
     models = acgan.build((12, 16, 3), 5, noise=4, width=4, seed=0)
     labels = jnp.array([0, 4, 2])
@@ -61,6 +62,7 @@ def test_an_image_size_the_generator_cannot_reach_is_a_user_error():
         acgan.build((10, 10, 1), 2, noise=4, width=4, seed=0)
 
 
+@pytest.mark.slow
 def test_samples_follow_their_label(trained):
     path, last = trained
     gan = load_gan(path)
@@ -75,6 +77,7 @@ def test_samples_follow_their_label(trained):
     assert [r["step"] for r in rows] == [50, 100, 150]
 
 
+@pytest.mark.slow
 def test_sample_pool_is_balanced_and_checks_the_classes(trained):
     from cnncli.errors import UserError
 
@@ -85,6 +88,7 @@ def test_sample_pool_is_balanced_and_checks_the_classes(trained):
         sample_pool(path, 10, 0, ["a", "b", "c"], SHAPE)
 
 
+@pytest.mark.slow
 def test_gan_sample_cli_writes_a_labelled_grid_and_an_npz(trained, tmp_path):
     path, _ = trained
     result = cli("gan", "sample", path, "--n", "4", "--out", tmp_path / "grid.png", "--npz", tmp_path / "s.npz")
@@ -150,12 +154,14 @@ def _train(recipe, path, display=None, resume=False):
     return metric_rows(run.path)
 
 
+@pytest.mark.slow
 def test_a_generated_fraction_of_zero_trains_the_plain_run_bit_for_bit(trained, dark_and_bright, tmp_path):
     gan, _ = trained
     plain = _train(_classifier(dark_and_bright), tmp_path / "plain")
     assert _train(_classifier(dark_and_bright, gan, fraction=0.0), tmp_path / "zero") == plain
 
 
+@pytest.mark.slow
 def test_generated_images_join_every_batch_and_a_resumed_run_draws_the_same(trained, dark_and_bright, tmp_path):
     from cnncli.train.loop import Interrupted
 
@@ -173,6 +179,7 @@ def test_generated_images_join_every_batch_and_a_resumed_run_draws_the_same(trai
     assert _train(recipe, tmp_path / "resumed", resume=True) == rows
 
 
+@pytest.mark.slow
 def test_a_gan_trained_on_another_split_is_a_warning(trained, dark_and_bright, tmp_path):
     gan, _ = trained
     display = _Display()
@@ -180,6 +187,7 @@ def test_a_gan_trained_on_another_split_is_a_warning(trained, dark_and_bright, t
     assert any("trained with another data section or seed" in m for m in display.messages)
 
 
+@pytest.mark.slow
 def test_generated_user_errors(trained, tmp_path):
     gan, _ = trained
     result = cli("train", "lenet5_fashion_mnist", "--dry-run", "--set", f"data.generated.gan={tmp_path}")

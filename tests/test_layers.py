@@ -221,6 +221,7 @@ def test_locally_connected_matches_a_loop_over_positions(k, stride, padding, pad
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_locally_connected_layer_with_one_filter_everywhere_is_a_convolution():
     conv = Conv(2, 5, 3, padding="valid", act=None, rngs=nnx.Rngs(0))
     local = LocallyConnected(2, 5, 3, input_hw=(8, 8), padding="valid", act=None, rngs=nnx.Rngs(1))

@@ -23,6 +23,7 @@ def _csv(path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_tensorboard_and_csv_logs_match_the_metrics(tmp_path, fashion):
     """One epoch, then extended to two with --resume: the resume starts at step 9, whose events (the
     epoch's last log and its metrics) TensorBoard must keep."""
@@ -49,6 +50,7 @@ def test_tensorboard_and_csv_logs_match_the_metrics(tmp_path, fashion):
             assert scalars[(f"train/{key}", int(r["step"]))] == pytest.approx(float(r[key]), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_a_resumed_run_drops_the_logs_after_its_checkpoint(tmp_path, fashion):
     import signal
     import time

@@ -83,6 +83,7 @@ def test_the_perceptron_converges_on_separable_data_and_not_on_xor():
     assert min(stuck) > 0
 
 
+@pytest.mark.slow
 def test_train_loss_perceptron_through_the_cli_separates_a_separable_pair(tmp_path):
     import json
 

@@ -97,6 +97,7 @@ def test_valley_is_fastais_point_two_thirds_down_the_longest_descent():
     assert lr_find.valley_index(losses) == 29 + 20 + 10
 
 
+@pytest.mark.slow
 def test_lr_find_cli_stops_on_divergence_and_leaves_no_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = cli("lr-find", "mlp_fashion_mnist", "--set", "data.source=digits", "--set", "optim.name=sgd",

@@ -141,6 +141,7 @@ def test_trains_one_step_deep(name, shape, options):
     _check_one_step(name, shape, options)
 
 
+@pytest.mark.slow
 def test_bottleneck_blocks_and_imagenet_stem_train():
     from cnncli.models.resnet import Bottleneck, ResNet
 
@@ -151,6 +152,7 @@ def test_bottleneck_blocks_and_imagenet_stem_train():
     assert logits.shape == (2, NUM_CLASSES) and all_finite(params)
 
 
+@pytest.mark.slow
 def test_batch_norm_and_dropout_differ_between_train_and_eval():
     layers = [{"conv": 4, "norm": "batch", "act": "relu"}, "maxpool", {"fc": 16, "act": "relu"}, "dropout0.5", "fc"]
     net = build_network("sequential", input_shape=(8, 8, 1), num_classes=NUM_CLASSES, layers=layers)

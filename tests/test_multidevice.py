@@ -6,6 +6,8 @@ import pytest
 
 from tests.helpers import cli_on_devices, metric_rows
 
+pytestmark = pytest.mark.slow  # two processes that each train
+
 ARGS = ["--set", "data.source=synthetic:16x16x1:4", "--set", "model.name=mlp", "--set", "train.epochs=2",
         "--set", "train.batch_size=64", "--set", "optim.name=momentum", "--set", "optim.lr=0.05"]
 

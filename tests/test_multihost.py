@@ -79,6 +79,7 @@ def _wait(procs, deadline: float) -> list[subprocess.CompletedProcess]:
     return results
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_and_only_process_0_writes(tmp_path):
     single = _single(tmp_path / "single", *ARGS, "--set", "train.epochs=4")
     assert single.returncode == 0, single.stderr
@@ -123,6 +124,7 @@ def test_two_processes_match_one_and_only_process_0_writes(tmp_path):
     assert json.loads(out.stdout)["confusion"] == test_two["confusion"]
 
 
+@pytest.mark.slow
 def test_two_processes_stream_their_own_rows_and_match_one(tmp_path):
     """data.pipeline=stream: each process reads only its rows of every global batch from the ArrayRecord
     shards (counted), and the run's losses are a single process's."""

@@ -36,6 +36,7 @@ def run_installed(site, cwd, *args):
                           text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_the_wheel_carries_every_bundled_recipe(installed):
     wheel, _ = installed
     shipped = {name.rpartition("/")[2] for name in zipfile.ZipFile(wheel).namelist() if "/recipes/" in name}
@@ -43,6 +44,7 @@ def test_the_wheel_carries_every_bundled_recipe(installed):
     assert len(shipped) >= 10
 
 
+@pytest.mark.slow
 def test_installed_cli_lists_and_trains_recipes_from_any_directory(installed, tmp_path):
     _, site = installed
     check = subprocess.run([sys.executable, "-c", "import cnncli; print(cnncli.__file__)"], cwd=tmp_path,

@@ -29,6 +29,7 @@ def image_tree(lenet_run, tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_folders_and_globs_in_batches_give_the_in_memory_probabilities(lenet_run, image_tree, tmp_path):
     out = tmp_path / "preds.csv"
     result = cli("predict", lenet_run, image_tree / "photos", "--batch-size", "64", "--top", "3", "--out", out)

@@ -37,6 +37,7 @@ def _sklearn(y, pred, names):
                      zero_division=0)
 
 
+@pytest.mark.slow
 def test_eval_report_matches_sklearn_on_real_predictions(eval_json, predictions):
     logits, y, names = predictions
     pred = logits.argmax(-1)
@@ -67,6 +68,7 @@ def test_report_on_a_subset_of_classes_averages_over_the_classes_present():
             assert report[ours][key.removesuffix("-score")] == pytest.approx(ref[theirs][key], abs=1e-12)
 
 
+@pytest.mark.slow
 def test_most_confused_pairs_are_the_largest_off_diagonal_cells(eval_json):
     confusion = np.array(eval_json["confusion"])
     names = eval_json["class_names"]
@@ -91,6 +93,7 @@ def test_eval_table_shows_precision_recall_f1_and_confused_pairs(lenet_run, eval
 # ----------------------------------------------------------------------------- calibration
 
 
+@pytest.mark.slow
 def test_ece_matches_torchmetrics_on_real_probabilities(predictions):
     import torch
     from torchmetrics.classification import MulticlassCalibrationError
@@ -122,6 +125,7 @@ def test_ece_bins_on_their_edges_follow_guo_et_al():
     assert metrics.expected_calibration_error(probs, labels, bins) == pytest.approx(ece, abs=1e-12)
 
 
+@pytest.mark.slow
 def test_temperature_fit_recovers_a_known_temperature():
     rng = np.random.default_rng(1)
     calibrated = rng.normal(size=(20000, 10)) * 2.0
@@ -132,6 +136,7 @@ def test_temperature_fit_recovers_a_known_temperature():
     assert t == pytest.approx(grid[np.argmin([metrics.nll(3.0 * calibrated, labels, g) for g in grid])], abs=1e-3)
 
 
+@pytest.mark.slow
 def test_eval_temperature_stores_it_and_predict_uses_it(lenet_run, tmp_path, predictions):
     from PIL import Image
 
@@ -165,6 +170,7 @@ def test_eval_temperature_stores_it_and_predict_uses_it(lenet_run, tmp_path, pre
         assert [e["index"] for e in a["top"]] == [e["index"] for e in b["top"]]
 
 
+@pytest.mark.slow
 def test_temperature_needs_a_validation_split_and_no_tta(lenet_run, tmp_path):
     result = cli("eval", lenet_run, "--temperature", "--tta")
     assert result.exit_code == 2 and "leave out --tta" in result.stderr
@@ -180,6 +186,7 @@ def test_temperature_needs_a_validation_split_and_no_tta(lenet_run, tmp_path):
 # ----------------------------------------------------------------------------- visualize --normalize
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("normalize,axis", [("true", 1), ("pred", 0)])
 def test_confusion_normalized_annotations_match_numpy(lenet_run, eval_json, normalize, axis):
     from cnncli.inspect.visualize import FIGURES, Job

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 from cnncli.train.evaluate import init_eval_sums, make_eval_step
@@ -40,6 +41,7 @@ def test_batchnorm_updates_in_train_step_only():
     assert np.allclose(np.asarray(state.rest["bn"]["mean"][...]), after)  # eval leaves the statistics alone
 
 
+@pytest.mark.slow
 def test_generated_images_fill_their_share_of_each_batch_with_their_labels():
     """data.generated: a batch of 8 with 3 generated is 5 real images (the step's slice) and 3 pool images."""
     from cnncli.train.steps import StepOptions, mix_generated

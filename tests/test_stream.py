@@ -72,6 +72,7 @@ def test_statistics_and_eval_padding(pngs):
     np.testing.assert_array_equal(batches[1]["image"][2:], 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("crop", [None, RandomResizedCropConfig()])
 def test_same_batches_whatever_the_workers_and_processes(pngs, crop):
     """0 or 2 worker processes, 1 process or 2 reading half of each global batch: the same batches."""
@@ -87,6 +88,7 @@ def test_same_batches_whatever_the_workers_and_processes(pngs, crop):
         sum(int(np.count_nonzero(e["mask"])) for e in one)  # each process read only its rows
 
 
+@pytest.mark.slow
 def test_a_stream_resumes_from_its_state(pngs):
     splits = stream_data(pngs, workers=1, image_size=(16, 16), random_resized_crop=RandomResizedCropConfig())
     straight, _, _ = take(splits, 7)

@@ -57,6 +57,7 @@ def ema0_run(tmp_path_factory, fashion):
     return run_dir
 
 
+@pytest.mark.slow
 def test_ema_with_decay_zero_equals_the_raw_weights(ema0_run):
     rows = metric_rows(ema0_run)
     assert all(r["val_ema_acc"] == r["val_acc"] and r["val_ema_loss"] == r["val_loss"] for r in rows)
@@ -71,6 +72,7 @@ def test_eval_ema_of_a_run_without_ema_is_a_user_error(lenet_run):
     assert result.exit_code == 2 and "trained without train.ema" in result.stderr
 
 
+@pytest.mark.slow
 def test_keep_top_k_keeps_the_k_best_epochs(ema0_run):
     index = json.loads((ema0_run / "checkpoints" / "index.json").read_text())
     accs = {r["epoch"]: r["val_acc"] for r in metric_rows(ema0_run)}
@@ -84,6 +86,7 @@ def test_keep_top_k_keeps_the_k_best_epochs(ema0_run):
         assert not (ema0_run / "checkpoints" / f"step_{worst * 28}").exists()  # 1,800 images / 64 = 28 steps
 
 
+@pytest.mark.slow
 def test_plateau_lr_follows_the_validation_losses(ema0_run):
     rows = metric_rows(ema0_run)
     base = rows[0]["lr"]
@@ -171,6 +174,7 @@ def test_epochs_without_improvement():
     assert toolbox.epochs_without_improvement([0.5, 0.6, 0.605], 0.01) == 1  # +0.005 is within min_delta
 
 
+@pytest.mark.slow
 def test_early_stopping_restores_the_best_epoch(tmp_path, fashion):
     run_dir = tmp_path / "es"
     result = cli("train", "lenet5_fashion_mnist", "--run-dir", run_dir, *PEAKS_EARLY,
@@ -214,6 +218,7 @@ class _CtrlCAt:
     def finish(self): ...
 
 
+@pytest.mark.slow
 def test_ctrl_c_with_restore_best_reports_the_best_epoch(tmp_path, fashion):
     from cnncli import recipe as recipe_lib
     from cnncli.data.pipeline import load_splits
@@ -234,6 +239,7 @@ def test_ctrl_c_with_restore_best_reports_the_best_epoch(tmp_path, fashion):
     assert json.loads((run.checkpoints / "index.json").read_text())["latest"]["step_in_epoch"] == 11
 
 
+@pytest.mark.slow
 def test_interrupted_run_with_the_toolbox_state_resumes_exactly(tmp_path, fashion):
     """EMA weights, the plateau factor, balanced draws and class weights: a resumed run matches."""
     from cnncli import recipe as recipe_lib
@@ -306,6 +312,7 @@ def test_balanced_sampling_draws_classes_evenly_on_an_imbalanced_set():
     assert len(np.unique(np.asarray(x)[np.asarray(y) == 2])) == 10  # the rare class: every image, repeatedly
 
 
+@pytest.mark.slow
 def test_class_weights_and_balanced_sampling_train(tmp_path, fashion):
     run_dir = tmp_path / "imbalanced"
     result = cli("train", "lenet5_fashion_mnist", "--run-dir", run_dir, "--set", "train.epochs=1",
@@ -321,6 +328,7 @@ def test_class_weights_and_balanced_sampling_train(tmp_path, fashion):
 # ----------------------------------------------------------------------------- mixed precision
 
 
+@pytest.mark.slow
 def test_bfloat16_computes_in_bf16_and_trains(tmp_path, fashion):
     from cnncli import recipe as recipe_lib
     from cnncli.train.state import TrainState, build, init_totals
@@ -372,6 +380,7 @@ def test_flip_tta_averages_the_two_softmaxes():
                                jax.nn.log_softmax(left_heavy(symmetric)), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_eval_tta_changes_nothing_on_flip_invariant_images(lenet_run, tmp_path):
     from cnncli.data.sources import load_dataset
 
@@ -434,6 +443,7 @@ def test_grid_points_and_suggested_learning_rates():
     assert both[0].assignments == ("optim.name=adam", "optim.lr=0.1")
 
 
+@pytest.mark.slow
 def test_sweep_ranks_points_and_skips_finished_ones(tmp_path, fashion):
     out = tmp_path / "sweep"
     args = ["sweep", "lenet5_fashion_mnist", "--grid", "optim.name=sgd,adam", "--epochs", 1, "--run-dir", out,

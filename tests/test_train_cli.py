@@ -32,6 +32,7 @@ def test_eval_json_counts_every_example(lenet_run):
     assert out["loss"] == pytest.approx(summary["test"]["loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_eval_table_and_other_split(lenet_run):
     result = cli("eval", lenet_run, "--split", "val")
     assert result.exit_code == 0
@@ -39,6 +40,7 @@ def test_eval_table_and_other_split(lenet_run):
     assert "val: 300 images" in " ".join(result.stdout.split())  # 10% of the 3,000-image slice
 
 
+@pytest.mark.slow
 def test_eval_other_source_with_same_classes(lenet_run, tmp_path):
     import numpy as np
 
@@ -54,6 +56,7 @@ def test_eval_other_source_with_same_classes(lenet_run, tmp_path):
     assert out["n"] == 500 and abs(out["top1"] - full["top1"]) < 0.08
 
 
+@pytest.mark.slow
 def test_same_recipe_twice_gives_identical_metrics(lenet_run, tmp_path):
     result = cli("train", "lenet5_fashion_mnist", "--run-dir", tmp_path / "again", *SMALL_LENET)
     assert result.exit_code == 0
@@ -86,6 +89,7 @@ def three_epochs(tmp_path_factory, fashion):
     return reference
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_killed_mid_run_then_resumed_matches_uninterrupted(three_epochs, tmp_path, sig):
     """3-epoch run killed after epoch 1 (mid-epoch 2), resumed: same metrics as the uninterrupted run."""
@@ -111,6 +115,7 @@ def test_killed_mid_run_then_resumed_matches_uninterrupted(three_epochs, tmp_pat
     assert a["top1"] == b["top1"] and a["loss"] == b["loss"]
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_a_message_and_keeps_checkpoints(lenet_run, tmp_path):
     run_dir = tmp_path / "nan"
     result = cli("train", "lenet5_fashion_mnist", "--run-dir", run_dir, *SMALL_LENET,
@@ -122,6 +127,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_checkpoints(lenet_run, tmp_path
         r["train_loss"] == r["train_loss"] for r in metric_rows(run_dir))
 
 
+@pytest.mark.slow
 def test_resume_killed_before_first_checkpoint_starts_over(lenet_run, tmp_path):
     import shutil
 

@@ -25,6 +25,7 @@ def stream_args(records, workers=1):
             "--set", f"data.workers={workers}"]
 
 
+@pytest.mark.slow
 def test_a_streamed_run_is_the_same_whatever_the_workers(fashion_records, tmp_path):
     runs = {}
     for workers in (0, 2):
@@ -46,6 +47,7 @@ def test_a_streamed_run_is_the_same_whatever_the_workers(fashion_records, tmp_pa
     assert evaluated["n"] == 10000 and evaluated["top1"] == summary["test"]["top1"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_a_streamed_run_resumes_exactly(fashion_records, tmp_path, sig):
     """Killed during epoch 2 (SIGINT checkpoints mid-epoch, with the stream's position; SIGKILL leaves the
@@ -71,6 +73,7 @@ def test_a_streamed_run_resumes_exactly(fashion_records, tmp_path, sig):
     assert a["top1"] == b["top1"] and a["loss"] == b["loss"]
 
 
+@pytest.mark.slow
 def test_corrupt_image_in_a_streamed_run(tmp_path):
     root = image_folder(tmp_path / "pets", per_class=12, size=(20, 24))
     bad = root / "fox" / "fox_0005.jpg"

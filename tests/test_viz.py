@@ -56,6 +56,7 @@ def png_size(path) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- PNGs from every command
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("what,args,name,size", [
     ("filters", [], "filters_conv1", figures.grid_pixels(6, 3)),  # 6 filters of 5x5x1
     ("filters", ["--layer", "conv2", "--n", "4"], "filters_conv2", figures.grid_pixels(4, 2)),
@@ -82,12 +83,14 @@ def test_grid_pixels_follow_the_tile_size():
     assert figures.grid_pixels(6, 3) == (360, 300)  # 3 x 1.2 in by 2 x 1.2 in + 0.6 in title, at 100 dpi
 
 
+@pytest.mark.slow
 def test_visualize_defaults_to_the_run_plots_folder(lenet_run):
     result = cli("visualize", lenet_run, "--what", "filters")
     assert result.exit_code == 0, result.output
     assert png_size(lenet_run / "plots" / "filters_conv1.png") == figures.grid_pixels(6, 3)
 
 
+@pytest.mark.slow
 def test_activations_and_gradcam_of_an_image_file(lenet_run, lenet, tmp_path):
     _, x, _ = lenet
     image = tmp_path / "shoe.png"
@@ -110,6 +113,7 @@ def test_plot_writes_curves_and_a_diagnosis(lenet_run, tmp_path):
     assert result.stdout.startswith("epoch 2: train ")
 
 
+@pytest.mark.slow
 def test_plot_a_run_in_progress(lenet_run, tmp_path):
     # What a run looks like during its second epoch: one finished row, a line cut short, no checkpoint yet.
     run = tmp_path / "run"
@@ -153,6 +157,7 @@ def test_top_units_match_a_brute_force_ranking(lenet):
             assert maps[i, r, c, unit] == pytest.approx(value, rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_top_patch_crop_is_the_receptive_field_of_summary(lenet, tmp_path):
     model, x, _ = lenet
     summary = json.loads(cli("summary", "lenet5", "--input", "28x28x1", "--json").stdout)
@@ -178,6 +183,7 @@ def test_top_patch_crop_is_the_receptive_field_of_summary(lenet, tmp_path):
         assert a[1] == pytest.approx(a[0], rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_a_receptive_field_larger_than_the_image_shows_the_whole_image(lenet):
     model, x, _ = lenet
     rows = interpret.rows_by_name(model)
@@ -192,6 +198,7 @@ def test_crop_pads_outside_the_image():
     assert patch[..., 0].tolist() == [[0, 0, 0], [2, 3, 0], [6, 7, 0]]
 
 
+@pytest.mark.slow
 def test_tsne_gives_one_point_per_example(lenet):
     model, x, y = lenet
     layer = interpret.penultimate_layer(model)
@@ -218,6 +225,7 @@ def _folder_of_test_images(x, y, names, root):
     return files
 
 
+@pytest.mark.slow
 def test_predict_probabilities_sum_to_one_and_agree_with_eval(lenet_run, lenet, tmp_path):
     from cnncli.train.trained_run import load_trained
 
@@ -244,6 +252,7 @@ def test_predict_probabilities_sum_to_one_and_agree_with_eval(lenet_run, lenet, 
     assert evaluated["loss"] == pytest.approx(-np.log(probs[np.arange(len(files)), labels]).mean(), rel=1e-4)
 
 
+@pytest.mark.slow
 def test_predict_table_and_a_missing_image(lenet_run, lenet, tmp_path):
     _, x, _ = lenet
     image = tmp_path / "a.jpg"
@@ -275,6 +284,7 @@ def test_saliency_of_a_linear_model_is_the_weight_map_of_the_predicted_class():
     np.testing.assert_array_equal(interpret.kernels(model, "fc1", rows)[..., 0], weights.T.reshape(4, 8, 6))
 
 
+@pytest.mark.slow
 def test_gradcam_matches_the_gradient_of_the_layers_above(lenet):
     model, x, _ = lenet
     pixels = to_pixels(x[:4])
