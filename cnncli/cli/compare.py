@@ -31,18 +31,17 @@ def report(results: list[dict], png: Path, title: str, console, *, as_json: bool
            labelled: tuple[str, ...] = ()) -> None:
     """Print the ranking table (one column per recipe key that differs between the runs, except the `labelled`
     ones the run labels already show) and write the PNG."""
-    import json
-
     from rich.markup import escape
     from rich.table import Table
 
+    from cnncli.console import to_json
     from cnncli.inspect.figures import plot_curves
     from cnncli.tools.sweep import differing_keys
 
     keys = differing_keys(results)
     plot_curves([(r["run"], r["rows"]) for r in results if r["rows"]], png, title)
     if as_json:
-        print(json.dumps({"differing_keys": keys, "curves": str(png), "runs": [
+        print(to_json({"differing_keys": keys, "curves": str(png), "runs": [
             {**{k: v for k, v in r.items() if k not in ("rows", "recipe")},
              "differs": {k: _value(r["recipe"], k) for k in keys}} for r in results]}))
         return

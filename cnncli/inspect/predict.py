@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import csv
 import glob
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from cnncli.console import to_json
 from cnncli.data.sources.folder import IMAGE_EXTENSIONS
 from cnncli.errors import UserError
 from cnncli.inspect.interpret import load_model, map_stream, read_images, softmax_fn, top_k
@@ -78,7 +78,7 @@ def write_predictions(rows: list[dict[str, Any]], path: Path) -> None:
     """CSV (one row per image: image, class_1, probability_1, ..., as timm's inference writes) or JSON."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix.lower() == ".json":
-        path.write_text(json.dumps(rows))
+        path.write_text(to_json(rows))  # strict JSON: a NaN probability is null
         return
     k = max((len(r["top"]) for r in rows), default=0)
     with path.open("w", newline="") as f:
