@@ -221,8 +221,10 @@ class TrainConfig(Section):
     adversarial: AdversarialConfig | None = Field(None, description="train on adversarial examples too")
     ema: float | None = Field(None, ge=0.0, lt=1.0, description="decay of an exponential moving average of the "
                                                                "weights, validated and checkpointed beside them")
-    precision: Literal["float32", "bfloat16"] = Field(
-        "float32", description="compute dtype of the layers; weights and the loss stay float32")
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="compute dtype of the layers (training, evaluation, attacks, visualizations); auto: "
+                            "bfloat16 on GPUs of compute capability 8.0+ and TPUs, float32 elsewhere; weights, "
+                            "optimizer state, batch-norm statistics, EMA and the loss stay float32")
     early_stopping: EarlyStoppingConfig | None = Field(None, description="stop when validation accuracy stalls")
     keep_checkpoints: int | None = Field(None, ge=1, description="also keep the k epoch checkpoints with the best "
                                                                  "validation accuracy")

@@ -38,3 +38,17 @@ def test_peak_is_measured_stored_and_used_for_the_fraction(peak_store):
     # gflops is rounded to 0.1 and the fraction to 0.001: on a busy machine (a low peak) the first rounding shows
     assert result["peak_fraction"] == pytest.approx(result["gflops"] / peak, abs=0.05 / peak + 5e-4)
     assert result["gflops"] == pytest.approx(result["img_per_s"] * 3 * 2 * 416_520 / 1e9, rel=1e-3, abs=0.05)
+
+
+def test_precision_is_chosen_and_recorded(peak_store):
+    def measured(precision):
+        out = cli("benchmark", "--model", "lenet5", "--mode", "eval", "--steps", "2", "--warmup", "1",
+                  "--precision", precision, "--json")
+        assert out.exit_code == 0, out.output
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    assert {k: measured("bfloat16")[k] for k in ("dtype", "precision")} == {"dtype": "bfloat16",
+                                                                            "precision": "bfloat16"}
+    assert {k: measured("auto")[k] for k in ("dtype", "precision")} == {"dtype": "float32", "precision": "auto"}
+    out = cli("benchmark", "--precision", "half")
+    assert out.exit_code == 2 and "--precision" in out.stderr and "bfloat16" in out.stderr

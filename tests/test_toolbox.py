@@ -328,19 +328,40 @@ def test_class_weights_and_balanced_sampling_train(tmp_path, fashion):
 # ----------------------------------------------------------------------------- mixed precision
 
 
+def test_auto_precision_is_bfloat16_on_ampere_gpus_and_tpus_float32_elsewhere():
+    from types import SimpleNamespace as Device
+
+    gpu = lambda capability: Device(platform="gpu", compute_capability=capability)  # noqa: E731
+    assert toolbox.resolve_precision("auto", Device(platform="cpu")) == "float32"
+    assert toolbox.resolve_precision("auto", gpu("9.0")) == "bfloat16"  # H100 / H200
+    assert toolbox.resolve_precision("auto", gpu("8.0")) == "bfloat16"  # A100
+    assert toolbox.resolve_precision("auto", gpu("8.6")) == "bfloat16"
+    assert toolbox.resolve_precision("auto", gpu("10.0")) == "bfloat16"
+    assert toolbox.resolve_precision("auto", gpu("7.5")) == "float32"  # T4: no bfloat16 tensor cores
+    assert toolbox.resolve_precision("auto", gpu("6.0")) == "float32"
+    assert toolbox.resolve_precision("auto", Device(platform="gpu")) == "float32"  # no CUDA capability (ROCm)
+    assert toolbox.resolve_precision("auto", Device(platform="tpu")) == "bfloat16"
+    for setting in ("float32", "bfloat16"):  # an explicit setting is kept on any device
+        assert toolbox.resolve_precision(setting, gpu("9.0")) == setting
+        assert toolbox.resolve_precision(setting, Device(platform="cpu")) == setting
+    assert toolbox.resolve_precision("auto") == "float32"  # this machine: JAX's CPU devices
+
+
 @pytest.mark.slow
 def test_bfloat16_computes_in_bf16_and_trains(tmp_path, fashion):
     from cnncli import recipe as recipe_lib
     from cnncli.train.state import TrainState, build, init_totals
     from cnncli.train.steps import StepOptions, data_mesh, forward, make_train_step
 
+    assert build(recipe_lib.load("lenet5_fashion_mnist"), (28, 28, 1), 10).precision == "float32"  # auto on a CPU
     # ResNet-20: the zoo's own conv layers (raw lax ops) and Flax batch norm, on tiny 8x8 images; its
     # train step has 19 forward convolutions and their backward ones (all but the input gradient)
     recipe = recipe_lib.load("lenet5_fashion_mnist", ["model.name=resnet20", "train.precision=bfloat16"])
-    model = build(recipe, (8, 8, 1), 10)
+    model = build(recipe, (8, 8, 1), 10, mean=[0.3], std=[0.35])
+    assert model.precision == "bfloat16"
     tx = optax.sgd(0.1)
     step = make_train_step(model.train_def, tx, num_classes=10, batch_size=4, mesh=data_mesh(),
-                           options=StepOptions(precision="bfloat16"))
+                           options=StepOptions())
     params, rest = jax.tree.map(jnp.copy, (model.params, model.rest))  # the step donates its state
     state = TrainState(params, rest, tx.init(params), jnp.zeros((), jnp.int32))
     args = (jnp.full((4, 8, 8, 1), 128, jnp.uint8), jnp.arange(4, dtype=jnp.int32), jnp.int32(0), jax.random.key(0))
@@ -350,10 +371,25 @@ def test_bfloat16_computes_in_bf16_and_trains(tmp_path, fashion):
     new_state, _ = step(state, init_totals(), *args)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves((new_state.params, new_state.rest)))
     assert not all(jnp.array_equal(a, b) for a, b in zip(jax.tree.leaves(new_state.rest), jax.tree.leaves(model.rest)))
-    eval_jaxpr = jax.make_jaxpr(lambda p, r, x: forward(model.eval_def, p, r, x)[0])(
-        new_state.params, new_state.rest, jnp.zeros((2, 8, 8, 1)))
-    assert all(v.aval.dtype == jnp.float32 for e in eval_jaxpr.jaxpr.eqns for v in e.invars
-               if e.primitive.name == "conv_general_dilated")  # evaluation: the float32 weights in float32
+    normalize = new_state.rest["normalize"]  # the normalization constants are never rounded to bfloat16
+    assert float(normalize["mean"][...][0]) == np.float32(0.3) and float(normalize["std"][...][0]) == np.float32(0.35)
+
+    # evaluation and attacks compute in the same precision, on float32 pixels
+    def logits(p, r, x):
+        return forward(model.eval_def, p, r, x)[0]
+
+    x = jnp.full((2, 8, 8, 1), 0.5)
+    eval_jaxpr = jax.make_jaxpr(logits)(new_state.params, new_state.rest, x)
+    eval_convs = [e for e in eval_jaxpr.jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+    assert len(eval_convs) == 19 and all(v.aval.dtype == jnp.bfloat16 for e in eval_convs for v in e.invars)
+    assert logits(new_state.params, new_state.rest, x).dtype == jnp.float32
+    pixel_grad = jax.grad(lambda v: logits(new_state.params, new_state.rest, v)[:, 0].sum())(x)
+    assert pixel_grad.dtype == jnp.float32 and float(jnp.abs(pixel_grad).max()) > 0
+    float32 = build(recipe.model_copy(update={"train": recipe.train.model_copy(update={"precision": "float32"})}),
+                    (8, 8, 1), 10, mean=[0.3], std=[0.35])
+    reference = forward(float32.eval_def, new_state.params, new_state.rest, x)[0]
+    np.testing.assert_allclose(logits(new_state.params, new_state.rest, x), reference,
+                               rtol=0.05, atol=0.05 * float(jnp.abs(reference).max()))
 
     run_dir = tmp_path / "bf16"
     result = cli("train", "lenet5_fashion_mnist", "--run-dir", run_dir, *TINY, "--set", "train.epochs=2",
@@ -361,6 +397,7 @@ def test_bfloat16_computes_in_bf16_and_trains(tmp_path, fashion):
     assert result.exit_code == 0, result.output
     rows = metric_rows(run_dir)
     assert rows[1]["train_loss"] < rows[0]["train_loss"] and rows[1]["val_acc"] > 0.6
+    assert json.loads((run_dir / "summary.json").read_text())["precision"] == "bfloat16"
     assert _eval_json(run_dir)["top1"] > 0.6
 
 

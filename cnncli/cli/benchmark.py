@@ -14,6 +14,10 @@ def benchmark(
                              help="train (one SGD step), eval (inference) or fgsm (one FGSM example per image)."),
     steps: int = typer.Option(0, "--steps", min=0, help="Timed steps (0: about 10 s of work)."),
     warmup: int = typer.Option(3, "--warmup", min=1, help="Untimed steps first (compilation happens here)."),
+    precision: str = typer.Option("auto", "--precision",
+                                  help="float32, bfloat16, or auto (bfloat16 on GPUs of compute capability 8.0+ "
+                                       "and TPUs, float32 elsewhere: what train.precision: auto trains in). The JSON "
+                                       "line's dtype is the precision the steps computed in."),
     as_json: bool = typer.Option(False, "--json", help="Print only the JSON line (the peer's schema)."),
     peak: bool = typer.Option(False, "--peak",
                               help="First measure this machine's float32 matmul rate (stored for later runs), "
@@ -31,10 +35,11 @@ def benchmark(
         rate = bench.measure_peak()
         if not as_json:
             console.print(f"float32 matmul peak: [bold]{rate:,.0f} GFLOP/s[/] (stored in {bench.peak_file()})")
-    result = bench.run(model=model, batch=batch_size, mode=mode, steps=steps, warmup=warmup)
+    result = bench.run(model=model, batch=batch_size, mode=mode, steps=steps, warmup=warmup, precision=precision)
     if not as_json:
         fraction = (f", {result['peak_fraction']:.0%} of the matmul peak" if result["peak_fraction"]
                     else " (run with --peak once for the fraction of this machine's peak)")
         console.print(f"{model} {mode} batch {batch_size}: [bold]{result['img_per_s']:,.0f} img/s[/], "
-                      f"{result['gflops']:,.0f} GFLOP/s{fraction} ({result['steps']} steps on {result['device']})")
+                      f"{result['gflops']:,.0f} GFLOP/s{fraction} ({result['steps']} steps in {result['dtype']} on "
+                      f"{result['device']})")
     print(to_json(result))

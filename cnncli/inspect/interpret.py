@@ -26,7 +26,7 @@ from cnncli.models.layers import recording, stop_recording
 from cnncli.models.layers.activations import relu_backward
 from cnncli.train.batched import Batched
 from cnncli.train.steps import to_pixels
-from cnncli.train.toolbox import flip_tta_logits
+from cnncli.train.toolbox import compute_module, flip_tta_logits
 
 BATCH = 256  # images per jitted batch in passes over a split
 TOP = 9  # patches per unit, as Zeiler & Fergus show them
@@ -36,8 +36,9 @@ SMOOTH_NOISE = 0.15  # SmoothGrad: noise std as a fraction of the image's value 
 
 
 def load_model(trained) -> nnx.Module:
-    """The Classifier of a `cnncli.train.trained_run.Trained` run, in eval mode."""
-    return nnx.merge(trained.model.eval_def, trained.model.params, trained.model.rest)
+    """The Classifier of a `cnncli.train.trained_run.Trained` run, in eval mode, computing in the run's
+    precision on this machine (the weights cast as the train and eval steps cast them)."""
+    return compute_module(trained.model.eval_def, trained.model.params, trained.model.rest)
 
 
 # ----------------------------------------------------------------------------- images and layers

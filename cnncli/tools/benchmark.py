@@ -41,13 +41,13 @@ FORWARD_PASSES = {"train": 3, "eval": 1, "fgsm": 2}  # work per image in forward
 PEAK_SIZES = (1024, 2048, 4096)  # square float32 matmuls; the fastest is the machine's peak
 
 
-def benchmark_recipe(model: str, batch: int):
+def benchmark_recipe(model: str, batch: int, precision: str = "float32"):
     if model not in PEER_MODELS:
         raise UserError(f"unknown benchmark model '{model}'; choose one of {', '.join(PEER_MODELS)}")
     model_cfg, _ = PEER_MODELS[model]
     return validate({"name": f"bench_{model}", "model": model_cfg,
                      "optim": {"name": "nesterov", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4},
-                     "train": {"batch_size": batch, "epochs": 1}}, source="benchmark")
+                     "train": {"batch_size": batch, "epochs": 1, "precision": precision}}, source="--precision")
 
 
 def _time(step, warmup: int, steps: int, budget: float = BENCH_SECONDS) -> tuple[float, int]:
@@ -80,12 +80,13 @@ def _queued(step, steps: int) -> None:
 
 
 def run(model: str = "lenet5", batch: int = 128, mode: str = "train", steps: int = 0, warmup: int = 3,
-        seed: int = 0) -> dict[str, Any]:
-    """Measure one model and mode; returns the peer's JSON fields."""
+        seed: int = 0, precision: str = "auto") -> dict[str, Any]:
+    """Measure one model and mode in `precision` (float32, bfloat16 or auto); returns the peer's JSON fields,
+    with `dtype` the precision the steps computed in and `precision` the setting asked for."""
 
     if mode not in MODES:
         raise UserError(f"unknown mode '{mode}'; choose one of {', '.join(MODES)}")
-    recipe = benchmark_recipe(model, batch)
+    recipe = benchmark_recipe(model, batch, precision)
     shape = PEER_MODELS[model][1]
     mesh = data_mesh()
     net = build(recipe, shape, NUM_CLASSES)
@@ -135,7 +136,8 @@ def run(model: str = "lenet5", batch: int = 128, mode: str = "train", steps: int
     gflops = img_per_s * FORWARD_PASSES[mode] * forward_flops(recipe, shape) / 1e9
     peak = stored_peak()
     return {"impl": "cnncli", "model": model, "mode": mode, "batch": batch, "img_per_s": round(img_per_s, 2),
-            "steps": n, "threads": os.cpu_count(), "device": jax.default_backend(), "dtype": "float32",
+            "steps": n, "threads": os.cpu_count(), "device": jax.default_backend(), "dtype": net.precision,
+            "precision": precision,
             "gflops": round(gflops, 1), "peak_gflops": peak, "peak_fraction": round(gflops / peak, 3) if peak else None}
 
 

@@ -432,7 +432,7 @@ def _step_options(s: _Setup, stacked: bool) -> StepOptions:
                        perturb=perturb, mix=adversarial.mix if adversarial else 1.0,
                        trades=adversarial.trades if adversarial else None,
                        class_weights=None if weights is None else replicate(jnp.asarray(weights), s.mesh),
-                       ema_decay=recipe.train.ema, precision=recipe.train.precision,
+                       ema_decay=recipe.train.ema,
                        distill=s.tune.distill if s.tune else None, stacked=stacked,
                        loss=None if recipe.train.loss == DEFAULT_LOSS else loss_fn(recipe.train.loss),
                        generated=_generated_pool(s), generated_per_batch=generated_per_batch(recipe))
@@ -691,7 +691,7 @@ def finish(recipe: Recipe, splits: Splits | StreamSplits, run: RunDir, model: Mo
     rows = run.read_metrics()
     summary: dict[str, Any] = {"name": recipe.name, "best_epoch": best.epoch,
                                "best_val_acc": best.val_top1 if best.val_top1 >= 0 else None,
-                               "params": model.num_params, "epochs_run": len(rows)}
+                               "params": model.num_params, "precision": model.precision, "epochs_run": len(rows)}
     if recipe.train.adversarial is not None and best.score is not None and best.score >= 0:
         summary[f"best_{_score_name(recipe)}"] = best.score
     summary["train_seconds"] = round(sum(r.get("seconds", 0.0) for r in rows), 1)

@@ -15,7 +15,7 @@ from cnncli.models import build_model
 from cnncli.models.fitting import fit_to_data, fitted_layers
 from cnncli.recipe import Recipe
 from cnncli.run import checkpoint
-from cnncli.train.toolbox import layer_dtype
+from cnncli.train.toolbox import layer_dtype, resolve_precision
 
 
 @jax.tree_util.register_dataclass
@@ -32,12 +32,17 @@ class TrainState:
 
 @dataclass
 class Model:
-    """A built model as the steps see it: two graphdefs (train/eval mode) over one state."""
+    """A built model as the steps see it: two graphdefs (train/eval mode) over one state.
+
+    `precision` is the compute dtype both graphdefs carry (float32 or bfloat16, resolved from the
+    recipe's train.precision for this machine's devices).
+    """
 
     train_def: Any
     eval_def: Any
     params: Any
     rest: Any
+    precision: str = "float32"
 
     @property
     def num_params(self) -> int:
@@ -45,22 +50,23 @@ class Model:
 
 
 def split_model(model: nnx.Module, precision: str = "float32"):
-    """(train graphdef, eval graphdef, params, rest): one state, two modes (dropout/BN behave differently).
+    """(train graphdef, eval graphdef, params, rest): one state, two modes (dropout/BN behave differently),
+    both computing in `precision`.
 
-    With a `precision` other than float32 the train graphdef's Flax layers compute in it (see
-    toolbox.layer_dtype); evaluation always runs the float32 weights in float32.
+    With bfloat16 the graphdefs' Classifier and Flax layers compute in it (see toolbox.layer_dtype);
+    the weights stay float32.
     """
-    model.train()
     with layer_dtype(model, precision):
+        model.train()
         train_def, params, rest = nnx.split(model, nnx.Param, ...)
-    model.eval()
-    eval_def, _, _ = nnx.split(model, nnx.Param, ...)
+        model.eval()
+        eval_def, _, _ = nnx.split(model, nnx.Param, ...)
     return train_def, eval_def, params, rest
 
 
 def build(recipe: Recipe, image_shape, num_classes: int, mean=None, std=None, *, fit_images=None,
           report=None) -> Model:
-    """Build the recipe's model for the data's shape and class count.
+    """Build the recipe's model for the data's shape and class count, in its precision on this machine.
 
     With `fit_images` (uint8 training images, or a function returning them: streamed data is read only
     when a layer needs it) the layers fitted to data (a bag-of-words codebook) are fitted on them first;
@@ -72,7 +78,8 @@ def build(recipe: Recipe, image_shape, num_classes: int, mean=None, std=None, *,
     if fit_images is not None and fitted_layers(model):
         model.eval()
         fit_to_data(model, fit_images() if callable(fit_images) else fit_images, recipe.seed, report)
-    return Model(*split_model(model, recipe.train.precision))
+    precision = resolve_precision(recipe.train.precision)
+    return Model(*split_model(model, precision), precision)
 
 
 def init_totals() -> dict[str, jax.Array]:

@@ -21,13 +21,7 @@ from jax.sharding import PartitionSpec as P
 from cnncli.errors import UserError
 from cnncli.models.layers.classifier import AUX_WEIGHT, logits_and_aux
 from cnncli.train.state import TrainState
-from cnncli.train.toolbox import (
-    COMPUTE_DTYPES,
-    ema_update,
-    like_dtypes,
-    to_compute_dtype,
-    weighted_cross_entropy,
-)
+from cnncli.train.toolbox import compute_module, ema_update, weighted_cross_entropy
 
 PERTURB_STREAM = 1  # adversarial examples draw from fold_in(step key, 1); augmentation uses the step key
 GENERATED_STREAM = 2  # which generated images join the batch: fold_in(step key, 2)
@@ -54,7 +48,8 @@ def replicate(tree, mesh: Mesh):
 
 
 def forward(graphdef, params, rest, x, *, with_aux: bool = False):
-    """Float32 logits and the updated non-trainable state (graphdef fixes train or eval mode).
+    """Float32 logits and the updated non-trainable state (graphdef fixes train or eval mode and the
+    compute dtype: see toolbox.compute_module).
 
     Logits are cast to float32 so that losses and softmaxes are float32 under bfloat16 compute too.
     Auxiliary classifier outputs (GoogLeNet's heads, sown in training mode) are captured rather than
@@ -62,7 +57,7 @@ def forward(graphdef, params, rest, x, *, with_aux: bool = False):
     """
     # copy=True: fresh Variables at the current trace level, so batch norm may update its
     # statistics inside jax.grad (the caller's Variables belong to the outer jit trace)
-    model = nnx.merge(graphdef, params, rest, copy=True)
+    model = compute_module(graphdef, params, rest, copy=True)
     logits, aux = logits_and_aux(model, x)
     _, _, new_rest = nnx.split(model, nnx.Param, ...)
     if with_aux:
@@ -129,8 +124,6 @@ class StepOptions:
         is cross-entropy on the clean batch + trades * that KL (mean over the batch).
     class_weights: (k,) weights of the loss per class.
     ema_decay: update state.ema after every step with this decay.
-    precision: bfloat16 computes the forward and backward pass in bfloat16 (with a train graphdef
-        from `split_model(model, 'bfloat16')`), the weights staying float32.
     distill: (logits, aux_batch) -> (task_logits, loss) (Learning without Forgetting) takes extra
         outputs off the logits and adds a loss on them; aux_batch is the batch's slice of `aux`, a
         per-example array shuffled like xs (see `shuffle_like`).
@@ -150,7 +143,6 @@ class StepOptions:
     trades: float | None = None
     class_weights: jax.Array | None = None
     ema_decay: float | None = None
-    precision: str = "float32"
     distill: Callable | None = None
     stacked: bool = False
     loss: Callable | None = None
@@ -175,7 +167,8 @@ def make_train_step(train_def, tx: optax.GradientTransformation, *, num_classes:
     xs/ys are the epoch's shuffled uint8 images and labels on device; the batch is the slice that
     starts at (state.step - epoch_start) * batch_size, or with `options.stacked` (several processes)
     row state.step - epoch_start of (steps, batch_size, ...) arrays. state and totals are donated.
-    `options` (StepOptions) adds augmentation, adversarial examples, loss terms, EMA and precision.
+    `options` (StepOptions) adds augmentation, adversarial examples, loss terms and EMA; the compute precision is
+    the graphdef's.
     """
     o = options
     batch_sharding = NamedSharding(mesh, P("data"))
@@ -206,13 +199,7 @@ def make_train_step(train_def, tx: optax.GradientTransformation, *, num_classes:
 
         def loss_fn(params):
             # one forward over clean + adversarial examples: one batch-norm update per step
-            if o.precision == "float32":
-                logits, rest, aux_logits = forward(train_def, params, state.rest, inputs, with_aux=True)
-            else:
-                logits, rest, aux_logits = forward(train_def, to_compute_dtype(params, o.precision),
-                                                   to_compute_dtype(state.rest, o.precision),
-                                                   inputs.astype(COMPUTE_DTYPES[o.precision]), with_aux=True)
-                rest = like_dtypes(rest, state.rest)
+            logits, rest, aux_logits = forward(train_def, params, state.rest, inputs, with_aux=True)
             kept = 0.0
             if o.distill is not None:  # Learning without Forgetting: the old head's outputs are kept
                 logits, kept = o.distill(logits, take_batch(aux, i, batch_size, o.stacked))

@@ -57,17 +57,47 @@ def ema_update(ema: dict, params, rest, decay: float, step: jax.Array) -> dict:
 
 
 # ----------------------------------------------------------------------------- mixed precision
-# bfloat16 training keeps float32 master weights: the train step casts the weights, the normalization
-# constants and the images to bfloat16 inside the loss (gradients flow back to the float32 weights
-# through the cast) and the logits back to float32 for the loss. Batch-norm running statistics stay
-# float32, because an EMA with momentum 0.9 updated from a bfloat16-rounded value drifts by up to
-# 10x bfloat16's rounding error; `layer_dtype` makes Flax's batch norm compute in bfloat16 anyway
-# (else its float32 statistics would promote every later activation back to float32).
+# bfloat16 compute keeps float32 master weights: the model's graphdef carries the compute dtype (the
+# Classifier's and every Flax layer's `dtype`, set by `layer_dtype`), and `compute_module` hands the
+# model bfloat16 copies of its weights (gradients flow back to the float32 weights through the cast).
+# The Classifier normalizes its float32 pixels in float32, computes in bfloat16 and returns float32
+# logits, so losses, softmaxes and attacks' perturbations stay float32. Batch-norm running statistics
+# and the normalization constants stay float32: an EMA with momentum 0.9 updated from a
+# bfloat16-rounded value drifts by up to 10x bfloat16's rounding error. Flax's batch norm still
+# computes in bfloat16 (else its float32 statistics would promote every later activation back).
+
+# `auto`: bfloat16 where the hardware computes it natively and fast (NVIDIA GPUs from Ampere on,
+# compute capability 8.0, and TPUs); float32 elsewhere (CPUs emulate bfloat16 matmuls slowly, older
+# GPUs have no bfloat16 tensor cores).
+BF16_MIN_COMPUTE_CAPABILITY = (8, 0)
+
+
+def resolve_precision(setting: str, device=None) -> str:
+    """The compute precision of `setting` (auto, float32, bfloat16) on `device` (default: JAX's first device).
+
+    `device` is anything with JAX's device attributes: `platform` ('cpu', 'gpu', 'cuda', 'rocm',
+    'tpu') and, on NVIDIA GPUs, `compute_capability` ('9.0').
+    """
+    if setting != "auto":
+        return setting
+    if device is None:
+        device = jax.devices()[0]
+    platform = str(device.platform).lower()
+    if platform == "tpu":
+        return "bfloat16"
+    if platform in ("gpu", "cuda"):
+        capability = getattr(device, "compute_capability", None)
+        try:
+            version = tuple(int(part) for part in str(capability).split(".")[:2])
+        except ValueError:  # no CUDA compute capability (e.g. a ROCm GPU): keep float32
+            return "float32"
+        return "bfloat16" if version >= BF16_MIN_COMPUTE_CAPABILITY else "float32"
+    return "float32"
 
 
 @contextmanager
 def layer_dtype(model: nnx.Module, precision: str) -> Iterator[None]:
-    """Within the block, Flax layers of `model` that have a computation `dtype` compute in `precision`.
+    """Within the block, modules of `model` that have a computation `dtype` compute in `precision`.
 
     Split the model inside the block to get a graphdef with that setting; the model is restored after.
     """
@@ -82,22 +112,26 @@ def layer_dtype(model: nnx.Module, precision: str) -> Iterator[None]:
             m.dtype = dtype
 
 
-def to_compute_dtype(tree, precision: str):
-    """A copy of an nnx.State with its floating arrays in `precision`, batch-norm statistics excepted."""
-    dtype = COMPUTE_DTYPES[precision]
+def compute_module(graphdef, params, rest, *, copy: bool = False) -> nnx.Module:
+    """The module of (graphdef, params, rest) with its weights in the graphdef's compute dtype.
+
+    The root module's `dtype` (a Classifier's) is the compute dtype; float32 merges the state as it is.
+    """
+    model = nnx.merge(graphdef, params, rest, copy=copy)
+    dtype = getattr(model, "dtype", jnp.float32)
+    if dtype == jnp.float32:
+        return model
+    return nnx.merge(graphdef, to_compute_dtype(params, dtype), rest, copy=copy)
+
+
+def to_compute_dtype(params, dtype):
+    """A copy of a parameter nnx.State with its floating arrays in `dtype`."""
 
     def cast(v):
-        if isinstance(v, nnx.BatchStat) or not jnp.issubdtype(v.get_value().dtype, jnp.floating):
-            return v
-        return v.replace(v.get_value().astype(dtype))
+        value = v.get_value()
+        return v.replace(value.astype(dtype)) if jnp.issubdtype(value.dtype, jnp.floating) else v
 
-    return jax.tree.map(cast, tree, is_leaf=lambda v: isinstance(v, nnx.Variable))
-
-
-def like_dtypes(tree, reference):
-    """`tree` with every floating leaf cast back to the dtype of the same leaf in `reference`."""
-    return jax.tree.map(lambda x, ref: x.astype(ref.dtype) if jnp.issubdtype(ref.dtype, jnp.floating) else x,
-                        tree, reference)
+    return jax.tree.map(cast, params, is_leaf=lambda v: isinstance(v, nnx.Variable))
 
 
 # ----------------------------------------------------------------------------- imbalanced data

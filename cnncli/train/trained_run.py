@@ -24,6 +24,7 @@ from cnncli.recipe import DataConfig, Recipe
 from cnncli.run import checkpoint
 from cnncli.run.rundir import RunDir
 from cnncli.train.state import Model, TrainState, build, split_model
+from cnncli.train.toolbox import resolve_precision
 
 
 @dataclass
@@ -216,7 +217,8 @@ def build_with_old_head(recipe: Recipe, data: dict[str, Any]):
     head = module_path(old["head"])
     set_module_at(model.net, head, TwoHeads(module_at(model.net, head), module_at(twin.net, head)))
 
-    return Model(*split_model(model))
+    precision = resolve_precision(recipe.train.precision)
+    return Model(*split_model(model, precision), precision)
 
 
 def old_head_view(trained):

@@ -46,7 +46,7 @@ from cnncli.train.evaluate import evaluate
 from cnncli.train.optim import build_optimizer
 from cnncli.train.state import Model
 from cnncli.train.steps import data_mesh, forward, to_pixels
-from cnncli.train.toolbox import layer_dtype
+from cnncli.train.toolbox import layer_dtype, resolve_precision
 from cnncli.train.trained_run import output_graphdef
 
 TRAIN, FROZEN = "train", "frozen"
@@ -463,13 +463,14 @@ def prepare(source, recipe: Recipe, splits) -> FineTuning:
     set_inference_where_frozen(model, plan)
     if cfg.mode == "lwf":
         module_at(model.net, head).output = "both"
-    with layer_dtype(model, recipe.train.precision):  # bfloat16 training, as train.steps.split_model does
+    precision = resolve_precision(recipe.train.precision)
+    with layer_dtype(model, precision):  # mixed precision, as train.state.split_model does
         train_def, params, rest = nnx.split(model, nnx.Param, ...)
-    model.eval()
-    if keep_old:
-        module_at(model.net, head).output = "new"
-    eval_def, _, _ = nnx.split(model, nnx.Param, ...)
-    built = Model(train_def, eval_def, params, rest)
+        model.eval()
+        if keep_old:
+            module_at(model.net, head).output = "new"
+        eval_def, _, _ = nnx.split(model, nnx.Param, ...)
+    built = Model(train_def, eval_def, params, rest, precision)
     tuning = FineTuning(model=built, plan=plan, labels=param_labels(params, plan),
                         multipliers=lr_multipliers(params, plan), head_replaced=replace_head)
     if reorder:

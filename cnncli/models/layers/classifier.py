@@ -28,14 +28,19 @@ class Normalize(nnx.Module):
 
 
 class Classifier(nnx.Module):
-    """A network behind its input normalization: pixels in [0, 1] -> logits."""
+    """A network behind its input normalization: pixels in [0, 1] -> float32 logits.
+
+    `dtype` is the network's compute dtype (bfloat16 under mixed precision, see
+    cnncli.train.toolbox): the pixels are normalized in float32, then cast to it.
+    """
 
     def __init__(self, net: nnx.Module, *, channels: int, mean=None, std=None):
         self.normalize = Normalize(channels, mean, std)
         self.net = net
+        self.dtype = jnp.float32
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.net(self.normalize(x))
+        return self.net(self.normalize(x).astype(self.dtype)).astype(jnp.float32)
 
 
 AUX_KEY = "aux_logits"
