@@ -213,7 +213,10 @@ class TrainConfig(Section):
     accumulate: int = Field(1, ge=1, description="gradient accumulation: average the gradients of this many "
                                                  "batches before each update (the update of a k-times larger "
                                                  "batch; batch norm still sees batch_size)")
-    eval_batch_size: int = Field(1000, ge=1)
+    eval_batch_size: int = Field(1000, ge=1, description="images per evaluation step (validation and test share "
+                                                        "one batch shape, the last batch padded)")
+    tta: bool = Field(False, description="validation and test average each image's softmax with its horizontal "
+                                         "flip's (as `cnncli eval --tta`)")
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     loss: str = Field("cross_entropy", description="cross_entropy, hinge (multiclass SVM), mse, or perceptron "
                                                    "(Rosenblatt's rule with optim sgd)")

@@ -26,3 +26,32 @@ def test_importing_cnncli_sets_the_flag_before_jax_starts_and_keeps_memory_mappe
 
     assert (EIGEN_CONVOLUTIONS in lines[0]) == jaxlib.__version__.startswith("0.10.")
     assert lines[1] == ("True" if sys.platform.startswith("linux") else "False")
+
+
+def _jax_in_subprocess(tmp_path, code: str, **env) -> list[str]:
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
+           "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "cache"), **env}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.splitlines()
+
+
+def test_every_compiled_program_is_cached_with_the_autotune_results_and_a_users_setting_wins(tmp_path):
+    code = ("import cnncli, jax; c = jax.config; "
+            "print(c.jax_persistent_cache_min_compile_time_secs, c.jax_persistent_cache_min_entry_size_bytes, "
+            "c.jax_persistent_cache_enable_xla_caches); jax.jit(lambda x: x + 1)(1.0).block_until_ready()")
+    settings = _jax_in_subprocess(tmp_path, code)[0].split()
+    # JAX's defaults: 1 s, 0 and the autotune cache; a program that compiles in milliseconds is now cached
+    assert settings == ["0.0", "-1", "xla_gpu_per_fusion_autotune_cache_dir"]
+    assert any("jit__lambda" in p.name for p in (tmp_path / "cache").iterdir())
+
+    mine = tmp_path / "mine"
+    settings = _jax_in_subprocess(mine, code, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="5")[0].split()
+    assert settings[0] == "5.0"  # nothing compiled for 5 s: nothing written
+    assert not any("jit__lambda" in p.name for p in (mine / "cache").glob("*"))
+
+
+def test_settings_apply_when_jax_was_imported_first(tmp_path):
+    code = ("import jax, cnncli; c = jax.config; "
+            "print(c.jax_persistent_cache_min_compile_time_secs, c.jax_compilation_cache_dir)")
+    settings = _jax_in_subprocess(tmp_path, code)[0].split()
+    assert settings == ["0.0", str(tmp_path / "cache")]

@@ -192,3 +192,33 @@ def test_help_is_instant_and_imports_no_jax():
     result = cli("--help")
     assert result.exit_code == 0 and "train" in result.stdout and "eval" in result.stdout
     assert cli("--version").stdout.startswith("cnncli ")
+
+
+def test_compilation_is_timed_apart_and_validation_and_test_share_one_eval_program(tmp_path, fashion, monkeypatch):
+    """Compiling each step is made 3 s slower: summary.json counts it as compile time, epoch 1's time leaves
+    it out, and the run compiles one train step and one eval step (validation, EMA and test share it)."""
+    from jax._src import compiler
+
+    slow, compiled_steps = 3.0, []
+    real = compiler.compile_or_get_cached
+
+    def slow_compile(backend, computation, *args, **kwargs):
+        name = str(computation.operation.attributes["sym_name"]).strip('"')
+        if name == "jit_step":
+            compiled_steps.append(name)
+            time.sleep(slow)
+        return real(backend, computation, *args, **kwargs)
+
+    monkeypatch.setattr(compiler, "compile_or_get_cached", slow_compile)
+    run_dir = tmp_path / "timed"
+    result = cli("train", "lenet5_fashion_mnist", "--run-dir", run_dir, "--set", "data.limit=640",
+                 "--set", "train.batch_size=64", "--set", "train.epochs=2", "--set", "train.ema=0.9")
+    assert result.exit_code == 0, result.output
+    assert len(compiled_steps) == 2  # the train step and the one eval step of validation, EMA and test
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert summary["compile_seconds"] >= 2 * slow
+    assert rows[0]["seconds"] < slow and rows[0]["img_per_s"] == pytest.approx(9 * 64 / rows[0]["seconds"], rel=0.01)
+    assert summary["train_seconds"] == pytest.approx(sum(r["seconds"] for r in rows), abs=2e-3)
+    assert summary["test_seconds"] > 0
+    assert "compiled the train and eval steps in" in result.stderr

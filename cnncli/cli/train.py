@@ -269,4 +269,8 @@ def print_summary(summary: dict, console) -> None:
         if stream["skipped_corrupt"]:
             table.add_row("corrupt images skipped", f"{stream['skipped_corrupt']:,}")
     table.add_row("training time", f"{summary['train_seconds']:.1f} s")
+    if "test_seconds" in summary:
+        table.add_row("test pass", f"{summary['test_seconds']:.1f} s")
+    if "compile_seconds" in summary:
+        table.add_row("compilation (left out of both)", f"{summary['compile_seconds']:.1f} s")
     console.print(table)

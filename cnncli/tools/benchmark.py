@@ -120,14 +120,15 @@ def run(model: str = "lenet5", batch: int = 128, mode: str = "train", steps: int
             carry["calls"] += 1
             return x_adv
     else:
-        mask = replicate(jnp.ones((CHUNKS * batch,), jnp.float32), mesh)
         step_fn = make_eval_step(net.eval_def, num_classes=NUM_CLASSES, batch_size=batch, mesh=mesh)
-        carry = {"sums": init_eval_sums(NUM_CLASSES), "calls": 0}
+        batches = step_fn.put((np.asarray(xs), np.asarray(ys)))  # CHUNKS batches on the devices, masks of ones
+        consts, sums = replicate(((net.params, net.rest), init_eval_sums(NUM_CLASSES)), mesh)
+        carry = {"sums": sums, "calls": 0}
         indices = [jnp.int32(i) for i in range(CHUNKS)]
 
         def step():
-            carry["sums"], _ = step_fn.step((net.params, net.rest), carry["sums"], (xs, ys, mask),
-                                            indices[carry["calls"] % CHUNKS])
+            i = carry["calls"] % CHUNKS
+            carry["sums"], _ = step_fn.step(consts, carry["sums"], batches[i], indices[i])
             carry["calls"] += 1
             return carry["sums"]["top1"]
 

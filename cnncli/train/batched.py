@@ -2,9 +2,11 @@
 device(s) once, call one compiled step per batch.
 
 Evaluation, attacks over a split, the passes of `cnncli visualize` and `predict`, and the logits
-LwF records all run through `Batched`. The step slices its batch from the device-resident arrays
-(no host-to-device copy per batch); the last batch is padded, and a mask (1 for a real example,
-0 for padding) travels with every batch, so every example counts exactly once.
+LwF records all run through `Batched`. Each batch is put on the devices once, before the first step
+(no host-to-device copy between steps); the step takes one batch, so its compiled program depends
+on the batch shape only, not on the split's size: validation and test passes of one batch size share
+it. The last batch is padded, and a mask (1 for a real example, 0 for padding) travels with every
+batch, so every example counts exactly once.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cnncli.train.steps import replicate, stack_batches, take_batch
+from cnncli.train.steps import local_rows, replicate
 
 # fn(consts, carry, batch, index) -> (carry, per-example outputs or None); batch ends with the mask.
 BatchFn = Callable[[Any, Any, tuple[jax.Array, ...], jax.Array], tuple[Any, Any]]
@@ -51,29 +53,32 @@ class Batched:
     def __init__(self, fn: BatchFn, *, batch_size: int, mesh: Mesh | None = None, stacked: bool = False,
                  donate_carry: bool = False):
         self.batch_size, self.mesh, self.stacked = batch_size, mesh, stacked
-        sharding = None if mesh is None else NamedSharding(mesh, P("data"))
+        self.sharding = None if mesh is None else NamedSharding(mesh, P("data"))
+        sharding = self.sharding
 
-        def step(consts, carry, arrays, index):
-            batch = tuple(take_batch(a, index, batch_size, stacked) for a in arrays)
+        def step(consts, carry, batch, index):
             if sharding is not None:
                 batch = tuple(jax.lax.with_sharding_constraint(b, sharding) for b in batch)
             return fn(consts, carry, batch, index)
 
-        # the compiled step on device arrays, for callers that time or test one batch
+        # the compiled step on one batch of device arrays, for callers that time, compile or test one batch
         self.step = jax.jit(step, donate_argnums=(1,) if donate_carry else ())
 
-    def put(self, arrays: Sequence[np.ndarray]) -> tuple[tuple[jax.Array, ...], int]:
-        """The padded arrays and their mask on the device(s), and the number of batches."""
+    def put(self, arrays: Sequence[np.ndarray]) -> list[tuple[jax.Array, ...]]:
+        """The padded arrays and their mask on the device(s), batch by batch."""
         padded, mask = pad_to_batches(arrays, self.batch_size)
         padded.append(mask)
+        b = self.batch_size
         if self.stacked:
-            order = np.arange(len(mask))
-            on_device = tuple(stack_batches(a, order, self.batch_size, self.mesh) for a in padded)
+            rows = local_rows(self.mesh, b)
+
+            def put(a: np.ndarray, start: int) -> jax.Array:
+                local = a[start + rows.start:start + rows.stop]
+                return jax.make_array_from_process_local_data(self.sharding, local, (b, *a.shape[1:]))
         else:
-            on_device = tuple(jnp.asarray(a) for a in padded)
-            if self.mesh is not None:
-                on_device = replicate(on_device, self.mesh)
-        return on_device, len(mask) // self.batch_size
+            def put(a: np.ndarray, start: int) -> jax.Array:
+                return jax.device_put(a[start:start + b], self.sharding)
+        return [tuple(put(a, start) for a in padded) for start in range(0, len(mask), b)]
 
     def __call__(self, consts, arrays: Sequence[np.ndarray], carry=None,
                  progress: Callable[[int, int], None] | None = None) -> tuple[Any, Any]:
@@ -82,15 +87,17 @@ class Batched:
         `progress(done, total)` is called after every batch.
         """
         n = len(arrays[0])
-        on_device, batches = self.put(arrays)
+        batches = self.put(arrays)
         if self.mesh is not None:
-            consts = replicate(consts, self.mesh)  # a restored model lives on one device until now
+            # a restored model lives on one device until now; the carry is placed as the step returns
+            # it, so that its first call does not compile a program of its own
+            consts, carry = replicate((consts, carry), self.mesh)
         parts = []
-        for i in range(batches):
-            carry, out = self.step(consts, carry, on_device, jnp.int32(i))
+        for i, batch in enumerate(batches):
+            carry, out = self.step(consts, carry, batch, jnp.int32(i))
             if out is not None:
                 parts.append(jax.device_get(out))
             if progress is not None:
-                progress(i + 1, batches)
+                progress(i + 1, len(batches))
         outputs = jax.tree.map(lambda *p: np.concatenate(p)[:n], *parts) if parts else None
         return carry, outputs

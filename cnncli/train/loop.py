@@ -45,9 +45,11 @@ from cnncli.recipe import Recipe
 from cnncli.run import checkpoint, distributed
 from cnncli.run.logs import RunLogs
 from cnncli.run.rundir import RunDir
+from cnncli.runtime import CompileClock
 from cnncli.train import optim as optim_lib
 from cnncli.train import streamed, toolbox
-from cnncli.train.evaluate import eval_batch, evaluate, make_eval_step
+from cnncli.train.batched import Batched
+from cnncli.train.evaluate import eval_batch, evaluate, init_eval_sums, make_eval_step
 from cnncli.train.losses import DEFAULT_LOSS, loss_fn
 from cnncli.train.state import Model, TrainState, build, init_totals
 from cnncli.train.steps import (
@@ -233,6 +235,11 @@ class _Setup:
     steps_per_epoch: int
     lr: Callable  # the schedule: global step -> learning rate (before a plateau's scale)
     stream: streamed.Stream | None = None  # the streaming path's batches (training, then validation, per epoch)
+    eval_step: Batched | None = None  # in memory, validation and test share it (one program): see `_eval_step`
+    eval_batch: int = 0
+    clock: CompileClock | None = None  # compilation time, which training and test times leave out
+    compile_start: float = 0.0  # the clock's readings when the run started
+    cache_start: tuple[int, int] = (0, 0)
 
 
 def train(recipe: Recipe, splits: Splits | StreamSplits, run: RunDir, *, resume: bool = False, display=None,
@@ -274,7 +281,9 @@ def train(recipe: Recipe, splits: Splits | StreamSplits, run: RunDir, *, resume:
 
     ema = toolbox.init_ema(model.params, model.rest) if recipe.train.ema is not None else None
     state = TrainState(model.params, model.rest, tx.init(model.params), jnp.zeros((), jnp.int32), ema)
-    s = _Setup(recipe, splits, run, display, tune, model, mesh, spe, lr)
+    clock = CompileClock.of_process()
+    s = _Setup(recipe, splits, run, display, tune, model, mesh, spe, lr, None, *_eval_step(recipe, splits, model, mesh),
+               clock, clock.seconds, (clock.cache_hits, clock.cache_misses))
 
     # ---- Resume: the latest checkpoint's state, the position it was saved at, the best epoch so far ----
     state, totals, start_epoch, start_step, best, extra = (_resume(s, state) if resume
@@ -290,9 +299,15 @@ def train(recipe: Recipe, splits: Splits | StreamSplits, run: RunDir, *, resume:
         epoch_batches = _streamed_epochs(s)
     else:
         epoch_batches = _in_memory(s, (_sharded_epochs if stacked else _device_epochs)(recipe, splits, mesh, tune))
-    validate = _validation(s, stacked, robust_key=jax.random.fold_in(key, ROBUST_STREAM))
+    validate = _validation(s, robust_key=jax.random.fold_in(key, ROBUST_STREAM))
     shuffle_key, augment_key = jax.random.fold_in(key, SHUFFLE_STREAM), jax.random.fold_in(key, AUGMENT_STREAM)
     select = _score_name(recipe)  # the score of Best
+
+    # ---- Compile the steps before the clock of epoch 1 starts (in memory: a stream's batches are read once) ----
+    first_batches = None
+    if not streaming and start_epoch < epochs:
+        first_batches = epoch_batches(jax.random.fold_in(shuffle_key, start_epoch), start_epoch)
+        _compile(s, train_step, state, totals, first_batches(start_step), augment_key)
 
     # ---- The epochs ----
     lr_scale = optim_lib.get_plateau_scale(state.opt_state) or 1.0
@@ -310,7 +325,8 @@ def train(recipe: Recipe, splits: Splits | StreamSplits, run: RunDir, *, resume:
 
             # ---- Steps of one epoch ----
             first = start_step if epoch == start_epoch else 0
-            batch_at = epoch_batches(jax.random.fold_in(shuffle_key, epoch), epoch)
+            batch_at = (first_batches if epoch == start_epoch and first_batches is not None
+                        else epoch_batches(jax.random.fold_in(shuffle_key, epoch), epoch))
             waited = s.stream.wait_seconds if streaming else 0.0
             state, totals, seconds = _epoch_steps(s, train_step, state, totals, batch_at, augment_key,
                                                   epoch=epoch, first=first, lr_scale=lr_scale, best=best, stop=stop)
@@ -343,7 +359,38 @@ def train(recipe: Recipe, splits: Splits | StreamSplits, run: RunDir, *, resume:
 
     # ---- Finish: the reported checkpoint on the test split, summary.json ----
     display.finish()
-    return finish(recipe, splits, run, model, state, mesh, best, stopped=stopped, tune=tune, stream=s.stream)
+    return finish(s, state, best, stopped=stopped)
+
+
+def _eval_step(recipe: Recipe, splits: Splits | StreamSplits, model: Model, mesh) -> tuple[Batched | None, int]:
+    """In memory, the eval step and batch size that validation and the test pass share: one program, one batch
+    shape (the larger split's batch; the last batch padded). A streamed run evaluates as its stream batches."""
+    if isinstance(splits, StreamSplits):
+        return None, 0
+    _, n_val, n_test = split_sizes(splits)
+    batch = eval_batch(max(n_val, n_test, 1), recipe.train.eval_batch_size, mesh)
+    step = make_eval_step(model.eval_def, num_classes=splits.num_classes, batch_size=batch, mesh=mesh,
+                          tta=recipe.train.tta, stacked=distributed.multiprocess())
+    return step, batch
+
+
+def _compile(s: _Setup, train_step, state, totals, batch, augment_key) -> None:
+    """Compile (or load from the persistent cache) the train and eval steps, saying how long it took."""
+    start, hits = s.clock.seconds, s.clock.cache_hits
+    xs, ys, epoch_start, aux = batch
+    step, kw = (train_step.func, train_step.keywords) if isinstance(train_step, partial) else (train_step, {})
+    step.lower(state, totals, xs, ys, epoch_start, augment_key, aux, **kw).compile()  # data.generated: the pool
+    what = "train step"
+    if s.eval_step is not None:
+        sharding = s.eval_step.sharding
+        images = jax.ShapeDtypeStruct((s.eval_batch, *s.splits.image_shape), jnp.uint8, sharding=sharding)
+        labels, mask = (jax.ShapeDtypeStruct((s.eval_batch,), dtype, sharding=sharding)
+                        for dtype in (jnp.int32, jnp.float32))
+        consts, sums = replicate(((state.params, state.rest), init_eval_sums(s.splits.num_classes)), s.mesh)
+        s.eval_step.step.lower(consts, sums, (images, labels, mask), jnp.int32(0)).compile()
+        what = "train and eval steps"
+    cached = " (from the compilation cache)" if s.clock.cache_hits > hits else ""
+    s.display.message(f"compiled the {what} in {s.clock.seconds - start:.1f} s{cached}")
 
 
 def recipe_step(recipe: Recipe, splits: Splits, model: Model, tx, mesh) -> tuple[Callable, Callable]:
@@ -457,7 +504,7 @@ def _generated_pool(s: _Setup) -> tuple[jax.Array, jax.Array] | None:
     return replicate((jnp.asarray(x), jnp.asarray(y)), s.mesh)
 
 
-def _validation(s: _Setup, stacked: bool, robust_key: jax.Array) -> Callable[[TrainState], dict] | None:
+def _validation(s: _Setup, robust_key: jax.Array) -> Callable[[TrainState], dict] | None:
     """The end-of-epoch validation: state -> the metrics row's val_* entries; None without a validation split."""
     splits, model, mesh, adversarial = s.splits, s.model, s.mesh, s.recipe.train.adversarial
     n_val = split_sizes(splits)[1]
@@ -466,8 +513,7 @@ def _validation(s: _Setup, stacked: bool, robust_key: jax.Array) -> Callable[[Tr
     batch = _val_batch(s)
     if s.stream is not None:
         return _streamed_validation(s, batch)
-    step = make_eval_step(model.eval_def, num_classes=splits.num_classes, batch_size=batch, mesh=mesh,
-                          stacked=stacked)
+    batch, step = s.eval_batch, s.eval_step
     robust = pgd = None
     if adversarial is not None:
         robust = make_robust_accuracy(model.eval_def, training_attack(adversarial), num_classes=splits.num_classes,
@@ -500,7 +546,8 @@ def _streamed_validation(s: _Setup, batch: int) -> Callable[[TrainState], dict]:
     """Validation on the streaming path: the next validation batches of the run's stream, each evaluated
     with the weights and, with train.ema, the averaged weights (one pass for both)."""
     splits, model, mesh = s.splits, s.model, s.mesh
-    step = make_eval_step(model.eval_def, num_classes=splits.num_classes, batch_size=batch, mesh=mesh)
+    step = make_eval_step(model.eval_def, num_classes=splits.num_classes, batch_size=batch, mesh=mesh,
+                          tta=s.recipe.train.tta)
     batches = -(-split_sizes(splits)[1] // batch)
 
     def validate(state: TrainState) -> dict[str, float]:
@@ -520,10 +567,10 @@ def _streamed_validation(s: _Setup, batch: int) -> Callable[[TrainState], dict]:
 def _epoch_steps(s: _Setup, train_step, state, totals, batch_at, augment_key, *, epoch: int, first: int,
                  lr_scale: float, best: Best, stop: _StopFlag):
     """Steps `first`.. of one epoch, step i on `batch_at(i)` = (xs, ys, epoch_start, aux), with progress every
-    train.log_every steps; returns the state, the totals and the seconds it took. Ctrl-C checkpoints the
-    step and raises Interrupted."""
+    train.log_every steps; returns the state, the totals and the seconds it took, compilation left out.
+    Ctrl-C checkpoints the step and raises Interrupted."""
     spe, batch_size, log_every = s.steps_per_epoch, s.recipe.train.batch_size, s.recipe.train.log_every
-    t0 = time.perf_counter()
+    t0, compiling = time.perf_counter(), s.clock.seconds
     for i in range(first, spe):
         xs, ys, epoch_start, aux = batch_at(i)
         state, totals = train_step(state, totals, xs, ys, epoch_start, augment_key, aux)
@@ -535,11 +582,11 @@ def _epoch_steps(s: _Setup, train_step, state, totals, batch_at, augment_key, *,
         if log:
             row = _train_row(totals)
             _check_finite(row, epoch, i + 1, s.run)
-            elapsed = time.perf_counter() - t0
+            elapsed = time.perf_counter() - t0 - (s.clock.seconds - compiling)
             s.display.update(epoch=epoch, step=i + 1, loss=row["train_loss"], acc=row["train_acc"],
                              lr=float(s.lr(epoch * spe + i)) * lr_scale,
                              img_per_s=(i + 1 - first) * batch_size / max(elapsed, 1e-9), grad_norm=row["grad_norm"])
-    return state, totals, time.perf_counter() - t0
+    return state, totals, time.perf_counter() - t0 - (s.clock.seconds - compiling)
 
 
 def _plateau(s: _Setup, state: TrainState) -> tuple[TrainState, float]:
@@ -565,7 +612,7 @@ def _interrupted(s: _Setup, state, best: Best, where: str, signum: int) -> Inter
     would."""
     if _restores_best(s.recipe) and best.epoch > 0:
         s.display.finish()
-        finish(s.recipe, s.splits, s.run, s.model, state, s.mesh, best, stopped="user", stream=s.stream)
+        finish(s, state, best, stopped="user")
         where += f"; summary.json reports the best epoch ({best.epoch})"
     return Interrupted(where, signum)
 
@@ -678,14 +725,15 @@ def _restores_best(recipe: Recipe) -> bool:
     return rule is not None and rule.restore_best
 
 
-def finish(recipe: Recipe, splits: Splits | StreamSplits, run: RunDir, model: Model, state, mesh, best: Best,
-           stopped: str | None = None, tune=None, stream: streamed.Stream | None = None) -> dict[str, Any]:
+def finish(s: _Setup, state, best: Best, stopped: str | None = None) -> dict[str, Any]:
     """Evaluate the reported checkpoint on the test split and write summary.json.
 
     The reported checkpoint is the best one, except with early_stopping.restore_best false: then it is
-    the latest. `stopped` ('early' or 'user') records why a run ended before train.epochs. `tune`
-    (fine-tuning) adds its old-task metrics. A streamed run (`stream`) adds what each process read.
+    the latest. `stopped` ('early' or 'user') records why a run ended before train.epochs. A fine-tuning
+    adds its old-task metrics; a streamed run what each process read. Times: train_seconds (the epochs'
+    steps), test_seconds (the test pass) and compile_seconds (this run's compilation, left out of both).
     """
+    recipe, splits, run, model, mesh, tune, stream = s.recipe, s.splits, s.run, s.model, s.mesh, s.tune, s.stream
     rule = recipe.train.early_stopping
     which = "latest" if rule is not None and not rule.restore_best else "best"
     rows = run.read_metrics()
@@ -694,7 +742,7 @@ def finish(recipe: Recipe, splits: Splits | StreamSplits, run: RunDir, model: Mo
                                "params": model.num_params, "precision": model.precision, "epochs_run": len(rows)}
     if recipe.train.adversarial is not None and best.score is not None and best.score >= 0:
         summary[f"best_{_score_name(recipe)}"] = best.score
-    summary["train_seconds"] = round(sum(r.get("seconds", 0.0) for r in rows), 1)
+    summary["train_seconds"] = round(sum(r.get("seconds", 0.0) for r in rows), 3)
     if stopped:
         summary["stopped"] = stopped
     if stream is not None:
@@ -706,13 +754,15 @@ def finish(recipe: Recipe, splits: Splits | StreamSplits, run: RunDir, model: Mo
         weights = [(reported.params, reported.rest)]
         if reported.ema is not None:
             weights.append((reported.ema["params"], reported.ema["rest"]))
+        t0, compiling = time.perf_counter(), s.clock.seconds
         if isinstance(splits, StreamSplits):
             batch = eval_batch(split_sizes(splits)[2], recipe.train.eval_batch_size, mesh)
             results = streamed.evaluate_split(model.eval_def, weights, splits, "test", batch_size=batch, mesh=mesh,
-                                              seed=recipe.seed)
+                                              seed=recipe.seed, tta=recipe.train.tta)
         else:
             results = [evaluate(model.eval_def, params, rest, splits.test_x, splits.test_y, splits.class_names,
-                                batch_size=recipe.train.eval_batch_size, mesh=mesh) for params, rest in weights]
+                                batch_size=s.eval_batch, mesh=mesh, step_fn=s.eval_step) for params, rest in weights]
+        summary["test_seconds"] = round(time.perf_counter() - t0 - (s.clock.seconds - compiling), 3)
         summary["test"] = results[0]
         if reported.ema is not None:
             summary["test_ema"] = results[1]
@@ -720,6 +770,9 @@ def finish(recipe: Recipe, splits: Splits | StreamSplits, run: RunDir, model: Mo
         ckpt, _ = _find_checkpoint(run, which)
         reported, _ = checkpoint.restore(ckpt, state, with_optimizer=False)
         summary.update(tune.final_metrics(reported.params, reported.rest))
+    summary["compile_seconds"] = round(s.clock.seconds - s.compile_start, 3)
+    summary["compile_cache"] = {"hits": s.clock.cache_hits - s.cache_start[0],
+                                "misses": s.clock.cache_misses - s.cache_start[1]}
     with _disk_faults(run, run.summary):
         run.write_json(run.summary, summary)
     return summary
