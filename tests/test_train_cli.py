@@ -194,6 +194,7 @@ def test_help_is_instant_and_imports_no_jax():
     assert cli("--version").stdout.startswith("cnncli ")
 
 
+@pytest.mark.slow
 def test_compilation_is_timed_apart_and_validation_and_test_share_one_eval_program(tmp_path, fashion, monkeypatch):
     """Compiling each step is made 3 s slower: summary.json counts it as compile time, epoch 1's time leaves
     it out, and the run compiles one train step and one eval step (validation, EMA and test share it)."""
