@@ -101,7 +101,8 @@ class DataConfig(Section):
     pipeline: Literal["memory", "stream", "auto"] = Field(
         "auto", description="memory: decode everything once into memory and onto the device; stream: read, decode "
                             "and crop each batch from disk in worker processes (folder: and arrayrecord: sources); "
-                            "auto: stream when the decoded data would exceed data.memory_budget or a crop needs it")
+                            "auto: stream when the decoded data would exceed data.memory_budget or a stream-only "
+                            "option (crops, jpeg_draft, skip_corrupt) is set")
     memory_budget: float = Field(0.25, gt=0.0, le=1.0, description="auto: the share of host RAM (and of one "
                                                                    "accelerator's memory) the decoded data may take")
     random_resized_crop: RandomResizedCropConfig | None = Field(
@@ -113,8 +114,9 @@ class DataConfig(Section):
     workers: int | None = Field(None, ge=0, description="stream: Grain worker processes that decode batches "
                                                         "(default: one per core but one; 0: in the main process)")
     prefetch: int = Field(2, ge=1, description="stream: batches read ahead on the host, and again on the device")
-    skip_corrupt: bool = Field(False, description="stream: replace undecodable images by the next one and count "
-                                                  "them, instead of stopping with the image's name")
+    skip_corrupt: bool = Field(False, description="stream (auto streams with it): replace undecodable images "
+                                                  "by the next one and count them, instead of stopping with the "
+                                                  "image's name")
 
 
     @field_validator("image_size", mode="before")

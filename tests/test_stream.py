@@ -109,6 +109,13 @@ def test_corrupt_images_stop_the_stream_or_are_counted(tmp_path):
     elements, _, stream = take(stream_data(root, val_fraction=0.0, skip_corrupt=True), 6)
     assert stream.skipped == 2  # once per epoch; the next image stood in
     assert all(e["mask"].all() for e in elements)
+    # asking to skip makes `auto` stream even a small folder (the in-memory path cannot skip)
+    assert isinstance(load_data(DataConfig(source=f"folder:{root}", skip_corrupt=True, image_size=(20, 24)), seed=0),
+                      StreamSplits)
+    with pytest.raises(UserError, match=r"^streaming \(data.skip_corrupt\) reads the images .* set data.image_size"):
+        load_data(DataConfig(source=f"folder:{root}", skip_corrupt=True), seed=0)
+    with pytest.raises(UserError, match=r"^data.skip_corrupt needs data.pipeline=stream \(the in-memory path"):
+        load_data(DataConfig(source=f"folder:{root}", skip_corrupt=True, pipeline="memory"), seed=0)
 
 
 def test_stream_needs_an_image_size_and_a_streaming_source(tmp_path):

@@ -19,7 +19,7 @@ from cnncli.recipe import DataConfig
 MIN_STD = 1e-3  # a constant channel (e.g. a blank border) must not divide by ~0
 SPLITS = ("train", "val", "test", "all")
 STATS_SAMPLE = 2048  # streamed datasets: training images the normalization statistics are measured on
-STREAM_OPTIONS = ("random_resized_crop", "eval_crop", "jpeg_draft")
+STREAM_OPTIONS = ("random_resized_crop", "eval_crop", "jpeg_draft", "skip_corrupt")  # with these, `auto` streams
 
 
 @dataclass(frozen=True)
@@ -117,10 +117,11 @@ def load_splits(data: DataConfig, seed: int, *, min_classes: int = MIN_CLASSES) 
 
 
 def _check_memory_options(data: DataConfig) -> None:
-    used = [f"data.{o}" for o in STREAM_OPTIONS if getattr(data, o)]
+    used = [o for o in STREAM_OPTIONS if getattr(data, o)]
     if used:
-        raise UserError(f"{used[0]} needs data.pipeline=stream (the in-memory path decodes each image once, at "
-                        "data.image_size); stream a folder: or arrayrecord: source")
+        why = ("the in-memory path decodes every image up front and stops at the first that does not decode"
+               if used[0] == "skip_corrupt" else "the in-memory path decodes each image once, at data.image_size")
+        raise UserError(f"data.{used[0]} needs data.pipeline=stream ({why}); stream a folder: or arrayrecord: source")
 
 
 def memory_budget_bytes(fraction: float) -> int:
@@ -181,7 +182,9 @@ def stream_splits(data: DataConfig, records: RecordData, seed: int, *, min_class
                         "train.class_weights=balanced to weight the loss instead")
     size = data.image_size or (records.shape[:2] if records.shape else None)
     if size is None:
-        raise UserError(f"data.pipeline=stream reads the images of '{data.source}' one at a time and they may differ "
+        why = "data.pipeline=stream" if data.pipeline == "stream" else \
+            next((f"data.{o}" for o in STREAM_OPTIONS if getattr(data, o)), "data.pipeline=auto")
+        raise UserError(f"streaming ({why}) reads the images of '{data.source}' one at a time and they may differ "
                         "in size: set data.image_size, e.g. `image_size: [224, 224]` under `data:`")
     channels = data.channels or (records.shape[2] if records.shape else 3)
     train, test = records.splits["train"], records.splits.get("test")
