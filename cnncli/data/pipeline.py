@@ -18,6 +18,7 @@ from cnncli.recipe import DataConfig
 
 MIN_STD = 1e-3  # a constant channel (e.g. a blank border) must not divide by ~0
 SPLITS = ("train", "val", "test", "all")
+STATS_CHUNK = 1 << 20  # pixels per chunk of channel_stats
 STATS_SAMPLE = 2048  # streamed datasets: training images the normalization statistics are measured on
 STREAM_OPTIONS = ("random_resized_crop", "eval_crop", "jpeg_draft", "skip_corrupt")  # with these, `auto` streams
 
@@ -74,12 +75,16 @@ def channel_stats(x: np.ndarray, mode: str) -> tuple[tuple[float, ...], tuple[fl
     channels = x.shape[-1]
     if mode == "scale":
         return (0.0,) * channels, (1.0,) * channels
-    pixels = x.reshape(-1, channels).astype(np.float64) / 255.0
-    mean = tuple(float(m) for m in pixels.mean(axis=0))
+    pixels = x.reshape(-1, channels)
+    # two passes over chunks: a float64 copy of every pixel at once took 8 bytes per subpixel, three times over
+    chunks = range(0, len(pixels), STATS_CHUNK)
+    total = sum(pixels[i:i + STATS_CHUNK].sum(axis=0, dtype=np.float64) for i in chunks)
+    mean = total / max(len(pixels), 1)
     if mode == "center":
-        return mean, (1.0,) * channels
-    std = tuple(max(float(s), MIN_STD) for s in pixels.std(axis=0))
-    return mean, std
+        return tuple(float(m) / 255.0 for m in mean), (1.0,) * channels
+    squares = sum(((pixels[i:i + STATS_CHUNK] - mean) ** 2).sum(axis=0) for i in chunks)
+    std = np.sqrt(squares / max(len(pixels), 1)) / 255.0
+    return tuple(float(m) / 255.0 for m in mean), tuple(max(float(s), MIN_STD) for s in std)
 
 
 def split_train_val(x: np.ndarray, y: np.ndarray, fraction: float, seed: int):
