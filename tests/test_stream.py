@@ -1,12 +1,15 @@
 """The streaming input pipeline (data.pipeline=stream) at the batch level: what it reads, in which order,
 whatever the number of workers or processes, and where a resumed stream continues."""
 
+import time
+
 import numpy as np
 import pytest
 
+from cnncli.data import pipeline
 from cnncli.data.pipeline import load_data, load_splits
 from cnncli.data.sources import load_dataset
-from cnncli.data.stream import TRAIN, StreamSplits
+from cnncli.data.stream import TRAIN, Stream, StreamSplits
 from cnncli.errors import UserError
 from cnncli.recipe import DataConfig, RandomResizedCropConfig
 from tests.helpers import image_folder
@@ -72,6 +75,18 @@ def test_statistics_and_eval_padding(pngs):
     np.testing.assert_array_equal(batches[1]["image"][2:], 0)
 
 
+@pytest.mark.parametrize("chunk", [7, 1 << 20])
+def test_channel_statistics_in_chunks_equal_numpy_on_all_pixels(monkeypatch, chunk):
+    monkeypatch.setattr(pipeline, "STATS_CHUNK", chunk)  # 7 pixels: chunks that do not divide the images
+    x = np.random.default_rng(0).integers(0, 256, (5, 9, 11, 3), dtype=np.uint8)
+    x[..., 2] //= 4  # channels of different spread
+    pixels = x.reshape(-1, 3).astype(np.float64) / 255.0
+    mean, std = pipeline.channel_stats(x, "standardize")
+    np.testing.assert_allclose(mean, pixels.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(std, pixels.std(axis=0), rtol=1e-12)
+    assert pipeline.channel_stats(x, "center") == (mean, (1.0, 1.0, 1.0))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("crop", [None, RandomResizedCropConfig()])
 def test_same_batches_whatever_the_workers_and_processes(pngs, crop):
@@ -116,6 +131,23 @@ def test_corrupt_images_stop_the_stream_or_are_counted(tmp_path):
         load_data(DataConfig(source=f"folder:{root}", skip_corrupt=True), seed=0)
     with pytest.raises(UserError, match=r"^data.skip_corrupt needs data.pipeline=stream \(the in-memory path"):
         load_data(DataConfig(source=f"folder:{root}", skip_corrupt=True, pipeline="memory"), seed=0)
+
+
+def test_a_stream_reads_only_a_few_batches_ahead():
+    """Each element is a whole batch: Grain's default read-ahead (500 elements) held gigabytes of them."""
+    made = []
+
+    def batch(k):
+        made.append(k)
+        return {"mask": np.ones(4, np.float32), "skipped": np.int32(0)}
+
+    stream = Stream(batch, 1000, workers=0, prefetch=2, to_device=lambda element: element)
+    try:
+        stream.next()
+        time.sleep(1.0)  # time enough to read far ahead, if it would
+        assert len(made) <= 1 + 3 * 2 + 2  # the one taken, `prefetch` per buffer (3), and one in flight each
+    finally:
+        stream.close()
 
 
 def test_stream_needs_an_image_size_and_a_streaming_source(tmp_path):

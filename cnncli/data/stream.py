@@ -234,7 +234,10 @@ class Stream:
         from grain.experimental import ThreadPrefetchIterDataset
 
         _quiet_grain()
-        ds = grain.MapDataset.range(length).map(maker).to_iter_dataset()
+        # Grain's default reads 500 elements ahead in every process; an element here is a whole batch (a
+        # worker held ~2.7 GB of 224 px batches), so each process reads only `prefetch` batches ahead
+        read = grain.ReadOptions(num_threads=max(prefetch, 1), prefetch_buffer_size=max(prefetch, 1))
+        ds = grain.MapDataset.range(length).map(maker).to_iter_dataset(read)
         if workers > 0:
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2),
                                 worker_init_fn=_worker_init)
