@@ -275,6 +275,27 @@ def test_6_sigterm_and_sighup_checkpoint_the_step_and_resume_exactly(tmp_path, s
     assert metric_rows(run) == metric_rows(reference)
 
 
+def test_6_sigterm_during_the_test_pass_says_how_to_finish_the_run(tmp_path, monkeypatch):
+    """A signal after the last step (the test pass, outside the steps) leaves the last checkpoint; the
+    message says so and `--resume` finishes the run from it."""
+    from cnncli.interrupts import Interrupt
+    from cnncli.train import loop
+
+    def preempted(*args, **kwargs):
+        raise Interrupt(signal.SIGTERM)
+
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "finish", preempted)
+        result = cli("train", "lenet5_fashion_mnist", "--run-dir", run, *FAST, "--set", "train.epochs=1")
+    assert result.exit_code == 143, result.output
+    assert "stopped by SIGTERM outside the training steps" in result.stderr and "--resume" in result.stderr
+    assert not (run / "summary.json").exists()
+    result = cli("train", "--resume", "--run-dir", run)
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "summary.json").read_text())["test"]["n"] > 0
+
+
 def test_7_ctrl_c_twice_in_quick_succession_stops_cleanly(tmp_path):
     run = tmp_path / "twice"
     proc = _running_process(run)

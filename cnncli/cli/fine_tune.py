@@ -100,9 +100,10 @@ def _mode_overrides(mode: str | None, unfreeze_last: int | None) -> list[str]:
 
 
 def _fine_tune(trained, recipe, run, *, resume: bool, overwrite: bool) -> None:
-    from cnncli.cli.train import print_summary, stopped_message, write_curves
+    from cnncli.cli.train import print_summary, stopped_message, stopped_outside_steps, write_curves
     from cnncli.console import TrainDisplay, console, err_console
     from cnncli.data.pipeline import load_splits
+    from cnncli.interrupts import Interrupt
     from cnncli.train.loop import Interrupted, check_recipe, train
     from cnncli.transfer.finetune import prepare, run_data
 
@@ -125,6 +126,10 @@ def _fine_tune(trained, recipe, run, *, resume: bool, overwrite: bool) -> None:
         summary = train(recipe, splits, run, resume=resume, display=TrainDisplay(), tune=tuning)
     except Interrupted as e:
         err_console.print(stopped_message(e, f"cnncli fine-tune --resume --run-dir {run.path}"), highlight=False)
+        raise typer.Exit(e.exit_code) from None
+    except Interrupt as e:  # a signal outside the steps (compiling, the test pass): the last checkpoint stands
+        err_console.print(stopped_outside_steps(e, f"cnncli fine-tune --resume --run-dir {run.path}"),
+                          highlight=False)
         raise typer.Exit(e.exit_code) from None
     print_summary(summary, console)
     write_curves(run)

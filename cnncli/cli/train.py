@@ -146,6 +146,7 @@ def _train(recipe, run, *, resume: bool, overwrite: bool, dry_run: bool, extende
            default_dir: bool = False) -> None:
     from cnncli.console import TrainDisplay, console, err_console
     from cnncli.data.pipeline import load_data, split_sizes
+    from cnncli.interrupts import Interrupt
     from cnncli.run import distributed
     from cnncli.run.rundir import DEFAULT_ROOT, FollowerRun
     from cnncli.train.loop import Interrupted, check_recipe, start_run, train
@@ -206,6 +207,11 @@ def _train(recipe, run, *, resume: bool, overwrite: bool, dry_run: bool, extende
         if main:
             err_console.print(stopped_message(e, f"cnncli train --resume --run-dir {run.path}"), highlight=False)
         raise typer.Exit(e.exit_code) from None
+    except Interrupt as e:  # a signal outside the steps (compiling, the test pass): the last checkpoint stands
+        if main:
+            err_console.print(stopped_outside_steps(e, f"cnncli train --resume --run-dir {run.path}"),
+                              highlight=False)
+        raise typer.Exit(e.exit_code) from None
     if main:
         print_summary(summary, console)
         write_curves(run)
@@ -219,6 +225,13 @@ def write_curves(run) -> None:
     if run.read_metrics():
         path, _ = run_curves(run)
         console.print(f"curves: {path}", highlight=False, soft_wrap=True)
+
+
+def stopped_outside_steps(e, resume: str) -> str:
+    """What a run stopped by a signal while it was not stepping says (it continues from its last checkpoint)."""
+    from cnncli.interrupts import describe
+
+    return f"stopped by {describe(e.signum)} outside the training steps; continue with `{resume}`"
 
 
 def stopped_message(e, resume: str) -> str:
