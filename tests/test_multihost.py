@@ -158,6 +158,7 @@ def test_two_processes_stream_their_own_rows_and_match_one(tmp_path):
     assert summary_two["stream"]["records_read"] == [3 * (32 + 6), 3 * (32 + 4)]
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_every_process_with_a_checkpoint(tmp_path):
     """Preemption (Slurm, Kubernetes, `timeout`) sends SIGTERM; here only process 1 gets it. Every process
     stops at the next progress update, process 0 checkpoints that step, and all exit with 143: none hangs

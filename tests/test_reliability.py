@@ -96,6 +96,7 @@ def test_1_overwrite_of_the_working_directory_deletes_nothing(tmp_path):
     assert (tmp_path / "metrics.jsonl").read_text() == "{}\n"
 
 
+@pytest.mark.slow
 def test_1_overwrite_of_a_run_deletes_only_the_runs_files(tmp_path):
     run = _train(tmp_path / "run", epochs=1)
     (run / "notes.txt").write_text("keep me\n")
@@ -120,6 +121,7 @@ def _wait_for(predicate, proc, timeout=300, what="progress"):
     raise AssertionError(f"no {what} in {timeout} s")
 
 
+@pytest.mark.slow
 def test_2_second_writer_is_refused_and_readers_never_crash(tmp_path):
     run = tmp_path / "busy"
     # many short epochs: a checkpoint (and a pruning of the previous one) several times a second
@@ -147,6 +149,7 @@ def test_2_second_writer_is_refused_and_readers_never_crash(tmp_path):
 # ----------------------------------------------------------------------------- 3. bit rot
 
 
+@pytest.mark.slow
 def test_3_flipped_bytes_are_detected_and_eval_falls_back(top3, tmp_path):
     run = _copy(top3, tmp_path)
     index = _index(run)
@@ -169,6 +172,7 @@ def test_3_flipped_bytes_are_detected_and_eval_falls_back(top3, tmp_path):
     _one_line_error(cli("eval", run), "no intact checkpoint", "meta/metadata does not match its checksum")
 
 
+@pytest.mark.slow
 def test_3_resume_falls_back_past_a_damaged_latest_and_matches_the_uninterrupted_run(top3, tmp_path):
     run = _copy(top3, tmp_path)
     latest = _index(run)["latest"]["dir"]
@@ -260,6 +264,7 @@ def _running_process(run, epochs=40):
     return proc
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_6_sigterm_and_sighup_checkpoint_the_step_and_resume_exactly(tmp_path, sig):
     reference = _train(tmp_path / "reference", epochs=6)
@@ -275,6 +280,7 @@ def test_6_sigterm_and_sighup_checkpoint_the_step_and_resume_exactly(tmp_path, s
     assert metric_rows(run) == metric_rows(reference)
 
 
+@pytest.mark.slow
 def test_6_sigterm_during_the_test_pass_says_how_to_finish_the_run(tmp_path, monkeypatch):
     """A signal after the last step (the test pass, outside the steps) leaves the last checkpoint; the
     message says so and `--resume` finishes the run from it."""
@@ -296,6 +302,7 @@ def test_6_sigterm_during_the_test_pass_says_how_to_finish_the_run(tmp_path, mon
     assert json.loads((run / "summary.json").read_text())["test"]["n"] > 0
 
 
+@pytest.mark.slow
 def test_7_ctrl_c_twice_in_quick_succession_stops_cleanly(tmp_path):
     run = tmp_path / "twice"
     proc = _running_process(run)
@@ -307,6 +314,7 @@ def test_7_ctrl_c_twice_in_quick_succession_stops_cleanly(tmp_path):
     assert cli("train", "--resume", "--run-dir", run).exit_code == 0  # whatever was on disk is consistent
 
 
+@pytest.mark.slow
 def test_7_ctrl_c_during_start_up_is_not_lost(tmp_path):
     run = tmp_path / "startup"
     proc = cli_process("train", "lenet5_fashion_mnist", "--run-dir", run, *FAST, "--set", "train.epochs=200")
@@ -318,6 +326,7 @@ def test_7_ctrl_c_during_start_up_is_not_lost(tmp_path):
     assert not (run / "summary.json").exists() or json.loads((run / "summary.json").read_text()).get("stopped")
 
 
+@pytest.mark.slow
 def test_7_a_signal_during_a_checkpoint_write_waits_for_it(tmp_path, monkeypatch):
     """A Ctrl-C raised in the middle of the write (just before Orbax's rename) is delivered after it."""
     from cnncli.run import checkpoint
@@ -366,6 +375,7 @@ def _zero_totals():
 # ----------------------------------------------------------------------------- 8. NaN never becomes latest
 
 
+@pytest.mark.slow
 def test_8_a_non_finite_step_is_never_saved(tmp_path):
     import jax.numpy as jnp
 
@@ -393,6 +403,7 @@ def test_8_a_non_finite_step_is_never_saved(tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncated data file", "missing _METADATA", "deleted latest", "empty index",
                                     "truncated index", "deleted index"])
+@pytest.mark.slow
 def test_9_damaged_checkpoints_fall_back_to_the_newest_intact_one(top3, tmp_path, damage):
     run = _copy(top3, tmp_path)
     ckpts = run / "checkpoints"
@@ -423,6 +434,7 @@ def test_9_damaged_checkpoints_fall_back_to_the_newest_intact_one(top3, tmp_path
         assert "using the newest intact one" in text and Path(out["checkpoint"]).name != latest
 
 
+@pytest.mark.slow
 def test_9_deleted_or_damaged_run_files_use_the_checkpoints_copy(top3, tmp_path):
     run = _copy(top3, tmp_path)
     expected, _ = _eval(run)
@@ -436,6 +448,7 @@ def test_9_deleted_or_damaged_run_files_use_the_checkpoints_copy(top3, tmp_path)
     assert out["top1"] == expected["top1"]
 
 
+@pytest.mark.slow
 def test_9_nothing_usable_names_the_damaged_file(top3, tmp_path):
     run = _copy(top3, tmp_path)
     for step_dir in (run / "checkpoints").glob("step_*"):
@@ -444,6 +457,7 @@ def test_9_nothing_usable_names_the_damaged_file(top3, tmp_path):
     _one_line_error(cli("train", "--resume", "--run-dir", run), "no intact checkpoint", "SHA256SUMS is missing")
 
 
+@pytest.mark.slow
 def test_9_every_checkpoint_file_is_fsynced_before_the_rename_and_the_index_after(tmp_path, monkeypatch):
     """What the power-loss promise rests on: the data reaches the disk before the name that points at it."""
     from cnncli.run import checkpoint
@@ -506,6 +520,7 @@ def _fill(mount: Path) -> Path:
     return filler
 
 
+@pytest.mark.slow
 def test_10_disk_full_during_training_keeps_the_last_checkpoint_and_resumes(small_disk):
     from cnncli.run import checkpoint
 
@@ -598,6 +613,7 @@ def test_12_hidden_folders_are_not_training_images(tmp_path):
     assert len(ds.train_x) == 8  # 3 + 1 nested per class; the checkpoint copies are not read
 
 
+@pytest.mark.slow
 def test_12_unknown_checkpoint_name_is_an_error(top3):
     _one_line_error(cli("eval", top3, "--checkpoint", "bogus"), "--checkpoint must be best or latest")
 
@@ -633,6 +649,7 @@ def _to_legacy(run: Path) -> None:
     (ckpts / "index.json").write_text(json.dumps(index))
 
 
+@pytest.mark.slow
 def test_runs_of_the_earlier_layout_still_evaluate_and_resume(top3, tmp_path):
     reference = _eval(top3)[0]
     run = _copy(top3, tmp_path)
@@ -652,6 +669,7 @@ def test_runs_of_the_earlier_layout_still_evaluate_and_resume(top3, tmp_path):
     assert (run / "checkpoints" / _index(run)["latest"]["dir"] / "SHA256SUMS").is_file()  # saved in today's layout
 
 
+@pytest.mark.slow
 def test_a_checkpoint_carries_an_extra_json_item_under_its_checksums(tmp_path):
     """What a data pipeline needs to resume its position (issue 24) travels in the checkpoint, checked."""
     from cnncli.run import checkpoint
