@@ -208,7 +208,7 @@ def test_coordinator_addresses_accepted():
 
 def test_cluster_detection_needs_more_than_one_process(monkeypatch):
     """Without flags, JAX's own detection starts a multi-process run only for a job of several processes."""
-    from cnncli.run.distributed import _cluster_detected
+    from cnncli.run.distributed import cluster_detected
 
     for var in ("OMPI_MCA_orte_hnp_uri", "KUBERNETES_SERVICE_HOST", "TPU_SKIP_MDS_QUERY"):
         monkeypatch.delenv(var, raising=False)
@@ -216,6 +216,6 @@ def test_cluster_detection_needs_more_than_one_process(monkeypatch):
     for var, value in slurm.items():
         monkeypatch.setenv(var, value)
     monkeypatch.setenv("SLURM_NTASKS", "1")
-    assert not _cluster_detected()  # one Slurm task: a plain run, not pinned to one device
+    assert not cluster_detected()  # one Slurm task: a plain run, not pinned to one device
     monkeypatch.setenv("SLURM_NTASKS", "2")
-    assert _cluster_detected()
+    assert cluster_detected()

@@ -170,7 +170,7 @@ def test_top_patch_crop_is_the_receptive_field_of_summary(lenet, tmp_path):
     for i, position in zip(top.index[unit], top.position[unit]):
         top_, left, h, w = box = interpret.patch_box(rows["conv2"], position)
         patch = interpret.unit_patch(x[i], rows["conv2"], position)
-        np.testing.assert_array_equal(patch, interpret.crop(x[i], box))
+        np.testing.assert_array_equal(patch, interpret.crop_box(x[i], box))
         assert patch.shape[:2] == rf["conv2"]
         inside = (slice(max(top_, 0), top_ + h), slice(max(left, 0), left + w))  # the box within the image
         np.testing.assert_array_equal(patch[max(-top_, 0):, max(-left, 0):][: 28 - inside[0].start,
@@ -194,7 +194,7 @@ def test_a_receptive_field_larger_than_the_image_shows_the_whole_image(lenet):
 
 def test_crop_pads_outside_the_image():
     image = np.arange(16, dtype=np.uint8).reshape(4, 4, 1)
-    patch = interpret.crop(image, (-1, 2, 3, 3))
+    patch = interpret.crop_box(image, (-1, 2, 3, 3))
     assert patch[..., 0].tolist() == [[0, 0, 0], [2, 3, 0], [6, 7, 0]]
 
 

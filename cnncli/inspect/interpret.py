@@ -106,7 +106,7 @@ def penultimate_layer(model: nnx.Module) -> str:
     return layer_names(model)[-2]
 
 
-def sample(n: int, limit: int | None, seed: int = 0) -> np.ndarray:
+def sample_indices(n: int, limit: int | None, seed: int = 0) -> np.ndarray:
     """Sorted indices of `limit` examples out of n drawn without replacement (all of them without a limit).
 
     Random rather than the first `limit`: a split stored class by class would otherwise show one class.
@@ -165,7 +165,7 @@ def probabilities(model: nnx.Module, x: np.ndarray, *, temperature: float = 1.0,
     return map_batches(model, softmax_fn(temperature), x, **kw)
 
 
-def top_k(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def top_classes(probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices and probabilities of the k most probable classes of each row, most probable first."""
     k = min(k, probs.shape[-1])
     order = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
@@ -256,7 +256,7 @@ def patch_box(row: LayerRow, position: tuple[int, int]) -> tuple[int, int, int, 
     return int(round(sh + r * jh - (rh - 1) / 2)), int(round(sw + c * jw - (rw - 1) / 2)), rh, rw
 
 
-def crop(image: np.ndarray, box: tuple[int, int, int, int], fill: int = 0) -> np.ndarray:
+def crop_box(image: np.ndarray, box: tuple[int, int, int, int], fill: int = 0) -> np.ndarray:
     """The (height, width) box of an HWC image; pixels outside the image are `fill` (zero padding)."""
     top, left, h, w = box
     out = np.full((h, w, image.shape[-1]), fill, image.dtype)
@@ -275,7 +275,7 @@ def unit_patch(image: np.ndarray, row: LayerRow, position: tuple[int, int]) -> n
     """
     if all(rf >= size for rf, size in zip(row.receptive_field, image.shape[:2])):
         return image
-    return crop(image, patch_box(row, position))
+    return crop_box(image, patch_box(row, position))
 
 
 # ----------------------------------------------------------------------------- gradients

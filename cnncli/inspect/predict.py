@@ -16,7 +16,7 @@ from typing import Any
 from cnncli.console import to_json
 from cnncli.data.sources.folder import IMAGE_EXTENSIONS
 from cnncli.errors import UserError
-from cnncli.inspect.interpret import load_model, map_stream, read_images, softmax_fn, top_k
+from cnncli.inspect.interpret import load_model, map_stream, read_images, softmax_fn, top_classes
 
 OUT_FORMATS = (".csv", ".json")
 
@@ -60,7 +60,7 @@ def predict_files(trained, paths: list[Path], *, top: int, batch_size: int,
     probs = map_stream(load_model(trained), softmax_fn(trained.temperature), decoded, min(batch_size, len(paths)))
     done = 0
     for batch, p in zip(batches, probs):
-        indices, values = top_k(p, top)
+        indices, values = top_classes(p, top)
         for path, idx, ps in zip(batch, indices, values):
             yield {"image": str(path), "top": [{"class": names[j], "index": int(j), "probability": float(v)}
                                                for j, v in zip(idx, ps)]}

@@ -32,7 +32,7 @@ from cnncli.inspect.interpret import (
     projections,
     read_images,
     saliency,
-    sample,
+    sample_indices,
     spatial_layers,
     top_units,
     unit_patch,
@@ -73,7 +73,7 @@ class Job:
         chosen = eval_data(self.trained, self.split, self.data, self.class_map)
         self.split, self.notes = chosen.split, chosen.notes
         x, y, names = chosen
-        keep = sample(len(x), self.limit or default_limit)
+        keep = sample_indices(len(x), self.limit or default_limit)
         return x[keep], y[keep], names, keep
 
     def count(self, what: str, available: int) -> int:

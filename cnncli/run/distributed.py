@@ -61,7 +61,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     explicit = check_flags(coordinator, num_processes, process_id)
     import jax
 
-    if jax.distributed.is_initialized() or not (explicit or _cluster_detected()):
+    if jax.distributed.is_initialized() or not (explicit or cluster_detected()):
         return
     # cnncli handles SIGTERM itself (a checkpoint, then exit 143, agreed between processes at the next
     # progress update); JAX's preemption service would take the signal and leave the processes running.
@@ -92,7 +92,7 @@ def _native_stdout_to_stderr() -> None:
     sys.stdout = open(results, "w", buffering=1, encoding=sys.stdout.encoding or "utf-8", errors=sys.stdout.errors)
 
 
-def _cluster_detected() -> bool:
+def cluster_detected() -> bool:
     """Whether JAX's cluster auto-detection finds a job of more than one process.
 
     jax.distributed.initialize() with no arguments consults the same detectors (Slurm, Open MPI,
