@@ -79,6 +79,7 @@ def test_each_flag_is_raised_by_the_model_it_exists_for(build, message):
     assert len(warnings) == 1 and message in warnings[0], warnings
 
 
+@pytest.mark.slow
 def test_autoattack_flags_dropout_at_inference_and_square_beating_masked_gradients():
     x, y = _data(200)
     configs = [AttackConfig("apgd-ce", steps=5), AttackConfig("square", queries=300)]
@@ -108,6 +109,7 @@ def test_square_flag_threshold():
                                           {"attack": "square", "robust_accuracy": 0.1}]) is None  # no white box ran
 
 
+@pytest.mark.slow
 def test_autoattack_bookkeeping_matches_the_adversarial_images():
     """Robust means: classified correctly at its saved image, which lies inside the ball and [0, 1]; each stage only
     lowers the robust accuracy; the full sequence is at least as strong as its attacks alone."""

@@ -105,6 +105,7 @@ def test_linear_fool_on_softmax_regression(softmax_run, tmp_path):
     assert untargeted["rows"][0]["error_rate"] > 0.7  # softmax regression breaks like the paper's (99.9% at 0.25)
 
 
+@pytest.mark.slow
 def test_autoattack_table_json_npz_and_curve(lenet_run, tmp_path):
     from cnncli.cli.adversarial import render_autoattack
     from cnncli.console import console

@@ -97,6 +97,7 @@ def test_trades_needs_a_random_start(tmp_path):
     assert result.exit_code == 2 and "TRADES needs a random start" in result.stderr
 
 
+@pytest.mark.slow
 def test_fast_fgsm_training_validates_against_pgd_and_keeps_the_most_pgd_robust_epoch(tmp_path):
     result = cli("train", "lenet5_fashion_mnist", "--run-dir", tmp_path / "run", *SYNTHETIC,
                  "--set", "train.epochs=2", "--set", "train.adversarial={attack: fast-fgsm, eps: 0.1, mix: 1}")
@@ -110,6 +111,7 @@ def test_fast_fgsm_training_validates_against_pgd_and_keeps_the_most_pgd_robust_
     assert summary["best_val_pgd_acc"] == most_robust["val_pgd_acc"]
 
 
+@pytest.mark.slow
 def test_trades_training_runs_and_reports_robust_accuracy(tmp_path):
     result = cli("train", "lenet5_fashion_mnist", "--run-dir", tmp_path / "run", *SYNTHETIC,
                  "--set", "train.epochs=1",
