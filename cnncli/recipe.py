@@ -226,6 +226,12 @@ class TrainConfig(Section):
     adversarial: AdversarialConfig | None = Field(None, description="train on adversarial examples too")
     ema: float | None = Field(None, ge=0.0, lt=1.0, description="decay of an exponential moving average of the "
                                                                "weights, validated and checkpointed beside them")
+    ema_every: int = Field(1, ge=1, description="update the EMA every this many steps, with the decay raised to "
+                                                "this power (about the same average for a fraction of the work, as "
+                                                "airbench does; the EMA then lags the weights by up to k - 1 steps)")
+    steps_per_call: int | Literal["auto"] = Field(
+        "auto", description="training steps per dispatch to the device (a loop inside one program); auto: 1 on "
+                            "CPUs, the steps between progress updates elsewhere; a multiple of ema_every with EMA")
     precision: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="compute dtype of the layers (training, evaluation, attacks, visualizations); auto: "
                             "bfloat16 on GPUs of compute capability 8.0+ and TPUs, float32 elsewhere; weights, "
@@ -235,6 +241,13 @@ class TrainConfig(Section):
                                                                  "validation accuracy")
     class_weights: str | list[float] | None = Field(
         None, description="per-class loss weights, or 'balanced' (inverse class frequency)")
+
+    @field_validator("steps_per_call")
+    @classmethod
+    def _positive_steps(cls, value):
+        if value != "auto" and value < 1:
+            raise ValueError("expected 'auto' or a positive number of steps")
+        return value
 
     @field_validator("class_weights")
     @classmethod

@@ -504,3 +504,30 @@ def test_sweep_ranks_points_and_skips_finished_ones(tmp_path, fashion):
 
     changed = cli(*args[:-4], "--set", "data.limit=700", "--set", "train.batch_size=64")
     assert changed.exit_code == 2 and "holds a run of a different recipe" in changed.stderr
+
+
+def test_several_steps_per_call_resume_after_ctrl_c_as_the_uninterrupted_run(tmp_path, fashion):
+    """4 steps per call with an EMA every 2 steps over 18-step epochs (the last 2 steps of each are one-step
+    calls): Ctrl-C stops after the call running when it came, at step 17 of epoch 2, half-way through an EMA
+    stretch; the resumed run's metrics and EMA test accuracy are the uninterrupted run's."""
+    from cnncli import recipe as recipe_lib
+    from cnncli.data.pipeline import load_splits
+    from cnncli.run import checkpoint
+    from cnncli.run.rundir import RunDir
+    from cnncli.train.loop import Interrupted, start_run, train
+
+    overrides = ["data.limit=1000", "train.batch_size=50", "train.epochs=3", "train.log_every=1", "train.ema=0.9",
+                 "train.ema_every=2", "train.steps_per_call=4"]
+    recipe = recipe_lib.load("lenet5_fashion_mnist", overrides)
+    splits = load_splits(recipe.data, recipe.seed)
+    reference, resumed = RunDir(tmp_path / "reference"), RunDir(tmp_path / "resumed")
+    for run in (reference, resumed):
+        start_run(recipe, splits, run)
+    train(recipe, splits, reference)
+    with pytest.raises(Interrupted, match="epoch 2, step 17/18"):
+        train(recipe, splits, resumed, display=_CtrlCAt(epoch=1, step=16))
+    assert checkpoint.read_index(resumed.checkpoints)["latest"]["step_in_epoch"] == 17
+    train(recipe, splits, resumed, resume=True)
+    assert metric_rows(resumed.path) == metric_rows(reference.path)
+    a, b = (json.loads(r.summary.read_text()) for r in (reference, resumed))
+    assert a["test_ema"] == b["test_ema"] and a["test"]["top1"] == b["test"]["top1"]

@@ -56,6 +56,7 @@ from cnncli.train.steps import (
     StepOptions,
     check_batch,
     data_mesh,
+    make_ema_update,
     make_train_step,
     replicate,
     shuffle,
@@ -291,8 +292,7 @@ def train(recipe: Recipe, splits: Splits | StreamSplits, run: RunDir, *, resume:
     state, totals = replicate((state, totals), mesh)
 
     # ---- The jitted steps, and the source of each epoch's batches ----
-    train_step = make_train_step(model.train_def, tx, num_classes=splits.num_classes,
-                                 batch_size=recipe.train.batch_size, mesh=mesh, options=_step_options(s, stacked))
+    train_step = _Calls.of(s, tx, _step_options(s, stacked), streaming=streaming)
     key = jax.random.key(recipe.seed)
     if streaming:
         s = replace(s, stream=_open_stream(s, extra, resume))
@@ -307,7 +307,8 @@ def train(recipe: Recipe, splits: Splits | StreamSplits, run: RunDir, *, resume:
     first_batches = None
     if not streaming and start_epoch < epochs:
         first_batches = epoch_batches(jax.random.fold_in(shuffle_key, start_epoch), start_epoch)
-        _compile(s, train_step, state, totals, first_batches(start_step), augment_key)
+        _compile(s, train_step, state, totals, first_batches(start_step), augment_key, epoch=start_epoch,
+                 first=start_step)
 
     # ---- The epochs ----
     lr_scale = optim_lib.get_plateau_scale(state.opt_state) or 1.0
@@ -374,12 +375,10 @@ def _eval_step(recipe: Recipe, splits: Splits | StreamSplits, model: Model, mesh
     return step, batch
 
 
-def _compile(s: _Setup, train_step, state, totals, batch, augment_key) -> None:
+def _compile(s: _Setup, train_step: "_Calls", state, totals, batch, augment_key, *, epoch: int, first: int) -> None:
     """Compile (or load from the persistent cache) the train and eval steps, saying how long it took."""
     start, hits = s.clock.seconds, s.clock.cache_hits
-    xs, ys, epoch_start, aux = batch
-    step, kw = (train_step.func, train_step.keywords) if isinstance(train_step, partial) else (train_step, {})
-    step.lower(state, totals, xs, ys, epoch_start, augment_key, aux, **kw).compile()  # data.generated: the pool
+    train_step.compile(state, totals, batch, augment_key, epoch=epoch, first=first)
     what = "train step"
     if s.eval_step is not None:
         sharding = s.eval_step.sharding
@@ -399,7 +398,7 @@ def recipe_step(recipe: Recipe, splits: Splits, model: Model, tx, mesh) -> tuple
     lr-find`). One process; no EMA (a tool's steps are not a run to average)."""
     spe = steps_per_epoch(recipe, len(splits.train_x))
     s = _Setup(recipe, splits, RunDir("."), _NullDisplay(), None, model, mesh, spe, lambda step: 0.0)
-    options = replace(_step_options(s, stacked=False), ema_decay=None)
+    options = replace(_step_options(s, stacked=False), ema_decay=None, ema_every=1)
     step = make_train_step(model.train_def, tx, num_classes=splits.num_classes, batch_size=recipe.train.batch_size,
                            mesh=mesh, options=options)
     return step, _device_epochs(recipe, splits, mesh, None)
@@ -479,7 +478,7 @@ def _step_options(s: _Setup, stacked: bool) -> StepOptions:
                        perturb=perturb, mix=adversarial.mix if adversarial else 1.0,
                        trades=adversarial.trades if adversarial else None,
                        class_weights=None if weights is None else replicate(jnp.asarray(weights), s.mesh),
-                       ema_decay=recipe.train.ema,
+                       ema_decay=recipe.train.ema, ema_every=recipe.train.ema_every,
                        distill=s.tune.distill if s.tune else None, stacked=stacked,
                        loss=None if recipe.train.loss == DEFAULT_LOSS else loss_fn(recipe.train.loss),
                        generated=_generated_pool(s), generated_per_batch=generated_per_batch(recipe))
@@ -564,28 +563,114 @@ def _streamed_validation(s: _Setup, batch: int) -> Callable[[TrainState], dict]:
     return validate
 
 
-def _epoch_steps(s: _Setup, train_step, state, totals, batch_at, augment_key, *, epoch: int, first: int,
+class _Calls:
+    """The training steps of a run, dispatched several at a time (train.steps_per_call): a call takes
+    `per_call` steps when it starts an EMA stretch and that many steps are left in the epoch, else one
+    (a resume mid-stretch, an epoch's remainder); one-step calls are followed by the EMA update at the
+    end of each stretch. Every step computes what a one-step call computes, so where the calls fall
+    changes nothing a resume could notice."""
+
+    def __init__(self, make: Callable[[int], Callable], steps_per_epoch: int, per_call: int, ema_every: int,
+                 ema_update: Callable | None):
+        self.make, self.spe, self.per_call = make, steps_per_epoch, per_call
+        self.ema_every, self.ema_update = ema_every, ema_update
+        self.programs: dict[int, Callable] = {}
+
+    @classmethod
+    def of(cls, s: _Setup, tx, options: StepOptions, *, streaming: bool = False) -> "_Calls":
+        train = s.recipe.train
+        every = train.ema_every if train.ema is not None else 1
+        per_call = steps_per_call(train.steps_per_call, jax.default_backend(), steps_per_epoch=s.steps_per_epoch,
+                                  log_every=train.log_every, ema_every=every, streaming=streaming)
+        make = partial(make_train_step, s.model.train_def, tx, num_classes=s.splits.num_classes,
+                       batch_size=train.batch_size, mesh=s.mesh, options=options)
+        ema_update = make_ema_update(train.ema, every) if every > 1 else None
+        return cls(lambda steps: make(steps=steps), s.steps_per_epoch, per_call, every, ema_update)
+
+    def plan(self, global_step: int, left: int) -> int:
+        """The steps of the call that starts at `global_step` with `left` steps left in the epoch."""
+        if self.per_call > 1 and global_step % self.ema_every == 0 and left >= self.per_call:
+            return self.per_call
+        return 1
+
+    def program(self, steps: int) -> Callable:
+        if steps not in self.programs:
+            self.programs[steps] = self.make(steps)
+        return self.programs[steps]
+
+    def __call__(self, state, totals, xs, ys, epoch_start, key, aux, *, global_step: int, left: int):
+        """The next call's (state, totals, steps taken)."""
+        steps = self.plan(global_step, left)
+        state, totals = self.program(steps)(state, totals, xs, ys, epoch_start, key, aux)
+        if steps == 1 and self.ema_update is not None and (global_step + 1) % self.ema_every == 0:
+            state = self.ema_update(state)
+        return state, totals, steps
+
+    def compile(self, state, totals, batch, key, *, epoch: int, first: int) -> None:
+        """Compile the programs that the calls of epoch `epoch` from step `first`, and of the next epoch, use."""
+        spe, sizes = self.spe, set()
+        xs, ys, epoch_start, aux = batch
+        for e, i in ((epoch, first), (epoch + 1, 0)):
+            while i < spe:
+                sizes.add(self.plan(e * spe + i, spe - i))
+                i += self.plan(e * spe + i, spe - i)
+        for steps in sorted(sizes):
+            fn = self.program(steps)
+            fn, kw = (fn.func, fn.keywords) if isinstance(fn, partial) else (fn, {})
+            fn.lower(state, totals, xs, ys, epoch_start, key, aux, **kw).compile()
+        if self.ema_update is not None and 1 in sizes:
+            self.ema_update.lower(state).compile()
+
+
+def steps_per_call(setting: int | str, backend: str, *, steps_per_epoch: int, log_every: int, ema_every: int,
+                   streaming: bool = False) -> int:
+    """Training steps per dispatch for train.steps_per_call on `backend` (docs/performance.md, "Steps per call").
+
+    auto: one on the CPU, where XLA ran a loop of steps inside one program slower than the same steps
+    dispatched one by one, and on the streaming path (each step waits for its own batch); elsewhere the
+    steps between two progress updates (train.log_every, at most an epoch), rounded to whole EMA
+    stretches, preferring a count that divides the epoch. An explicit count must be whole EMA stretches.
+    """
+    if setting != "auto":
+        if setting % ema_every:
+            raise UserError(f"train.steps_per_call={setting} is not a multiple of train.ema_every={ema_every}")
+        if streaming and setting > 1:
+            raise UserError(f"train.steps_per_call={setting} needs the batches in memory; with data.pipeline=stream "
+                            "each step reads its own batch (use 1 or auto)")
+        return setting
+    if backend == "cpu" or streaming:
+        return 1
+    limit = max(ema_every, min(log_every, steps_per_epoch) // ema_every * ema_every)
+    dividing = [k for k in range(limit, 0, -ema_every) if steps_per_epoch % k == 0 and k > limit // 2]
+    return dividing[0] if dividing else limit
+
+
+def _epoch_steps(s: _Setup, train_step: _Calls, state, totals, batch_at, augment_key, *, epoch: int, first: int,
                  lr_scale: float, best: Best, stop: _StopFlag):
-    """Steps `first`.. of one epoch, step i on `batch_at(i)` = (xs, ys, epoch_start, aux), with progress every
-    train.log_every steps; returns the state, the totals and the seconds it took, compilation left out.
-    Ctrl-C checkpoints the step and raises Interrupted."""
+    """Steps `first`.. of one epoch, step i on `batch_at(i)` = (xs, ys, epoch_start, aux), with progress after
+    the call that reaches each multiple of train.log_every steps; returns the state, the totals and the
+    seconds it took, compilation left out. Ctrl-C checkpoints the step the current call reached and raises
+    Interrupted."""
     spe, batch_size, log_every = s.steps_per_epoch, s.recipe.train.batch_size, s.recipe.train.log_every
     t0, compiling = time.perf_counter(), s.clock.seconds
-    for i in range(first, spe):
+    i = first
+    while i < spe:
         xs, ys, epoch_start, aux = batch_at(i)
-        state, totals = train_step(state, totals, xs, ys, epoch_start, augment_key, aux)
-        log = (i + 1) % log_every == 0 or i + 1 == spe
-        if i + 1 < spe and stop.requested(in_sync=log):
-            _check_finite(_train_row(totals), epoch, i + 1, s.run)  # a NaN step is never saved, so never `latest`
-            _save(s, state, totals, best, epoch, i + 1, is_best=False)
-            raise _interrupted(s, state, best, f"epoch {epoch + 1}, step {i + 1}/{spe}", stop.signum)
+        state, totals, taken = train_step(state, totals, xs, ys, epoch_start, augment_key, aux,
+                                          global_step=epoch * spe + i, left=spe - i)
+        log = (i + taken) // log_every > i // log_every or i + taken == spe
+        i += taken
+        if i < spe and stop.requested(in_sync=log):
+            _check_finite(_train_row(totals), epoch, i, s.run)  # a NaN step is never saved, so never `latest`
+            _save(s, state, totals, best, epoch, i, is_best=False)
+            raise _interrupted(s, state, best, f"epoch {epoch + 1}, step {i}/{spe}", stop.signum)
         if log:
             row = _train_row(totals)
-            _check_finite(row, epoch, i + 1, s.run)
+            _check_finite(row, epoch, i, s.run)
             elapsed = time.perf_counter() - t0 - (s.clock.seconds - compiling)
-            s.display.update(epoch=epoch, step=i + 1, loss=row["train_loss"], acc=row["train_acc"],
-                             lr=float(s.lr(epoch * spe + i)) * lr_scale,
-                             img_per_s=(i + 1 - first) * batch_size / max(elapsed, 1e-9), grad_norm=row["grad_norm"])
+            s.display.update(epoch=epoch, step=i, loss=row["train_loss"], acc=row["train_acc"],
+                             lr=float(s.lr(epoch * spe + i - 1)) * lr_scale,
+                             img_per_s=(i - first) * batch_size / max(elapsed, 1e-9), grad_norm=row["grad_norm"])
     return state, totals, time.perf_counter() - t0 - (s.clock.seconds - compiling)
 
 

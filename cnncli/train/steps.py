@@ -123,7 +123,9 @@ class StepOptions:
         (training-mode) predictions on the clean batch, which maximizes KL(clean || adversarial), and the loss
         is cross-entropy on the clean batch + trades * that KL (mean over the batch).
     class_weights: (k,) weights of the loss per class.
-    ema_decay: update state.ema after every step with this decay.
+    ema_decay, ema_every: update state.ema after every `ema_every`-th step (global steps ema_every - 1,
+        2 * ema_every - 1, ...) with the decay ema_decay ** ema_every, as airbench does: about the
+        same average for a fraction of the updates.
     distill: (logits, aux_batch) -> (task_logits, loss) (Learning without Forgetting) takes extra
         outputs off the logits and adds a loss on them; aux_batch is the batch's slice of `aux`, a
         per-example array shuffled like xs (see `shuffle_like`).
@@ -143,6 +145,7 @@ class StepOptions:
     trades: float | None = None
     class_weights: jax.Array | None = None
     ema_decay: float | None = None
+    ema_every: int = 1
     distill: Callable | None = None
     stacked: bool = False
     loss: Callable | None = None
@@ -161,20 +164,30 @@ def mix_generated(x: jax.Array, y: jax.Array, pool_x: jax.Array, pool_y: jax.Arr
 
 
 def make_train_step(train_def, tx: optax.GradientTransformation, *, num_classes: int, batch_size: int,
-                    mesh: Mesh, options: StepOptions = StepOptions()) -> Callable:
-    """A jitted step(state, totals, xs, ys, epoch_start, key, aux=None) -> (state, totals).
+                    mesh: Mesh, options: StepOptions = StepOptions(), steps: int = 1) -> Callable:
+    """A jitted step(state, totals, xs, ys, epoch_start, key, aux=None) -> (state, totals) that takes
+    `steps` training steps in one dispatch (a loop inside the program).
 
-    xs/ys are the epoch's shuffled uint8 images and labels on device; the batch is the slice that
-    starts at (state.step - epoch_start) * batch_size, or with `options.stacked` (several processes)
-    row state.step - epoch_start of (steps, batch_size, ...) arrays. state and totals are donated.
-    `options` (StepOptions) adds augmentation, adversarial examples, loss terms and EMA; the compute precision is
-    the graphdef's.
+    xs/ys are the epoch's shuffled uint8 images and labels on device; each step's batch is the slice
+    that starts at (state.step - epoch_start) * batch_size, or with `options.stacked` (several
+    processes) row state.step - epoch_start of (steps, batch_size, ...) arrays. state and totals are
+    donated. `options` (StepOptions) adds augmentation, adversarial examples, loss terms and EMA; the
+    compute precision is the graphdef's.
+
+    EMA (StepOptions.ema_every): a several-step program must start where an EMA stretch starts
+    (state.step a multiple of ema_every), `steps` being a multiple of ema_every, and it updates the
+    EMA after every ema_every-th step. A one-step program updates it after every step when
+    ema_every is 1, and never otherwise: then the caller runs `make_ema_update`'s program after the
+    steps that end a stretch. Either way each step computes what a one-step program computes.
     """
     o = options
     batch_sharding = NamedSharding(mesh, P("data"))
     real = batch_size - o.generated_per_batch  # rows of xs/ys per step
+    every = o.ema_every if o.ema_decay is not None else 1
+    if steps > 1 and steps % every:
+        raise UserError(f"{steps} steps per call is not a multiple of train.ema_every={every}")
 
-    def step(state: TrainState, totals, xs, ys, epoch_start, key, aux=None, pool=None):
+    def step(state: TrainState, totals, xs, ys, epoch_start, key, aux, pool, update_ema: bool):
         i = state.step - epoch_start
         x, y = take_batch(xs, i, real, o.stacked), take_batch(ys, i, real, o.stacked)
         step_key = jax.random.fold_in(key, state.step)
@@ -219,14 +232,41 @@ def make_train_step(train_def, tx: optax.GradientTransformation, *, num_classes:
         totals = {"loss": totals["loss"] + loss * batch_size, "correct": totals["correct"] + correct,
                   "count": totals["count"] + batch_size,
                   "grad_norm": totals["grad_norm"] + optax.global_norm(grads) * batch_size}
-        ema = state.ema if o.ema_decay is None else ema_update(state.ema, params, rest, o.ema_decay, state.step)
+        ema = state.ema
+        if o.ema_decay is not None and update_ema:
+            ema = ema_update(state.ema, params, rest, o.ema_decay, state.step, every)
         return TrainState(params, rest, opt_state, state.step + 1, ema), totals
 
-    jitted = jax.jit(step, donate_argnums=(0, 1))
+    def one(state, totals, xs, ys, epoch_start, key, aux=None, pool=None):
+        return step(state, totals, xs, ys, epoch_start, key, aux, pool, every == 1)
+
+    def several(state, totals, xs, ys, epoch_start, key, aux=None, pool=None):
+        def plain(_, carry):
+            return step(*carry, xs, ys, epoch_start, key, aux, pool, False)
+
+        def stretch(_, carry):  # every - 1 steps, then the step that updates the EMA
+            if every > 1:
+                carry = jax.lax.fori_loop(0, every - 1, plain, carry)
+            return step(*carry, xs, ys, epoch_start, key, aux, pool, True)
+
+        return jax.lax.fori_loop(0, steps // every, stretch, (state, totals))
+
+    jitted = jax.jit(one if steps == 1 else several, donate_argnums=(0, 1))
     if not o.generated_per_batch:
         return jitted
     # the pool is an argument, not a constant folded into the compiled step
     return partial(jitted, pool=o.generated)
+
+
+def make_ema_update(decay: float, every: int) -> Callable:
+    """A jitted update(state) -> state that updates state.ema after the step just taken (state.step - 1)
+    for a stretch of `every` steps (see StepOptions.ema_every); the state is donated."""
+
+    def update(state: TrainState) -> TrainState:
+        ema = ema_update(state.ema, state.params, state.rest, decay, state.step - 1, every)
+        return TrainState(state.params, state.rest, state.opt_state, state.step, ema)
+
+    return jax.jit(update, donate_argnums=0)
 
 
 def trades_kl(clean_logits: jax.Array, adversarial_logits: jax.Array) -> jax.Array:

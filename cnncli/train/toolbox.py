@@ -34,8 +34,9 @@ def init_ema(params, rest) -> dict:
     return {"params": jax.tree.map(jnp.copy, params), "rest": jax.tree.map(jnp.copy, rest)}
 
 
-def ema_update(ema: dict, params, rest, decay: float, step: jax.Array) -> dict:
-    """One EMA step after optimizer step `step` (0-based): ema <- d * ema + (1 - d) * new.
+def ema_update(ema: dict, params, rest, decay: float, step: jax.Array, every: int = 1) -> dict:
+    """One EMA step after optimizer step `step` (0-based): ema <- d ** every * ema + (1 - d ** every) * new,
+    d the warmed-up decay.
 
     Batch-norm statistics are averaged too, so the EMA weights are evaluated with statistics that
     match them; integer and key leaves (dropout RNG state) are copied, not averaged.
@@ -45,8 +46,9 @@ def ema_update(ema: dict, params, rest, decay: float, step: jax.Array) -> dict:
         params, rest: the weights and model state after the step.
         decay: the recipe's train.ema; 0 makes the EMA equal to the raw weights.
         step: the optimizer step just taken.
+        every: the update stands for this many steps' (train.ema_every).
     """
-    d = jnp.minimum(decay, (1.0 + step) / (EMA_WARMUP + step))
+    d = jnp.minimum(decay, (1.0 + step) / (EMA_WARMUP + step)) ** every
 
     def average(old, new):
         if not jnp.issubdtype(new.dtype, jnp.floating):
