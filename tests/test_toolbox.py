@@ -506,6 +506,7 @@ def test_sweep_ranks_points_and_skips_finished_ones(tmp_path, fashion):
     assert changed.exit_code == 2 and "holds a run of a different recipe" in changed.stderr
 
 
+@pytest.mark.slow
 def test_several_steps_per_call_resume_after_ctrl_c_as_the_uninterrupted_run(tmp_path, fashion):
     """4 steps per call with an EMA every 2 steps over 18-step epochs (the last 2 steps of each are one-step
     calls): Ctrl-C stops after the call running when it came, at step 17 of epoch 2, half-way through an EMA
