@@ -86,6 +86,10 @@ def test_1_overwrite_refuses_a_directory_without_a_run(tmp_path):
         _one_line_error(result, "holds no cnncli run", "recipe.yaml")
     assert (notes / "recipe.yaml").read_text() == "my own notes\n" and (notes / "thesis.tex").is_file()
     assert sorted(p.name for p in notes.iterdir()) == ["recipe.yaml", "thesis.tex"]  # not even a lock file left
+    (notes / "recipe.yaml").unlink()  # nothing a run would write, yet not a run: --overwrite is still refused
+    _one_line_error(cli("train", "lenet5_fashion_mnist", "--run-dir", notes, *FAST, "--overwrite"),
+                    "holds no cnncli run, so --overwrite has nothing to replace")
+    assert sorted(p.name for p in notes.iterdir()) == ["thesis.tex"]
 
 
 def test_1_overwrite_of_the_working_directory_deletes_nothing(tmp_path):

@@ -117,6 +117,10 @@ class RunDir:
         if taken:
             raise UserError(f"{self.path} holds no cnncli run but has {', '.join(taken)}, which a run would "
                             f"{'delete' if replacing else 'replace'}: choose another --run-dir")
+        if replacing and self.path.is_dir() and any(p.name != LOCK for p in self.path.iterdir()):
+            # --overwrite replaces runs only: a folder of other files is never the target of a deletion.
+            raise UserError(f"{self.path} holds no cnncli run, so --overwrite has nothing to replace: choose an "
+                            "empty or new --run-dir, or leave out --overwrite")
 
     def clear(self) -> list[str]:
         """Delete the run's own files (--overwrite); returns the names of the other entries, which stay."""
