@@ -237,10 +237,10 @@ def make_train_step(train_def, tx: optax.GradientTransformation, *, num_classes:
             ema = ema_update(state.ema, params, rest, o.ema_decay, state.step, every)
         return TrainState(params, rest, opt_state, state.step + 1, ema), totals
 
-    def one(state, totals, xs, ys, epoch_start, key, aux=None, pool=None):
+    def train_step(state, totals, xs, ys, epoch_start, key, aux=None, pool=None):
         return step(state, totals, xs, ys, epoch_start, key, aux, pool, every == 1)
 
-    def several(state, totals, xs, ys, epoch_start, key, aux=None, pool=None):
+    def train_steps(state, totals, xs, ys, epoch_start, key, aux=None, pool=None):
         def plain(_, carry):
             return step(*carry, xs, ys, epoch_start, key, aux, pool, False)
 
@@ -251,7 +251,7 @@ def make_train_step(train_def, tx: optax.GradientTransformation, *, num_classes:
 
         return jax.lax.fori_loop(0, steps // every, stretch, (state, totals))
 
-    jitted = jax.jit(one if steps == 1 else several, donate_argnums=(0, 1))
+    jitted = jax.jit(train_step if steps == 1 else train_steps, donate_argnums=(0, 1))
     if not o.generated_per_batch:
         return jitted
     # the pool is an argument, not a constant folded into the compiled step
