@@ -188,6 +188,7 @@ def _size(x_adv, x, norm):
     return np.abs(d).max(1) if norm == "linf" else np.linalg.norm(d, axis=1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", ["l2", "linf"])
 def test_deepfool_and_fab_find_the_affine_models_closest_boundary(norm):
     model, x, y, minimum = _affine()

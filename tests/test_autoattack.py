@@ -118,6 +118,7 @@ def test_square_side_schedule_is_the_references():
         assert int(square.side(jnp.int32(i), 784, 1, 1)) == expected, i
 
 
+@pytest.mark.slow
 def test_apgd_follows_the_reference_from_the_same_start(twins, monkeypatch):
     """Same weights, same random start: APGD-CE's iterates, and who gets fooled, are the reference's."""
     model, torch_model, x, y = twins
@@ -136,6 +137,7 @@ def test_apgd_follows_the_reference_from_the_same_start(twins, monkeypatch):
     assert close.mean() > 0.99  # a gradient's sign may flip on a few pixels where it is ~0
 
 
+@pytest.mark.slow
 def test_fab_t_matches_the_reference(twins):
     """FAB-T without a random start is deterministic: same weights, same adversarial examples."""
     model, torch_model, x, y = twins
