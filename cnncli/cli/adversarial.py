@@ -47,7 +47,8 @@ def adversarial(
                                 help="autoattack: standard (apgd-ce, apgd-t, fab-t, square), plus, rand (EOT, for "
                                      "random models) or custom (--attacks)."),
     attacks: str = typer.Option(None, "--attacks", help="autoattack --version custom: comma-separated attacks, run "
-                                                         "in this order."),
+                                                         "in this order, e.g. apgd-ce,apgd-t [default: none; "
+                                                         "custom needs it]."),
     targeted: str = typer.Option(None, "--targeted", help="Target: a class index or name, least-likely or "
                                                             "random [default: untargeted]."),
     steps: int = typer.Option(None, "--steps", help="Iterations [default: the attack's own: bim/pgd/mi-fgsm 10, "

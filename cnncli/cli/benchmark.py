@@ -23,7 +23,8 @@ def benchmark(
                               help="First measure this machine's float32 matmul rate (stored for later runs), "
                                    "the reference of peak_fraction."),
     recipe: str = typer.Option(None, "--recipe", help="Time to accuracy instead: train this recipe once per seed "
-                                                      "and report test accuracy (mean and spread) and seconds."),
+                                                      "and report test accuracy (mean and spread) and seconds "
+                                                      "[default: none: time single steps of --model]."),
     seeds: int = typer.Option(5, "--seeds", min=1, help="With --recipe: seeds 0..N-1."),
     warmup_runs: int = typer.Option(0, "--warmup-runs", min=0,
                                     help="With --recipe: untimed runs first (the airbench protocol uses one)."),
