@@ -55,11 +55,11 @@ def adversarial(
                                                     "apgd/fab/cw-l2 100, deepfool 50]."),
     step_size: float = typer.Option(None, "--step-size", help="bim/pgd/mi-fgsm step [default: 2.5 * eps / steps; "
                                                               "mi-fgsm eps / steps]."),
-    restarts: int = typer.Option(None, "--restarts", help="Random restarts [default 1] (pgd keeps the strongest, "
+    restarts: int = typer.Option(None, "--restarts", help="Random restarts [default: 1] (pgd keeps the strongest, "
                                                           "the AutoAttack attacks the first success)."),
-    n_targets: int = typer.Option(None, "--n-targets", help="apgd-t/fab-t: top classes targeted in turn [default 9]."),
-    queries: int = typer.Option(None, "--queries", help="square: queries per run [default 5000]."),
-    eot: int = typer.Option(None, "--eot", help="apgd: gradient samples per step for random models [default 1]."),
+    n_targets: int = typer.Option(None, "--n-targets", help="apgd-t/fab-t: top classes targeted in turn [default: 9]."),
+    queries: int = typer.Option(None, "--queries", help="square: queries per run [default: 5000]."),
+    eot: int = typer.Option(None, "--eot", help="apgd: gradient samples per step for random models [default: 1]."),
     decay: float = typer.Option(1.0, "--decay", help="mi-fgsm: momentum decay."),
     cw_c: float = typer.Option(1.0, "--cw-c", help="cw-l2: weight of the misclassification term."),
     kappa: float = typer.Option(0.0, "--kappa", help="cw-l2: logit margin to reach."),
