@@ -50,7 +50,7 @@ test-wheel:
 	  --run-dir run && venv/bin/cnncli eval run
 
 lint: setup
-	$(BIN)/ruff check cnncli tests
+	$(BIN)/ruff check cnncli tests benchmarks docs
 
 bench: setup  ## cnncli vs the PyTorch peer, side by side (torch comes with the test extra)
 	@for m in lenet5 resnet18 vgg16; do \

@@ -21,7 +21,7 @@ import sys
 
 def run(cmd: str) -> float:
     out = subprocess.run(shlex.split(cmd), capture_output=True, text=True, check=False)
-    lines = [l for l in out.stdout.strip().splitlines() if l.strip().startswith("{")]
+    lines = [line for line in out.stdout.strip().splitlines() if line.strip().startswith("{")]
     if out.returncode != 0 or not lines:
         sys.exit(f"command failed ({out.returncode}): {cmd}\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
     return float(json.loads(lines[-1])["img_per_s"])

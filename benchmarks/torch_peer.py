@@ -175,7 +175,8 @@ def main():
     for _ in range(steps):
         step()
     dt = time.perf_counter() - t
-    print(json.dumps({"impl": "torch" + ("-cl" if a.channels_last else "") + ("-compiled" if a.compile else ""), "model": a.model, "mode": a.mode,
+    impl = "torch" + ("-cl" if a.channels_last else "") + ("-compiled" if a.compile else "")
+    print(json.dumps({"impl": impl, "model": a.model, "mode": a.mode,
                       "batch": a.batch, "img_per_s": round(steps * a.batch / dt, 2), "steps": steps,
                       "threads": torch.get_num_threads(), "device": a.device,
                       "dtype": "bfloat16" if a.bf16 else "float32"}))
