@@ -36,12 +36,7 @@ def accuracy_curve(result: dict[str, Any], path: Path, title: str) -> Path:
     if success:
         ax.plot(*zip(*success), "s:", color="tab:red", label="attack success rate")
     ax.set(xlabel="epsilon (pixels in [0, 1])", ylabel="%", ylim=(-2, 102), title=title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, ax, path)
 
 
 def autoattack_curve(result: dict[str, Any], path: Path, title: str) -> Path:
@@ -59,12 +54,7 @@ def autoattack_curve(result: dict[str, Any], path: Path, title: str) -> Path:
     norm = result["attack"]["norm"]
     ax.set(xlabel=f"epsilon ({norm}{', pixels in [0, 1]' if norm == 'linf' else ''})", ylabel="robust accuracy (%)",
            ylim=(-2, 102), title=title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, ax, path)
 
 
 def amplify(delta: np.ndarray) -> tuple[np.ndarray, float]:
@@ -99,6 +89,16 @@ def example_grid(examples: Examples, class_names: list[str], path: Path, title: 
         _show(axes[i, 2], examples.x_adv[i], f"{class_names[adv]} {r['adv_conf'][i]:.0%}",
               color="tab:red" if adv != int(r["label"][i]) else "black")
     fig.suptitle(f"{title}, eps = {examples.eps:g}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _save(plt, fig, ax, path: Path) -> Path:
+    """Grid, legend and a tight layout, written to `path`; the figure is closed."""
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

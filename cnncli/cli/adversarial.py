@@ -93,13 +93,11 @@ def adversarial(
     cnncli adversarial runs/lenet5_fashion_mnist --attack pgd --eps 0,0.05,0.1 --steps 20 --step-size 0.01
     cnncli adversarial runs/lenet5_fashion_mnist --attack autoattack --eps 0.1
     """
-    from rich.markup import escape
 
     from cnncli.adversarial.attacks import ATTACKS, AttackConfig, check_config, check_eps, step_size_warning
     from cnncli.console import console, err_console, progress_bar, to_json
-    from cnncli.data.classes import parse_class_map
     from cnncli.train.steps import data_mesh
-    from cnncli.train.trained_run import eval_data, load_trained
+    from cnncli.train.trained_run import load_trained
 
     if attack == AUTOATTACK:
         return _autoattack(path, eps, version, attacks, norm or "linf", steps, restarts, n_targets, queries, eot,
@@ -121,12 +119,7 @@ def adversarial(
     warning = step_size_warning(cfg, eps_values)
     if warning:
         err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
-    chosen = eval_data(trained, split, data, parse_class_map(class_map))
-    for note in chosen.notes:
-        err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
-    x, y, split = chosen.x, chosen.y, chosen.split
-    if limit is not None:
-        x, y = x[:limit], y[:limit]
+    x, y, split = _attacked_data(trained, split, data, class_map, limit)
     from cnncli.adversarial.robustness import robustness
 
     with progress_bar(f"{attack} on {split}", disable=as_json) as advance:
@@ -141,6 +134,21 @@ def adversarial(
     render(result, console)
 
 
+def _attacked_data(trained, split, data, class_map, limit):
+    """The images, labels and split name an attack runs on (classes matched by name, notes said, --limit applied)."""
+    from rich.markup import escape
+
+    from cnncli.console import err_console
+    from cnncli.data.classes import parse_class_map
+    from cnncli.train.trained_run import eval_data
+
+    chosen = eval_data(trained, split, data, parse_class_map(class_map))
+    for note in chosen.notes:
+        err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
+    x, y = (chosen.x, chosen.y) if limit is None else (chosen.x[:limit], chosen.y[:limit])
+    return x, y, chosen.split
+
+
 def _warn(warnings: list[str], err_console) -> None:
     for w in warnings:
         err_console.print(f"[yellow]warning:[/] {w}", highlight=False)
@@ -149,14 +157,12 @@ def _warn(warnings: list[str], err_console) -> None:
 def _autoattack(path, eps, version, attacks, norm, steps, restarts, n_targets, queries, eot, targeted,
                 use_predictions, split, data, class_map, limit, which, batch_size, seed, out, as_json) -> None:
     """`--attack autoattack`: the evaluation, its table, the curve over eps and the .npz of adversarial images."""
-    from rich.markup import escape
 
     from cnncli.adversarial.attacks import NORMS, check_eps
     from cnncli.adversarial.autoattack import autoattack, version_attacks, with_overrides
     from cnncli.console import console, err_console, progress_bar, to_json
-    from cnncli.data.classes import parse_class_map
     from cnncli.train.steps import data_mesh
-    from cnncli.train.trained_run import eval_data, load_trained
+    from cnncli.train.trained_run import load_trained
 
     if targeted is not None or use_predictions:
         raise UserError("AutoAttack measures untargeted robust accuracy against the labels: drop --targeted and "
@@ -168,12 +174,7 @@ def _autoattack(path, eps, version, attacks, norm, steps, restarts, n_targets, q
     configs = with_overrides(version_attacks(version, norm, names), steps=steps, restarts=restarts,
                              targets=n_targets, queries=queries, eot=eot)
     trained = load_trained(path, which)
-    chosen = eval_data(trained, split, data, parse_class_map(class_map))
-    for note in chosen.notes:
-        err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
-    x, y, split = chosen.x, chosen.y, chosen.split
-    if limit is not None:
-        x, y = x[:limit], y[:limit]
+    x, y, split = _attacked_data(trained, split, data, class_map, limit)
     with progress_bar(f"autoattack ({version}) on {split}", disable=as_json) as advance:
         result = autoattack(trained.model, x, y, trained.class_names, eps_values, version=version, norm=norm,
                             configs=configs, batch_size=batch_size, mesh=data_mesh(), seed=seed, progress=advance)
