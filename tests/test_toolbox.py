@@ -202,6 +202,23 @@ def test_early_stopping_restores_the_best_epoch(tmp_path, fashion):
     assert summary["test"]["top1"] == last_eval["top1"]
 
 
+def _reference_and_fresh_run(tmp_path, overrides):
+    """A LeNet-5 recipe with `overrides`, its splits, a run trained to the end (the reference) and a started run
+    with the same recipe (to interrupt and resume)."""
+    from cnncli import recipe as recipe_lib
+    from cnncli.data.pipeline import load_splits
+    from cnncli.run.rundir import RunDir
+    from cnncli.train.loop import start_run, train
+
+    recipe = recipe_lib.load("lenet5_fashion_mnist", overrides)
+    splits = load_splits(recipe.data, recipe.seed)
+    reference, resumed = RunDir(tmp_path / "reference"), RunDir(tmp_path / "resumed")
+    for run in (reference, resumed):
+        start_run(recipe, splits, run)
+    train(recipe, splits, reference)
+    return recipe, splits, reference, resumed
+
+
 class _CtrlCAt:
     """A training display that presses Ctrl-C (SIGINT to this process) at one step of one epoch."""
 
@@ -242,21 +259,13 @@ def test_ctrl_c_with_restore_best_reports_the_best_epoch(tmp_path, fashion):
 @pytest.mark.slow
 def test_interrupted_run_with_the_toolbox_state_resumes_exactly(tmp_path, fashion):
     """EMA weights, the plateau factor, balanced draws and class weights: a resumed run matches."""
-    from cnncli import recipe as recipe_lib
-    from cnncli.data.pipeline import load_splits
-    from cnncli.run.rundir import RunDir
-    from cnncli.train.loop import Interrupted, start_run, train
+    from cnncli.train.loop import Interrupted, train
 
     # validation loss per epoch: 0.77, 0.69, 0.44, 0.55, ...: the plateau factor halves after epoch 4
     overrides = ["data.limit=1000", "train.batch_size=50", "train.epochs=5", "train.log_every=1", "train.ema=0.9",
                  "schedule.name=plateau", "schedule.patience=0", "schedule.factor=0.5", "optim.lr=0.01",
                  "data.balanced_sampling=true", "train.class_weights=balanced"]
-    recipe = recipe_lib.load("lenet5_fashion_mnist", overrides)
-    splits = load_splits(recipe.data, recipe.seed)
-    reference, resumed = RunDir(tmp_path / "reference"), RunDir(tmp_path / "resumed")
-    for run in (reference, resumed):
-        start_run(recipe, splits, run)
-    train(recipe, splits, reference)
+    recipe, splits, reference, resumed = _reference_and_fresh_run(tmp_path, overrides)
     with pytest.raises(Interrupted):
         train(recipe, splits, resumed, display=_CtrlCAt(epoch=4, step=5))  # after the drop
     train(recipe, splits, resumed, resume=True)
@@ -511,20 +520,12 @@ def test_several_steps_per_call_resume_after_ctrl_c_as_the_uninterrupted_run(tmp
     """4 steps per call with an EMA every 2 steps over 18-step epochs (the last 2 steps of each are one-step
     calls): Ctrl-C stops after the call running when it came, at step 17 of epoch 2, half-way through an EMA
     stretch; the resumed run's metrics and EMA test accuracy are the uninterrupted run's."""
-    from cnncli import recipe as recipe_lib
-    from cnncli.data.pipeline import load_splits
     from cnncli.run import checkpoint
-    from cnncli.run.rundir import RunDir
-    from cnncli.train.loop import Interrupted, start_run, train
+    from cnncli.train.loop import Interrupted, train
 
     overrides = ["data.limit=1000", "train.batch_size=50", "train.epochs=3", "train.log_every=1", "train.ema=0.9",
                  "train.ema_every=2", "train.steps_per_call=4"]
-    recipe = recipe_lib.load("lenet5_fashion_mnist", overrides)
-    splits = load_splits(recipe.data, recipe.seed)
-    reference, resumed = RunDir(tmp_path / "reference"), RunDir(tmp_path / "resumed")
-    for run in (reference, resumed):
-        start_run(recipe, splits, run)
-    train(recipe, splits, reference)
+    recipe, splits, reference, resumed = _reference_and_fresh_run(tmp_path, overrides)
     with pytest.raises(Interrupted, match="epoch 2, step 17/18"):
         train(recipe, splits, resumed, display=_CtrlCAt(epoch=1, step=16))
     assert checkpoint.read_index(resumed.checkpoints)["latest"]["step_in_epoch"] == 17
