@@ -75,6 +75,8 @@ class TrainDisplay:
         val = f"  val loss {row['val_loss']:.4f} acc {row['val_acc']:.2%}" if "val_acc" in row else ""
         if "val_robust_acc" in row:
             val += f" robust {row['val_robust_acc']:.2%}"
+        if "val_pgd_acc" in row:  # single-step adversarial training: its PGD check for catastrophic overfitting
+            val += f" pgd {row['val_pgd_acc']:.2%}"
         if "val_ema_acc" in row:
             val += f" (EMA {row['val_ema_acc']:.2%})"
         if "old_val_acc" in row:  # fine-tuning that kept the old head: how much of the old task remains

@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+from cnncli.inspect import figures
 from cnncli.recipe import AdversarialConfig
 from cnncli.train.loop import CO_DROP, catastrophic_overfitting, training_attack
 from cnncli.train.steps import trades_kl
@@ -109,6 +110,8 @@ def test_fast_fgsm_training_validates_against_pgd_and_keeps_the_most_pgd_robust_
     most_robust = max(rows, key=lambda r: r["val_pgd_acc"])
     assert summary["best_epoch"] == most_robust["epoch"]
     assert summary["best_val_pgd_acc"] == most_robust["val_pgd_acc"]
+    assert figures.best_epoch(rows) == summary["best_epoch"]  # the curves' star marks the epoch the loop kept
+    assert " pgd " in result.stderr and "validation PGD accuracy" in result.stdout  # epoch lines and results
 
 
 @pytest.mark.slow

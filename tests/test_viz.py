@@ -326,3 +326,23 @@ def test_visualize_user_errors(lenet_run, args, message):
     result = cli("visualize", lenet_run, *args)
     assert result.exit_code == 2, result.output
     assert message in result.stderr
+
+
+def test_curves_of_single_step_adversarial_training_show_pgd_accuracy_and_its_best_epoch():
+    # a run that overfits catastrophically: clean and single-step accuracy rise while PGD-10 accuracy collapses
+    val_acc, single, pgd = [0.70, 0.74, 0.78, 0.80], [0.55, 0.60, 0.70, 0.79], [0.40, 0.45, 0.30, 0.02]
+    rows = [{"epoch": i + 1, "train_loss": 1.0 / (i + 1), "train_acc": a - 0.05, "val_loss": 1.0 / (i + 2),
+             "val_acc": a, "val_robust_acc": s, "val_pgd_acc": p, "lr": 1e-3}
+            for i, (a, s, p) in enumerate(zip(val_acc, single, pgd))]
+    assert figures.best_epoch(rows) == 2  # the most PGD-robust epoch, not the cleanest (4)
+    acc_ax = figures.curves_figure([("run", rows)]).axes[0]
+    drawn = {line.get_gid(): list(line.get_ydata()) for line in acc_ax.get_lines() if line.get_gid()}
+    assert drawn == {"val_robust_acc": single, "val_pgd_acc": pgd}
+    (star,) = [line for line in acc_ax.get_lines() if line.get_marker() == "*"]
+    assert list(star.get_xdata()) == [2] and list(star.get_ydata()) == [0.45]
+    assert {"validation, training attack", "validation, PGD-10", "best epoch 2"} <= {
+        t.get_text() for t in acc_ax.get_legend().get_texts()}
+    # a run without adversarial training draws neither robust curve and keeps its cleanest epoch
+    clean = [{k: v for k, v in r.items() if k not in ("val_robust_acc", "val_pgd_acc")} for r in rows]
+    assert figures.best_epoch(clean) == 4
+    assert not [line for line in figures.curves_figure([("run", clean)]).axes[0].get_lines() if line.get_gid()]

@@ -267,6 +267,8 @@ def print_summary(summary: dict, console) -> None:
         table.add_row("validation accuracy", f"{summary['best_val_acc']:.2%}")
     if summary.get("best_val_robust_acc") is not None:
         table.add_row("validation robust accuracy", f"{summary['best_val_robust_acc']:.2%}")
+    if summary.get("best_val_pgd_acc") is not None:  # single-step adversarial training keeps its most PGD-robust epoch
+        table.add_row("validation PGD accuracy", f"{summary['best_val_pgd_acc']:.2%}")
     if "test" in summary:
         test = summary["test"]
         table.add_row("test top-1", f"{test['top1']:.2%}")

@@ -1,12 +1,11 @@
 """Figures as PNG files: training curves of runs, image grids, and what a trained network learned.
 
-Two kinds of figures live here. `save_image` and `plot_curves` write their PNG directly (matplotlib
-through pyplot with the Agg backend, imported inside the function). The figures of `cnncli
-visualize` (filters, feature maps, top-9 patches, t-SNE, saliency, confusion, errors) take NumPy
-arrays (see `cnncli.inspect.interpret` for how they are computed) and return a matplotlib `Figure` built
-without pyplot (no global state, no display needed); `save` writes it. Their sizes are fixed in
-inches and saved at `DPI` without tight cropping, so a figure's pixel size is known in advance:
-grids of tiles are `cols * tile` by `rows * tile + HEADER` inches.
+`save_image` writes an image's pixels as a PNG; `plot_curves` writes the learning curves of `curves_figure`.
+The figures of `cnncli visualize` (filters, feature maps, top-9 patches, t-SNE, saliency, confusion, errors)
+take NumPy arrays (see `cnncli.inspect.interpret` for how they are computed) and return a matplotlib
+`Figure`; `save` writes it. All are built without pyplot (no global state, no display needed). Their sizes
+are fixed in inches and saved at `DPI` without tight cropping, so a figure's pixel size is known in advance: grids
+of tiles are `cols * tile` by `rows * tile + HEADER` inches.
 """
 
 from __future__ import annotations
@@ -56,29 +55,44 @@ def save_image(image: np.ndarray, path: Path, zoom: int = 1) -> tuple[int, int]:
     return pil.size
 
 
+# The validation score that picks a run's best epoch, as the training loop chooses it: PGD-10 accuracy for
+# single-step adversarial training, accuracy under the training attack for other adversarial training, else top-1.
+SCORES = ("val_pgd_acc", "val_robust_acc", "val_acc")
+# the robust validation curves of adversarial training: (metric, line style, marker, legend label)
+ROBUST_CURVES = (("val_robust_acc", "-.", "^", "validation, training attack"),
+                 ("val_pgd_acc", ":", "v", "validation, PGD-10"))
+
+
+def best_score(rows: list[dict[str, Any]]) -> str | None:
+    """The metric that picks the best epoch of these metrics rows (see SCORES), or None without validation."""
+    return next((key for key in SCORES if any(key in r for r in rows)), None)
+
+
 def best_epoch(rows: list[dict[str, Any]]) -> int | None:
-    """The first epoch with the highest validation accuracy (the loop's best checkpoint), or None without validation."""
-    scored = [r for r in rows if "val_acc" in r]
-    return max(scored, key=lambda r: r["val_acc"])["epoch"] if scored else None
+    """The first epoch with the highest validation score (the loop's best checkpoint), or None without validation."""
+    key = best_score(rows)
+    scored = [r for r in rows if key in r]
+    return max(scored, key=lambda r: r[key])["epoch"] if scored else None
 
 
-def plot_curves(runs: Sequence[tuple[str, list[dict[str, Any]]]], path: Path, title: str = "") -> None:
+def curves_figure(runs: Sequence[tuple[str, list[dict[str, Any]]]], title: str = "") -> Figure:
     """Accuracy, loss and learning rate per epoch of several runs: validation solid, training dashed, one colour
-    per run, and each run's best epoch (highest validation accuracy) marked with a star and a dotted line.
+    per run, and each run's best epoch (see `best_epoch`) marked with a star and a dotted line. Adversarially
+    trained runs also show validation accuracy under their training attack (dash-dot) and, for single-step
+    training, under PGD-10 (dotted): catastrophic overfitting is the dotted curve falling while the others rise.
 
     Args:
         runs: (label, metrics.jsonl rows) per run.
-        path: the PNG to write.
         title: figure title.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib import rcParams
+    from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
-    fig, (acc_ax, loss_ax, lr_ax) = plt.subplots(1, 3, figsize=CURVES_SIZE)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig = Figure(figsize=CURVES_SIZE)
+    acc_ax, loss_ax, lr_ax = fig.subplots(1, 3)
+    colors = rcParams["axes.prop_cycle"].by_key()["color"]
+    robust_shown = []
     for i, (label, rows) in enumerate(runs):
         color = colors[i % len(colors)]
         epochs = [r["epoch"] for r in rows]
@@ -86,12 +100,16 @@ def plot_curves(runs: Sequence[tuple[str, list[dict[str, Any]]]], path: Path, ti
             ax.plot(epochs, [r[f"train_{metric}"] for r in rows], "--", marker=".", color=color, alpha=0.7)
             if all(f"val_{metric}" in r for r in rows):
                 ax.plot(epochs, [r[f"val_{metric}"] for r in rows], "-", marker="o", ms=3, color=color, label=label)
+        for metric, style, marker, _ in ROBUST_CURVES:
+            if rows and all(metric in r for r in rows):
+                acc_ax.plot(epochs, [r[metric] for r in rows], style, marker=marker, ms=4, color=color, gid=metric)
+                robust_shown.append(metric)
         if all("lr" in r for r in rows):
             lr_ax.plot(epochs, [r["lr"] for r in rows], "-", marker=".", color=color)
         best = best_epoch(rows)
         if best is not None:
             row = next(r for r in rows if r["epoch"] == best)
-            acc_ax.plot([best], [row["val_acc"]], "*", ms=14, color=color, markeredgecolor="black",
+            acc_ax.plot([best], [row[best_score(rows)]], "*", ms=14, color=color, markeredgecolor="black",
                         label=f"best epoch {best}" if len(runs) == 1 else None)
             for ax in (acc_ax, loss_ax, lr_ax):
                 ax.axvline(best, color=color, linestyle=":", alpha=0.6)
@@ -101,13 +119,23 @@ def plot_curves(runs: Sequence[tuple[str, list[dict[str, Any]]]], path: Path, ti
     for ax in (acc_ax, loss_ax, lr_ax):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    acc_ax.legend(fontsize="small")
+    handles, labels = acc_ax.get_legend_handles_labels()
+    for metric, style, marker, text in ROBUST_CURVES:  # one legend entry per line style, whatever the runs' colours
+        if metric in robust_shown:
+            handles.append(Line2D([], [], linestyle=style, marker=marker, ms=4, color="grey"))
+            labels.append(text)
+    acc_ax.legend(handles, labels, fontsize="small")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def plot_curves(runs: Sequence[tuple[str, list[dict[str, Any]]]], path: Path, title: str = "") -> None:
+    """Write `curves_figure(runs, title)` to path as a PNG at CURVE_DPI."""
+    fig = curves_figure(runs, title)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=CURVE_DPI)
-    plt.close(fig)
 
 
 def run_curves(run_dir, folder: Path | None = None) -> tuple[Path, str]:
