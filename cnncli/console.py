@@ -92,7 +92,7 @@ class TrainDisplay:
             self.console.print(line, highlight=False, soft_wrap=True)
 
     def message(self, text: str) -> None:
-        self.console.print(text, highlight=False)
+        self.console.print(text, highlight=False, soft_wrap=True)  # one line in logs, however long
 
     def finish(self) -> None:
         if self._progress is not None:
