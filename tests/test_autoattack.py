@@ -90,6 +90,7 @@ def test_fab_projections_match_the_reference(norm):
     w = rng.normal(size=(40, 50)).astype(np.float32)
     w[:5, :10] = 0.0  # coordinates that cannot move
     b = (np.sum(w * t, 1) + rng.normal(scale=2.0, size=40)).astype(np.float32)
+    b[5:10] = np.sum(w * t, 1)[5:10] + 1e-3  # so close that no coordinate reaches its bound
     b[-5:] = 1e3  # out of reach inside the box
     reference = {"linf": projection_linf, "l2": projection_l2}[norm](*map(torch.from_numpy, (t, w, b))).numpy()
     ours = np.asarray(fab.PROJECTIONS[norm](*map(jnp.asarray, (t, w, b))))
