@@ -10,7 +10,7 @@ on, and a point counts as robust only if it is classified correctly and survives
 
 The settings are those of fra31/auto-attack's `set_version` (torchattacks' AutoAttack, by contrast,
 keeps its attacks' default of 10 steps). Each run of each attack (one restart, one target class) is
-one jitted program over a batch of the still-robust points, padded to a power of two so that only a
+one jitted program over a batch of the still-robust points, padded to one of a few sizes so that only a
 few shapes compile; fooled points leave the pool before the next run, as in the reference.
 """
 
@@ -39,6 +39,7 @@ QUERIES = 5000
 PLUS_RESTARTS = 5
 EOT_SAMPLES = 20
 MIN_BUCKET = 16  # the smallest padded batch: below it, padding costs less than another compilation
+BUCKET_STEP = 64  # larger chunks pad to a multiple of this: powers of two wasted up to half of every attack's work
 
 
 def version_attacks(version: str, norm: str = "linf", attacks: list[str] | None = None) -> list[AttackConfig]:
@@ -71,10 +72,13 @@ def version_attacks(version: str, norm: str = "linf", attacks: list[str] | None 
 
 
 def _bucket(n: int, batch: int, devices: int) -> int:
-    """The padded size of a chunk of n points: the next power of two (at least MIN_BUCKET), at most `batch`."""
+    """The padded size of a chunk of n points: the next power of two from MIN_BUCKET up to BUCKET_STEP, then the
+    next multiple of BUCKET_STEP, at most `batch`."""
     size = MIN_BUCKET
-    while size < n:
+    while size < min(n, BUCKET_STEP):
         size *= 2
+    if n > BUCKET_STEP:
+        size = -(-n // BUCKET_STEP) * BUCKET_STEP
     size = min(size, batch)
     return -(-size // devices) * devices
 
