@@ -63,10 +63,13 @@ def test_a_finished_run_extends_to_the_same_metrics_as_a_longer_run(tiny, tmp_pa
 
 @pytest.mark.slow
 def test_dry_run_prints_a_recipe_that_trains(tiny, tmp_path):
+    described = "a description longer than any terminal line, " * 4  # no wrapping in the printed YAML
+    tiny.write_text(TINY + f"description: {described}\n")
     result = train(tiny, "--dry-run", "--lr", "0.02")
     assert "mlp:" in result.stderr and "mlp:" not in result.stdout  # the model line is a message
     (tmp_path / "mine.yaml").write_text(result.stdout)
     assert yaml.safe_load(result.stdout)["optim"]["lr"] == 0.02
+    assert yaml.safe_load(result.stdout)["description"] == described.strip()
     again = train(tmp_path / "mine.yaml", "--dry-run")
     assert again.stdout == result.stdout
 

@@ -172,7 +172,7 @@ def _train(recipe, run, *, resume: bool, overwrite: bool, dry_run: bool, extende
     main = distributed.is_main()  # the other processes of a multi-process run stay quiet
     if dry_run:
         if main:  # the recipe alone on stdout: `--dry-run > my.yaml` writes a recipe that trains
-            console.print(recipe.to_yaml(), highlight=False, markup=False)
+            console.print(recipe.to_yaml(), highlight=False, markup=False, soft_wrap=True)
             err_console.print(model_line, highlight=False)
         return
     if main:
