@@ -11,7 +11,7 @@ import pytest
 
 from cnncli.inspect import figures
 from cnncli.recipe import AdversarialConfig
-from cnncli.train.loop import CO_DROP, catastrophic_overfitting, training_attack
+from cnncli.train.loop import CO_DROP, CO_GAP, catastrophic_overfitting, training_attack
 from cnncli.train.steps import trades_kl
 from tests.helpers import cli, metric_rows
 
@@ -87,9 +87,13 @@ def test_catastrophic_overfitting_warning():
 
     collapse = catastrophic_overfitting(rows([0.40, 0.45, 0.02], [0.50, 0.55, 0.90]))
     assert "catastrophic overfitting at epoch 3" in collapse and "45.0% (epoch 2) to 2.0%" in collapse
-    assert catastrophic_overfitting(rows([0.40, 0.45, 0.45 - CO_DROP + 0.01], [0.5, 0.55, 0.9])) is None  # small
+    assert catastrophic_overfitting(rows([0.40, 0.45, 0.45 - CO_DROP + 0.01], [0.5, 0.55, 0.6])) is None  # small
     assert catastrophic_overfitting(rows([0.40, 0.45, 0.02], [0.50, 0.55, 0.30])) is None  # both fell: not CO
     assert catastrophic_overfitting(rows([0.4], [0.5])) is None
+    never_robust = catastrophic_overfitting(rows([0.017], [0.774]))  # collapsed within its first epoch
+    assert "catastrophic overfitting at epoch 1" in never_robust and "1.7% against 77.4%" in never_robust
+    assert catastrophic_overfitting(rows([0.41, 0.41], [0.72, 0.72 - 0.01])) is None  # 31 points apart: robust enough
+    assert catastrophic_overfitting(rows([0.30], [0.30 + CO_GAP - 0.01])) is None
 
 
 def test_trades_needs_a_random_start(tmp_path):
