@@ -111,6 +111,21 @@ def test_square_l2_pattern_is_the_references(s, monkeypatch):
     np.testing.assert_allclose(flipped[2:2 + s, 3:3 + s], reference.T, atol=1e-6)
 
 
+def test_square_never_proposes_a_square_that_changes_nothing():
+    """The reference redraws the signs of a square that would leave the best point as it is; so do we."""
+    x = jnp.full((3, 6, 6, 3), 0.5)
+    x_best = x.at[:2].add(0.1).at[2].add(-0.1)  # examples 0 and 1 at +eps everywhere, example 2 at -eps
+    window = jnp.zeros((3, 6, 6, 1), bool).at[:, 1:3, 2:4].set(True)
+    sign = jnp.ones((3, 1, 1, 3)).at[1, ..., 0].set(-1.0)  # 0: a no-op, 1: changes channel 0, 2: changes all
+    new = square.changing_sign(x, x_best, window, sign, 0.1, jax.random.key(0))
+    assert not np.all(np.asarray(new[0]) == 1.0)  # redrawn until some channel flips
+    np.testing.assert_array_equal(new[1:], sign[1:])  # proposals that change pixels stay as drawn
+    one = square.changing_sign(x[..., :1], x_best[..., :1], window, sign[..., :1], 0.1, jax.random.key(0))
+    np.testing.assert_array_equal(np.asarray(one)[:, 0, 0, 0], [-1.0, -1.0, 1.0])  # one channel: the other sign
+    grey = square.changing_sign(x[:1], x[:1], window[:1], sign[:1], 0.0, jax.random.key(0))
+    assert np.all(np.abs(np.asarray(grey)) == 1.0)  # eps 0: no sign changes anything, and the redrawing stops
+
+
 def test_square_side_schedule_is_the_references():
     reference = ta.Square(torch.nn.Linear(1, 1), resc_schedule=False)
     for i in (0, 10, 11, 50, 51, 200, 201, 999, 1001, 4500, 9000):

@@ -3,8 +3,9 @@ adversarial attack via random search"): AutoAttack's fourth attack, which never 
 
 It starts from a random vertex of the Linf ball (vertical stripes of +-eps) or a pattern of random
 L2 blobs, then proposes one random square at a time (Linf: the square set to +-eps per channel; L2:
-mass moved between two squares, shaped by the paper's centred pattern) and keeps a proposal when it
-lowers the margin z_y - max_{i != y} z_i, until the margin is negative (fooled) or the queries run out.
+mass moved between two squares, shaped by the paper's centred pattern; a Linf square that would change
+no pixel is redrawn) and keeps a proposal when it lowers the margin z_y - max_{i != y} z_i, until the
+margin is negative (fooled) or the queries run out.
 The square's side shrinks on the paper's schedule (p_init = 0.8 of the image, halved after 10, 50,
 200, 500, 1000, 2000, 4000, 6000 and 8000 queries: the schedule AutoAttack runs without rescaling).
 Written after the reference code (fra31/auto-attack square.py; torchattacks 3.5 Square). One run is a
@@ -15,12 +16,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnncli.adversarial.attacks import ATTACKS, TINY, Attack, AttackConfig, clip_pixels, l2_norm, project
+from cnncli.adversarial.attacks import ATTACKS, TINY, Attack, AttackConfig, clip_pixels, l2_norm
 
 P_INIT = 0.8
 SCHEDULE = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)  # queries after which the square's area halves
 L2_MIN_SIDE = 3
 L2_INIT_TILES = 5  # the L2 start tiles the image with blobs of side H // 5
+NO_CHANGE = 1e-7  # a pixel moved by less is unchanged (the reference's threshold)
+MAX_REDRAWS = 32  # a bound for eps = 0, where no sign changes anything
 
 
 def margin_and_loss(logits, labels, targets):
@@ -102,6 +105,30 @@ def _l2_start(x, eps, key):
     return clip_pixels(x + delta / (l2_norm(delta) + TINY) * eps)
 
 
+def changing_sign(x, x_best, window, sign, eps, key):
+    """Per example, the window's signs redrawn until setting the window to x + eps * sign changes some pixel (the
+    reference redraws a proposal that would leave x_best as it is, which would waste a query)."""
+    n, c = x.shape[0], x.shape[-1]
+
+    def unchanged(sign):
+        moved = window & (jnp.abs(clip_pixels(x + eps * sign) - x_best) >= NO_CHANGE)
+        return ~jnp.any(moved, axis=(1, 2, 3))
+
+    if c == 1:  # the only other proposal, the opposite sign, always changes a pixel (eps > 0): no redrawing needed
+        return jnp.where(unchanged(sign)[:, None, None, None], -sign, sign)
+
+    def redraw(carry):
+        tries, sign = carry
+        fresh = jnp.sign(jax.random.uniform(jax.random.fold_in(key, tries), (n, 1, 1, c), minval=-1.0, maxval=1.0))
+        return tries + 1, jnp.where(unchanged(sign)[:, None, None, None], fresh, sign)
+
+    def again(carry):
+        tries, sign = carry
+        return (tries < MAX_REDRAWS) & jnp.any(unchanged(sign))
+
+    return jax.lax.while_loop(again, redraw, (jnp.int32(0), sign))[1]
+
+
 def square_run(logits_fn, x, labels, eps, key, *, queries: int, norm: str, targets=None):
     """One Square run; returns the best example found (fooled, or the lowest margin reached).
 
@@ -131,8 +158,8 @@ def square_run(logits_fn, x, labels, eps, key, *, queries: int, norm: str, targe
         sign = jnp.sign(jax.random.uniform(keys[2], (n, 1, 1, c), minval=-1.0, maxval=1.0))
         window, rows, cols = _window(vh, vw, s, h, w)
         if norm == "linf":
-            x_new = jnp.where(window, x_best + 2.0 * eps * sign, x_best)
-            return clip_pixels(x + project(x_new - x, eps, "linf"))
+            sign = changing_sign(x, x_best, window, sign, eps, keys[3])
+            return jnp.where(window, clip_pixels(x + eps * sign), x_best)
         delta = x_best - x
         other, _, _ = _window(_corner(keys[3], n, h, s), _corner(keys[4], n, w, s), s, h, w)
         in_window = jnp.sqrt(jnp.sum(jnp.where(window, delta * delta, 0.0), axis=(1, 2), keepdims=True))
