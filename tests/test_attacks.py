@@ -262,3 +262,25 @@ def test_use_predictions_attacks_the_models_own_answers():
     by_predictions = adv_pred(y, True)
     np.testing.assert_array_equal(by_predictions, adv_pred(clean, False))  # same as labelling with predictions
     assert not np.array_equal(by_predictions, adv_pred(y, False))  # and not what the random labels give
+
+
+RUN_CASES = [AttackConfig(name=name, norm=norm, steps=12, targets=2, queries=200, c=10.0)
+             for name in ATTACKS.names() if ATTACKS.get(name).run is not None for norm in ATTACKS.get(name).norms]
+
+
+@pytest.mark.parametrize("cfg", RUN_CASES, ids=lambda c: f"{c.name}-{c.norm}")
+def test_a_run_driven_from_the_host_is_the_compiled_run(cfg):
+    """The same start, steps and finish give the same examples whether one program loops or the host does (Square
+    also stops early once every example is fooled, checking only every few steps on the host)."""
+    model, n = _nonlinear(), 64
+    x, labels = _pixels(n, seed=3), _labels(n, seed=3)
+    logits_of = lambda consts: (lambda v: forward(model.eval_def, *consts, v)[0])  # noqa: E731
+    attack, eps, key = ATTACKS.get(cfg.name), jnp.float32(0.1 if cfg.norm == "linf" else 1.0), jax.random.key(2)
+    run = attack.run(cfg)
+    for index in range(attack.num_runs(cfg, CLASSES)):
+        compiled = jax.jit(lambda c, *a: attacks.run_compiled(run, logits_of(c), *a))
+        args = ((model.params, model.rest), x, labels, None, eps, key, jnp.int32(index))
+        want, got = compiled(*args), attacks.host_driven(run, logits_of)(*args)
+        moved = np.abs(np.asarray(want - x)).reshape(n, -1).max(1) > 0
+        assert moved.any()  # the run did something to compare
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)

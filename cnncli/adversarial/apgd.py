@@ -1,7 +1,7 @@
 """Auto-PGD (Croce & Hein 2020, "Reliable evaluation of adversarial robustness with an ensemble of diverse
 parameter-free attacks"): APGD-CE, APGD-DLR and the targeted APGD-T of the AutoAttack evaluation.
 
-One run is a jitted `lax.fori_loop` over a batch, following the reference code (fra31/auto-attack,
+One run (a `Run`: start, 100 steps, finish) attacks a batch, following the reference code (fra31/auto-attack,
 autopgd_base.py; torchattacks 3.5 APGD/APGDT) step for step:
 
 - start: x + eps * t / max|t| with t uniform in [-1, 1] (Linf) or Gaussian, scaled to L2 norm eps;
@@ -27,6 +27,7 @@ from cnncli.adversarial.attacks import (
     TINY,
     Attack,
     AttackConfig,
+    Run,
     clip_pixels,
     l2_norm,
     linf_norm,
@@ -101,65 +102,72 @@ def _l2_project(x, v, eps):
     return clip_pixels(x + _unit(d, "l2") * jnp.minimum(eps, l2_norm(d)))
 
 
-def apgd_run(logits_fn, x, labels, eps, key, *, loss, steps: int, norm: str, eot: int = 1, targets=None,
-             hit_targets: bool = False):
-    """One APGD run from a random start; returns x_adv (see the module docstring).
+def apgd(untargeted_loss, targeted_loss, *, steps: int, norm: str, eot: int = 1, restarts: int = 1,
+         sweep: bool = False, hit_targets: bool = False) -> Run:
+    """APGD runs from a random start; each returns x_adv (see the module docstring).
 
     Args:
-        logits_fn: pixels -> logits; with `eot` > 1 it is called as logits_fn(v, key=k) and may be random.
-        x: clean pixels (N, H, W, C).
-        labels: integer labels (N,).
-        eps: the radius (a traced scalar).
-        key: randomness of the start (and of EOT samples).
-        loss: a per-example loss(logits, labels, targets) to increase.
+        untargeted_loss, targeted_loss: per-example losses loss(logits, labels, targets) to increase; the
+            targeted one is used when the run has targets.
         steps: iterations.
         norm: 'linf' or 'l2'.
-        eot: gradient samples averaged per step (expectation over transformation, for random models).
-        targets: integer targets for the targeted losses.
-        hit_targets: success means predicting `targets` (a user-targeted attack), not misclassifying.
+        eot: gradient samples averaged per step (expectation over transformation, for random models: the
+            logits function is then called as logits_fn(v, key=k)).
+        restarts: runs per target class (apgd-t: run `index` targets the class ranked 2 + index // restarts).
+        sweep: without given targets, target the top classes in turn (apgd-t).
+        hit_targets: success means predicting the targets (a user-targeted attack), not misclassifying.
     """
-    n = x.shape[0]
-    bshape = (n,) + (1,) * (x.ndim - 1)
-    k_start, k_eot = jax.random.split(key)
+    is_check, length = (jnp.asarray(a) for a in checkpoints(steps))
 
-    def loss_and_grad(v, i):
+    def loss_and_grad(logits_fn, s, v, i):
+        loss = untargeted_loss if s["targets"] is None else targeted_loss
+
         def total(u, k):
             logits = logits_fn(u) if eot == 1 else logits_fn(u, key=k)
-            per_example = loss(logits, labels, targets)
+            per_example = loss(logits, s["labels"], s["targets"])
             return per_example.sum(), (per_example, logits)
 
         grad = jnp.zeros_like(v)
         for j in range(eot):  # the reference keeps the last sample's loss and logits
             (_, (per_example, logits)), g = jax.value_and_grad(total, has_aux=True)(
-                v, jax.random.fold_in(jax.random.fold_in(k_eot, i + 1), j))
+                v, jax.random.fold_in(jax.random.fold_in(s["k_eot"], i + 1), j))
             grad = grad + g
         return per_example, logits, grad / eot
 
-    def success(logits):
+    def success(s, logits):
         pred = jnp.argmax(logits, -1)
-        return pred == targets if hit_targets else pred != labels
+        return pred == s["targets"] if hit_targets else pred != s["labels"]
 
-    if norm == "linf":
-        start = jax.random.uniform(k_start, x.shape, minval=-1.0, maxval=1.0)
-    else:
-        start = jax.random.normal(k_start, x.shape)
-    x_adv = clip_pixels(x + eps * _unit(start, norm))
-    loss0, logits0, grad = loss_and_grad(x_adv, -1)  # sample keys 0 (start), 1.. (steps)
-    robust = ~success(logits0)
-    is_check, length = (jnp.asarray(a) for a in checkpoints(steps))
-
-    def body(i, c):
-        x_adv, x_old, grad = c["x"], c["x_old"], c["grad"]
-        a = jnp.where(i > 0, MOMENTUM, 1.0)
-        step = c["step"].reshape(bshape)
+    def start(logits_fn, x, labels, targets, eps, key, index):
+        if targets is None and sweep:
+            targets = ranked_class(logits_fn(x), 2 + index // restarts)
+        k_start, k_eot = jax.random.split(key)
+        s = {"x0": x, "labels": labels, "targets": targets, "eps": eps, "k_eot": k_eot}
         if norm == "linf":
-            z = clip_pixels(x + project(x_adv + step * jnp.sign(grad) - x, eps, "linf"))
+            noise = jax.random.uniform(k_start, x.shape, minval=-1.0, maxval=1.0)
+        else:
+            noise = jax.random.normal(k_start, x.shape)
+        x_adv = clip_pixels(x + eps * _unit(noise, norm))
+        loss0, logits0, grad = loss_and_grad(logits_fn, s, x_adv, -1)  # sample keys 0 (start), 1.. (steps)
+        n = x.shape[0]
+        return dict(s, x=x_adv, x_old=x_adv, grad=grad, x_best=x_adv, grad_best=grad, x_adv_best=x_adv,
+                    loss_best=loss0, loss_prev=jnp.zeros_like(loss0), rises=jnp.zeros(n, jnp.int32),
+                    loss_last_check=loss0, reduced=jnp.ones(n, bool), robust=~success(s, logits0),
+                    step=jnp.full((n,), INITIAL_STEP, jnp.float32) * eps)
+
+    def step(logits_fn, i, c):
+        x, eps, x_adv, x_old, grad = c["x0"], c["eps"], c["x"], c["x_old"], c["grad"]
+        bshape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        a = jnp.where(i > 0, MOMENTUM, 1.0)
+        size = c["step"].reshape(bshape)
+        if norm == "linf":
+            z = clip_pixels(x + project(x_adv + size * jnp.sign(grad) - x, eps, "linf"))
             x_new = clip_pixels(x + project(x_adv + (z - x_adv) * a + (x_adv - x_old) * (1 - a) - x, eps, "linf"))
         else:
-            z = _l2_project(x, x_adv + step * _unit(grad, "l2"), eps)
+            z = _l2_project(x, x_adv + size * _unit(grad, "l2"), eps)
             x_new = _l2_project(x, x_adv + (z - x_adv) * a + (x_adv - x_old) * (1 - a), eps)
-        per_example, logits, g = loss_and_grad(x_new, i)
-        fooled = success(logits)
+        per_example, logits, g = loss_and_grad(logits_fn, c, x_new, i)
+        fooled = success(c, logits)
         improved = per_example > c["loss_best"]
         up = improved.reshape(bshape)
         c = dict(c, x_old=x_adv, robust=c["robust"] & ~fooled,
@@ -179,12 +187,12 @@ def apgd_run(logits_fn, x, labels, eps, key, *, loss, steps: int, norm: str, eot
                     loss_last_check=jnp.where(check, c["loss_best"], c["loss_last_check"]),
                     rises=jnp.where(check, 0, c["rises"]))
 
-    carry = {"x": x_adv, "x_old": x_adv, "grad": grad, "x_best": x_adv, "grad_best": grad, "x_adv_best": x_adv,
-             "loss_best": loss0, "loss_prev": jnp.zeros_like(loss0), "rises": jnp.zeros(n, jnp.int32),
-             "loss_last_check": loss0, "reduced": jnp.ones(n, bool), "robust": robust,
-             "step": jnp.full((n,), INITIAL_STEP, jnp.float32) * eps}
-    out = jax.lax.fori_loop(0, steps, body, carry)
-    return jnp.where(out["robust"].reshape(bshape), out["x_best"], out["x_adv_best"])
+    def finish(logits_fn, c):
+        del logits_fn
+        robust = c["robust"].reshape((-1,) + (1,) * (c["x0"].ndim - 1))
+        return jnp.where(robust, c["x_best"], c["x_adv_best"])
+
+    return Run(start=start, step=step, finish=finish, steps=steps)
 
 
 # ----------------------------------------------------------------------------- registered attacks
@@ -200,12 +208,9 @@ def _sweep_runs(cfg: AttackConfig, num_classes: int) -> int:
 
 
 def _apgd(untargeted_loss, targeted_loss, sweep: bool):
-    def run(logits_fn, x, labels, targets, eps, key, cfg: AttackConfig, index):
-        if targets is None and sweep:
-            targets = ranked_class(logits_fn(x), 2 + index // cfg.restarts)
-        loss = untargeted_loss if targets is None else targeted_loss
-        return apgd_run(logits_fn, x, labels, eps, key, loss=loss, steps=cfg.steps, norm=cfg.norm, eot=cfg.eot,
-                        targets=targets, hit_targets=cfg.targeted)
+    def run(cfg: AttackConfig) -> Run:
+        return apgd(untargeted_loss, targeted_loss, steps=cfg.steps, norm=cfg.norm, eot=cfg.eot,
+                    restarts=cfg.restarts, sweep=sweep, hit_targets=cfg.targeted)
 
     return run
 

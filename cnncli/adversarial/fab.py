@@ -17,7 +17,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from cnncli.adversarial.attacks import ATTACKS, TINY, Attack, AttackConfig, clip_pixels, inside, ranked_class
+from cnncli.adversarial.attacks import ATTACKS, TINY, Attack, AttackConfig, Run, clip_pixels, inside, ranked_class
 
 ALPHA_MAX, ETA, BETA = 0.1, 1.05, 0.9  # bias towards the clean image, overshoot, backward step
 BIG = 1e10  # "no adversarial found yet" and the masked class of the untargeted linearization
@@ -110,33 +110,28 @@ def _dual_norm(g, norm):
     return jnp.sum(jnp.abs(g), -1) if norm == "linf" else jnp.sqrt(jnp.sum(g * g, -1))
 
 
-def fab_run(logits_fn, x, labels, eps, key, *, steps: int, norm: str, targets=None, random_start=False,
-            hit_targets: bool = False):
-    """One FAB run; returns the smallest adversarial example found inside eps, else x.
+def fab(*, steps: int, norm: str, restarts: int = 1, sweep: bool = False, hit_targets: bool = False) -> Run:
+    """FAB runs; each returns the smallest adversarial example found inside eps, else x.
 
     Args:
-        logits_fn: pixels -> logits.
-        x, labels: clean pixels (N, H, W, C) and integer labels.
-        eps: the radius (traced): the start's scale and the acceptance threshold.
-        key: randomness of the start.
         steps: iterations.
         norm: 'linf' or 'l2'.
-        targets: FAB-T's targets; None: untargeted (the closest boundary by the linearization, which needs
-            the whole Jacobian: one backward pass per class).
-        random_start: start from x + a random perturbation of norm eps / 2 (the reference's later restarts; may
-            be traced).
-        hit_targets: success means predicting `targets` (a user-targeted attack), not misclassifying.
+        restarts: runs per target class; every run but a class's first starts from x + a random perturbation
+            of norm eps / 2 (the reference's later restarts).
+        sweep: without given targets, target the top classes in turn (FAB-T: run `index` targets the class
+            ranked 2 + index // restarts). Untargeted runs pick the closest boundary by the linearization,
+            which needs the whole Jacobian: one backward pass per class.
+        hit_targets: success means predicting the targets (a user-targeted attack), not misclassifying.
     """
-    n = x.shape[0]
-    shape = x.shape
-    x0 = x.reshape(n, -1)
+    project = PROJECTIONS[norm]
 
-    def success(v):
+    def success(logits_fn, s, v):
         pred = jnp.argmax(logits_fn(v), -1)
-        return pred == targets if hit_targets else pred != labels
+        return pred == s["targets"] if hit_targets else pred != s["labels"]
 
-    def linearization(v):
+    def linearization(logits_fn, s, v):
         """(df, dg): logit gaps to the label's and their gradients, (N, K) and (N, K, D)."""
+        n, labels, targets = v.shape[0], s["labels"], s["targets"]
         if targets is not None:
             def gap(u):
                 z = logits_fn(u)
@@ -154,15 +149,22 @@ def fab_run(logits_fn, x, labels, eps, key, *, steps: int, norm: str, targets=No
         dg = jac - jnp.take_along_axis(jac, labels[:, None, None], 1)
         return df, dg
 
-    t = (jax.random.uniform(key, shape, minval=-1.0, maxval=1.0) if norm == "linf"
-         else jax.random.normal(key, shape)).reshape(n, -1)
-    start = x0 + jnp.minimum(BIG, eps) * t / (_flat_norm(t, norm)[:, None] + TINY) * 0.5
-    x1 = jnp.where(random_start, clip_pixels(start), x0)
-    project = PROJECTIONS[norm]
+    def start(logits_fn, x, labels, targets, eps, key, index):
+        if targets is None and sweep:
+            targets = ranked_class(logits_fn(x), 2 + index // restarts)
+        n = x.shape[0]
+        x0 = x.reshape(n, -1)
+        t = (jax.random.uniform(key, x.shape, minval=-1.0, maxval=1.0) if norm == "linf"
+             else jax.random.normal(key, x.shape)).reshape(n, -1)
+        shifted = clip_pixels(x0 + jnp.minimum(BIG, eps) * t / (_flat_norm(t, norm)[:, None] + TINY) * 0.5)
+        return {"x": x, "labels": labels, "targets": targets, "eps": eps,
+                "x1": jnp.where(index % restarts > 0, shifted, x0), "adv": x0, "best": jnp.full((n,), BIG, x.dtype)}
 
-    def body(_, c):
-        x1, adv, best = c
-        df, dg = linearization(x1.reshape(shape))
+    def step(logits_fn, i, s):
+        del i
+        x1, x = s["x1"], s["x"]
+        n, x0 = x.shape[0], x.reshape(x.shape[0], -1)
+        df, dg = linearization(logits_fn, s, x1.reshape(x.shape))
         dist = jnp.abs(df) / (TINY + _dual_norm(dg, norm))
         pick = jnp.argmin(dist, 1)[:, None]
         w = jnp.take_along_axis(dg, pick[:, :, None], 1)[:, 0]
@@ -173,19 +175,20 @@ def fab_run(logits_fn, x, labels, eps, key, *, steps: int, norm: str, targets=No
         a1, a2 = a0[:n], a0[n:]
         alpha = jnp.clip(a1 / (a1 + a2), 0.0, ALPHA_MAX)[:, None]
         x1 = clip_pixels((x1 + ETA * d1) * (1 - alpha) + (x0 + ETA * d2) * alpha)
-        is_adv = success(x1.reshape(shape))
+        is_adv = success(logits_fn, s, x1.reshape(x.shape))
         size = _flat_norm(x1 - x0, norm)
-        better = is_adv & (size < best)
-        adv = jnp.where(better[:, None], x1, adv)
-        best = jnp.where(better, size, best)
-        x1 = jnp.where(is_adv[:, None], x0 + (x1 - x0) * BETA, x1)
-        return x1, adv, best
+        better = is_adv & (size < s["best"])
+        return dict(s, adv=jnp.where(better[:, None], x1, s["adv"]), best=jnp.where(better, size, s["best"]),
+                    x1=jnp.where(is_adv[:, None], x0 + (x1 - x0) * BETA, x1))
 
-    _, adv, best = jax.lax.fori_loop(0, steps, body, (x1, x0, jnp.full((n,), BIG, x.dtype)))
-    # only correctly classified points are attacked; a found example counts only inside eps
-    attacked = ~success(x)
-    adv = jnp.where((attacked & (best < BIG))[:, None], adv, x0).reshape(shape)
-    return inside(adv, x, eps, norm)
+    def finish(logits_fn, s):
+        # only correctly classified points are attacked; a found example counts only inside eps
+        x = s["x"]
+        attacked = ~success(logits_fn, s, x)
+        adv = jnp.where((attacked & (s["best"] < BIG))[:, None], s["adv"], x.reshape(x.shape[0], -1))
+        return inside(adv.reshape(x.shape), x, s["eps"], norm)
+
+    return Run(start=start, step=step, finish=finish, steps=steps)
 
 
 def _runs(cfg: AttackConfig, num_classes: int) -> int:
@@ -197,11 +200,8 @@ def _sweep_runs(cfg: AttackConfig, num_classes: int) -> int:
 
 
 def _fab(sweep: bool):
-    def run(logits_fn, x, labels, targets, eps, key, cfg: AttackConfig, index):
-        if targets is None and sweep:
-            targets = ranked_class(logits_fn(x), 2 + index // cfg.restarts)
-        return fab_run(logits_fn, x, labels, eps, key, steps=cfg.steps, norm=cfg.norm, targets=targets,
-                       random_start=index % cfg.restarts > 0, hit_targets=cfg.targeted)
+    def run(cfg: AttackConfig) -> Run:
+        return fab(steps=cfg.steps, norm=cfg.norm, restarts=cfg.restarts, sweep=sweep, hit_targets=cfg.targeted)
 
     return run
 

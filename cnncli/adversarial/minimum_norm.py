@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cnncli.adversarial.attacks import ATTACKS, TINY, Attack, AttackConfig, clip_pixels, inside, l2_norm
+from cnncli.adversarial.attacks import ATTACKS, TINY, Attack, AttackConfig, Run, clip_pixels, inside, l2_norm
 
 CW_LR = 0.01  # Adam's learning rate in C&W's code and torchattacks
 TANH_SCALE = 0.999999  # C&W's own code: keeps atanh finite at pixels 0 and 1
@@ -23,43 +23,55 @@ def _other_best(logits, own):
     return jnp.max(jnp.where(jax.nn.one_hot(own, logits.shape[-1], dtype=bool), -jnp.inf, logits), -1)
 
 
-def cw_l2(logits_fn, x, labels, targets, eps, key, cfg: AttackConfig, index):
+def cw_l2(cfg: AttackConfig) -> Run:
     """Carlini & Wagner 2017, L2: Adam in tanh space on ||delta||^2 + c * max(z_y - max_other z, -kappa)."""
-    del key, index
-    w0 = jnp.arctanh((2.0 * x - 1.0) * TANH_SCALE)
     opt = optax.adam(CW_LR)
-    own = labels if targets is None else targets
 
-    def cost(w):
+    def cost(logits_fn, s, w):
+        x, own = s["x"], s["own"]
         adv = 0.5 * (jnp.tanh(w) + 1.0)
         logits = logits_fn(adv)
         gap = jnp.take_along_axis(logits, own[:, None], -1)[:, 0] - _other_best(logits, own)
-        f = jnp.maximum(gap if targets is None else -gap, -cfg.kappa)
+        f = jnp.maximum(gap if s["targets"] is None else -gap, -cfg.kappa)
         size = jnp.sum((adv - x).reshape(x.shape[0], -1) ** 2, -1)
         return jnp.sum(size) + cfg.c * jnp.sum(f), (adv, logits, size)
 
-    def body(_, carry):
-        w, state, best, best_size = carry
-        (_, (adv, logits, size)), g = jax.value_and_grad(cost, has_aux=True)(w)
+    def start(logits_fn, x, labels, targets, eps, key, index):
+        del logits_fn, key, index
+        w0 = jnp.arctanh((2.0 * x - 1.0) * TANH_SCALE)
+        return {"x": x, "labels": labels, "targets": targets, "own": labels if targets is None else targets,
+                "eps": eps, "w": w0, "opt": opt.init(w0), "best": x, "best_size": jnp.full((x.shape[0],), BIG, x.dtype)}
+
+    def step(logits_fn, i, s):
+        del i
+        (_, (adv, logits, size)), g = jax.value_and_grad(lambda w: cost(logits_fn, s, w), has_aux=True)(s["w"])
         pred = jnp.argmax(logits, -1)
-        fooled = pred != labels if targets is None else pred == targets
-        better = fooled & (size < best_size)
-        best = jnp.where(better[:, None, None, None], adv, best)
-        updates, state = opt.update(g, state, w)
-        return optax.apply_updates(w, updates), state, best, jnp.where(better, size, best_size)
+        fooled = pred != s["labels"] if s["targets"] is None else pred == s["targets"]
+        better = fooled & (size < s["best_size"])
+        updates, state = opt.update(g, s["opt"], s["w"])
+        return dict(s, w=optax.apply_updates(s["w"], updates), opt=state,
+                    best=jnp.where(better[:, None, None, None], adv, s["best"]),
+                    best_size=jnp.where(better, size, s["best_size"]))
 
-    carry = (w0, opt.init(w0), x, jnp.full((x.shape[0],), BIG, x.dtype))
-    _, _, best, _ = jax.lax.fori_loop(0, cfg.steps, body, carry)
-    return inside(clip_pixels(best), x, eps, "l2")
+    def finish(logits_fn, s):
+        del logits_fn
+        return inside(clip_pixels(s["best"]), s["x"], s["eps"], "l2")
+
+    return Run(start=start, step=step, finish=finish, steps=cfg.steps)
 
 
-def deepfool(logits_fn, x, labels, targets, eps, key, cfg: AttackConfig, index):
+def deepfool(cfg: AttackConfig) -> Run:
     """Moosavi-Dezfooli et al. 2016: step to the nearest linearized boundary until the label flips, then overshoot."""
-    del targets, key, index
-    n = x.shape[0]
-    bshape = (n,) + (1,) * (x.ndim - 1)
 
-    def body(_, r_tot):
+    def start(logits_fn, x, labels, targets, eps, key, index):
+        del logits_fn, targets, key, index
+        return {"x": x, "labels": labels, "eps": eps, "r_tot": jnp.zeros_like(x)}
+
+    def step(logits_fn, i, s):
+        del i
+        x, labels, r_tot = s["x"], s["labels"], s["r_tot"]
+        n = x.shape[0]
+        bshape = (n,) + (1,) * (x.ndim - 1)
         x_i = clip_pixels(x + (1 + OVERSHOOT) * r_tot)
         z, vjp = jax.vjp(logits_fn, x_i)
         k = z.shape[-1]
@@ -75,14 +87,18 @@ def deepfool(logits_fn, x, labels, targets, eps, key, cfg: AttackConfig, index):
         w_l = jnp.take_along_axis(w, pick.reshape(n, 1, *([1] * (x.ndim - 1))), 1)[:, 0]
         length = jnp.take_along_axis(dist, pick[:, None], -1)[:, 0].reshape(bshape) + DEEPFOOL_NUDGE
         if cfg.norm == "linf":
-            step = length * jnp.sign(w_l)
+            move = length * jnp.sign(w_l)
         else:
-            step = length * w_l / (l2_norm(w_l) + TINY)
+            move = length * w_l / (l2_norm(w_l) + TINY)
         still = (jnp.argmax(z, -1) == labels).reshape(bshape)  # fooled examples stop
-        return jnp.where(still, r_tot + step, r_tot)
+        return dict(s, r_tot=jnp.where(still, r_tot + move, r_tot))
 
-    r_tot = jax.lax.fori_loop(0, cfg.steps, body, jnp.zeros_like(x))
-    return inside(clip_pixels(x + (1 + OVERSHOOT) * r_tot), x, eps, cfg.norm)
+    def finish(logits_fn, s):
+        del logits_fn
+        x = s["x"]
+        return inside(clip_pixels(x + (1 + OVERSHOOT) * s["r_tot"]), x, s["eps"], cfg.norm)
+
+    return Run(start=start, step=step, finish=finish, steps=cfg.steps)
 
 
 ATTACKS.register("cw-l2", Attack(run=cw_l2, norms=("l2",), iterative=True, default_steps=100, auto_step=True,

@@ -8,15 +8,15 @@ no pixel is redrawn) and keeps a proposal when it lowers the margin z_y - max_{i
 margin is negative (fooled) or the queries run out.
 The square's side shrinks on the paper's schedule (p_init = 0.8 of the image, halved after 10, 50,
 200, 500, 1000, 2000, 4000, 6000 and 8000 queries: the schedule AutoAttack runs without rescaling).
-Written after the reference code (fra31/auto-attack square.py; torchattacks 3.5 Square). One run is a
-jitted `lax.while_loop` over the batch, each example drawing its own squares.
+Written after the reference code (fra31/auto-attack square.py; torchattacks 3.5 Square). One run (a `Run`,
+one query per step) attacks a batch, each example drawing its own squares, and ends once every example is fooled.
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnncli.adversarial.attacks import ATTACKS, TINY, Attack, AttackConfig, clip_pixels, l2_norm
+from cnncli.adversarial.attacks import ATTACKS, TINY, Attack, AttackConfig, Run, clip_pixels, l2_norm
 
 P_INIT = 0.8
 SCHEDULE = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)  # queries after which the square's area halves
@@ -129,74 +129,75 @@ def changing_sign(x, x_best, window, sign, eps, key):
     return jax.lax.while_loop(again, redraw, (jnp.int32(0), sign))[1]
 
 
-def square_run(logits_fn, x, labels, eps, key, *, queries: int, norm: str, targets=None):
-    """One Square run; returns the best example found (fooled, or the lowest margin reached).
+def square(*, queries: int, norm: str) -> Run:
+    """Square runs; each returns the best example found (fooled, or the lowest margin reached).
 
     Args:
-        logits_fn: pixels -> logits (only outputs are used).
-        x, labels: clean pixels (N, H, W, C) and integer labels.
-        eps: the radius (traced).
-        key: the randomness of every proposal.
-        queries: proposals per example (each one forward pass).
+        queries: proposals per example (each one forward pass): the run's steps.
         norm: 'linf' or 'l2'.
-        targets: aim at these classes instead of away from the labels.
-    """
-    n, h, w, c = x.shape
-    n_features = h * w * c
-    k_init, k_loop = jax.random.split(key)
-    if norm == "linf":
-        stripes = jnp.sign(jax.random.uniform(k_init, (n, 1, w, c), minval=-1.0, maxval=1.0))
-        x_best = clip_pixels(x + eps * stripes)
-    else:
-        x_best = _l2_start(x, eps, k_init)
-    margin, loss = margin_and_loss(logits_fn(x_best), labels, targets)
 
-    def propose(i, x_best):
-        keys = jax.random.split(jax.random.fold_in(k_loop, i), 6)
-        s = side(i, n_features, c, 1 if norm == "linf" else L2_MIN_SIDE)
-        vh, vw = _corner(keys[0], n, h, s), _corner(keys[1], n, w, s)
+    A run's targets, when given, are aimed at instead of moving away from the labels. Only the model's
+    outputs are used.
+    """
+
+    def margin(logits_fn, s, v):
+        return margin_and_loss(logits_fn(v), s["labels"], s["targets"])
+
+    def start(logits_fn, x, labels, targets, eps, key, index):
+        del index
+        n, _, w, c = x.shape
+        k_init, k_loop = jax.random.split(key)
+        if norm == "linf":
+            stripes = jnp.sign(jax.random.uniform(k_init, (n, 1, w, c), minval=-1.0, maxval=1.0))
+            x_best = clip_pixels(x + eps * stripes)
+        else:
+            x_best = _l2_start(x, eps, k_init)
+        s = {"x": x, "labels": labels, "targets": targets, "eps": eps, "key": k_loop, "x_best": x_best}
+        s["margin"], s["loss"] = margin(logits_fn, s, x_best)
+        return s
+
+    def propose(s, i):
+        x, x_best, eps = s["x"], s["x_best"], s["eps"]
+        n, h, w, c = x.shape
+        keys = jax.random.split(jax.random.fold_in(s["key"], i), 6)
+        side_i = side(i, h * w * c, c, 1 if norm == "linf" else L2_MIN_SIDE)
+        vh, vw = _corner(keys[0], n, h, side_i), _corner(keys[1], n, w, side_i)
         sign = jnp.sign(jax.random.uniform(keys[2], (n, 1, 1, c), minval=-1.0, maxval=1.0))
-        window, rows, cols = _window(vh, vw, s, h, w)
+        window, rows, cols = _window(vh, vw, side_i, h, w)
         if norm == "linf":
             sign = changing_sign(x, x_best, window, sign, eps, keys[3])
             return jnp.where(window, clip_pixels(x + eps * sign), x_best)
         delta = x_best - x
-        other, _, _ = _window(_corner(keys[3], n, h, s), _corner(keys[4], n, w, s), s, h, w)
+        other, _, _ = _window(_corner(keys[3], n, h, side_i), _corner(keys[4], n, w, side_i), side_i, h, w)
         in_window = jnp.sqrt(jnp.sum(jnp.where(window, delta * delta, 0.0), axis=(1, 2), keepdims=True))
         image = l2_norm(delta)
         both = l2_norm(jnp.where(window | other, delta, 0.0))
-        new = (blob(rows, cols, s, jax.random.bernoulli(keys[5], 0.5, (n,))) * sign
+        new = (blob(rows, cols, side_i, jax.random.bernoulli(keys[5], 0.5, (n,))) * sign
                + jnp.where(window, delta, 0.0) / (TINY + in_window))
         new_size = jnp.sqrt(jnp.sum(new * new, axis=(1, 2), keepdims=True))
         new = new / (TINY + new_size) * jnp.sqrt(jnp.maximum(eps * eps - image * image, 0.0) / c + both * both)
         delta = jnp.where(window, new, jnp.where(other, 0.0, delta))
         return clip_pixels(x + delta / (l2_norm(delta) + TINY) * eps)
 
-    def cond(carry):
-        i, _, margin, _ = carry
-        return (i < queries) & jnp.any(margin > 0)
-
-    def body(carry):
-        i, x_best, margin, loss = carry
-        x_new = propose(i, x_best)
-        m_new, l_new = margin_and_loss(logits_fn(x_new), labels, targets)
-        active = margin > 0  # fooled examples stop
-        lower = active & (l_new < loss)
+    def step(logits_fn, i, s):
+        x_new = propose(s, i)
+        m_new, l_new = margin(logits_fn, s, x_new)
+        active = s["margin"] > 0  # fooled examples stop
+        lower = active & (l_new < s["loss"])
         take = active & (lower | (m_new <= 0))
-        x_best = jnp.where(take[:, None, None, None], x_new, x_best)
-        return i + 1, x_best, jnp.where(take, m_new, margin), jnp.where(lower, l_new, loss)
+        return dict(s, x_best=jnp.where(take[:, None, None, None], x_new, s["x_best"]),
+                    margin=jnp.where(take, m_new, s["margin"]), loss=jnp.where(lower, l_new, s["loss"]))
 
-    _, x_best, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), x_best, margin, loss))
-    return x_best
+    return Run(start=start, step=step, finish=lambda logits_fn, s: s["x_best"], steps=queries,
+               working=lambda s: s["margin"] > 0)
 
 
 def _runs(cfg: AttackConfig, num_classes: int) -> int:
     return cfg.restarts
 
 
-def _square(logits_fn, x, labels, targets, eps, key, cfg: AttackConfig, index):
-    del index
-    return square_run(logits_fn, x, labels, eps, key, queries=cfg.queries, norm=cfg.norm, targets=targets)
+def _square(cfg: AttackConfig) -> Run:
+    return square(queries=cfg.queries, norm=cfg.norm)
 
 
 ATTACKS.register("square", Attack(run=_square, runs=_runs, random_start=True, auto_step=True, black_box=True),
