@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cnncli.adversarial import apgd, fab, square
-from cnncli.adversarial.attacks import AttackConfig, run_attack, run_compiled
+from cnncli.adversarial.attacks import AttackConfig, run_attack, run_loop
 from cnncli.adversarial.robustness import logits_function
 from cnncli.train.trained_run import eval_data, load_trained
 
@@ -145,7 +145,7 @@ def test_apgd_follows_the_reference_from_the_same_start(twins, monkeypatch):
     reference = ta.APGD(torch_model, eps=EPS, steps=steps, loss="ce")
     _, acc, _, best_adv = reference.attack_single_run(_nchw(x), torch.from_numpy(y.astype(np.int64)))
     run = apgd.apgd(apgd.cross_entropy, apgd.cross_entropy_targeted, steps=steps, norm="linf")
-    ours = run_compiled(run, _logits(model), jnp.asarray(x), jnp.asarray(y), None, EPS, key, 0)
+    ours = run_loop(run, _logits(model), jnp.asarray(x), jnp.asarray(y), None, EPS, key, 0)
     fooled = np.asarray(jnp.argmax(_logits(model)(ours), -1)) != y
     np.testing.assert_array_equal(fooled, ~acc.numpy())
     assert 0 < fooled.sum() < N  # the comparison covers both outcomes

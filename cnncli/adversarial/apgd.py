@@ -14,7 +14,9 @@ autopgd_base.py; torchattacks 3.5 APGD/APGDT) step for step:
   -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2) for APGD-T, whose runs target the classes ranked
   2nd .. (targets + 1)th by the clean logits.
 
-A run returns, per example, its last misclassified iterate, or (never fooled) its highest-loss iterate.
+A run returns, per example, its last misclassified iterate, or (never fooled) its highest-loss iterate. Unlike
+the reference, a run stops once every example of its batch is fooled: the robust accuracy cannot change after
+that, and on a model without defences it saves most of the steps.
 """
 
 import jax
@@ -192,7 +194,7 @@ def apgd(untargeted_loss, targeted_loss, *, steps: int, norm: str, eot: int = 1,
         robust = c["robust"].reshape((-1,) + (1,) * (c["x0"].ndim - 1))
         return jnp.where(robust, c["x_best"], c["x_adv_best"])
 
-    return Run(start=start, step=step, finish=finish, steps=steps)
+    return Run(start=start, step=step, finish=finish, steps=steps, working=lambda c: c["robust"])
 
 
 # ----------------------------------------------------------------------------- registered attacks

@@ -7,12 +7,10 @@ Two kinds of attack share the registry:
   distributions (one-hot, or soft labels during training): untargeted attacks ascend the
   cross-entropy of `y`, targeted ones (cfg.target set, `y` = the target) descend it;
 - the attacks of the AutoAttack evaluation (apgd.py, fab.py, square.py) and the minimum-norm ones
-  (minimum_norm.py) build a `Run` from their config: start, step and finish functions over a state,
-  with integer labels. An attack is a sequence of runs (restarts, target classes), and `sweep` keeps,
-  per example, the first run that fools the model, as AutoAttack's attacks do. A run either compiles
-  whole (`run_compiled`, inside a larger jitted step) or is driven from the host, one compiled step
-  per iteration (`host_driven`): XLA on CPU runs convolutions inside a compiled loop about 6x slower
-  than outside one (docs/adversarial.md), so AutoAttack drives its runs from the host.
+  (minimum_norm.py) build a `Run` from their config (start, step and finish functions over a state,
+  with integer labels) that `run_loop` runs as one `lax` loop. An attack is a sequence of runs
+  (restarts, target classes), and `sweep` keeps, per example, the first run that fools the model, as
+  AutoAttack's attacks do.
 
 `eps` is a traced scalar, so one compilation serves every epsilon.
 
@@ -87,7 +85,7 @@ class AttackConfig:
 
 @dataclass(frozen=True)
 class Run:
-    """One run of an iterative attack, split so that a driver can loop in or out of a compiled program.
+    """One run of an iterative attack: a start, `steps` steps and a finish (see `run_loop`).
 
     Attributes:
         start: (logits_fn, x, labels, targets, eps, key, index) -> state, a pytree holding everything the
@@ -95,8 +93,7 @@ class Run:
         step: (logits_fn, i, state) -> state for iteration i (traced).
         finish: (logits_fn, state) -> x_adv.
         steps: iterations.
-        working: state -> per-example bool, or None; once no example is working the run may stop early, so
-            a step must leave the others unchanged.
+        working: state -> per-example bool, or None; the run stops early once no example works.
     """
 
     start: Callable
@@ -132,17 +129,16 @@ class Attack:
     def apply(self, logits_fn, x, labels, targets, eps, key, cfg: AttackConfig, index, num_classes: int):
         """Run number `index` (a traced int) of the attack on integer labels (and targets when targeted)."""
         if self.run is not None:
-            return run_compiled(self.run(cfg), logits_fn, x, labels, targets, eps, key, index)
+            return run_loop(self.run(cfg), logits_fn, x, labels, targets, eps, key, index)
         y = jax.nn.one_hot(labels if targets is None else targets, num_classes)
         return self.fn(logits_fn, x, y, eps, key, cfg)
 
 
 ATTACKS = Registry("attack")
-WORKING_CHECK_EVERY = 10  # host-driven runs ask the device whether any example still works this often
 
 
-def run_compiled(run: Run, logits_fn: LogitsFn, x, labels, targets, eps, key, index):
-    """The whole run inside the caller's trace, as one `lax` loop."""
+def run_loop(run: Run, logits_fn: LogitsFn, x, labels, targets, eps, key, index):
+    """The run inside the caller's trace, as one `lax` loop: x_adv."""
     state = run.start(logits_fn, x, labels, targets, eps, key, index)
     if run.working is None:
         state = jax.lax.fori_loop(0, run.steps, lambda i, s: run.step(logits_fn, i, s), state)
@@ -154,28 +150,6 @@ def run_compiled(run: Run, logits_fn: LogitsFn, x, labels, targets, eps, key, in
         state = jax.lax.while_loop(more, lambda c: (c[0] + 1, run.step(logits_fn, c[0], c[1])),
                                    (jnp.int32(0), state))[1]
     return run.finish(logits_fn, state)
-
-
-def host_driven(run: Run, logits_of: Callable[[object], LogitsFn]) -> Callable:
-    """The run as run(consts, x, labels, targets, eps, key, index) -> x_adv, calling one compiled step per iteration
-    with the state left on the device; `logits_of(consts)` builds the model's logits function from jit arguments
-    (the parameters), so that one compilation serves every batch."""
-    start = jax.jit(lambda consts, *args: run.start(logits_of(consts), *args))
-    step = jax.jit(lambda consts, i, state: run.step(logits_of(consts), i, state), donate_argnums=2)
-    finish = jax.jit(lambda consts, state: run.finish(logits_of(consts), state))
-    working = None if run.working is None else jax.jit(lambda state: jnp.any(run.working(state)))
-
-    def drive(consts, x, labels, targets, eps, key, index):
-        state = start(consts, x, labels, targets, eps, key, index)
-        for i in range(run.steps):
-            # waiting for the answer stalls the queue of steps, so it is asked only now and then; the steps in
-            # between change nothing once no example works
-            if working is not None and i % WORKING_CHECK_EVERY == 0 and not bool(working(state)):
-                break
-            state = step(consts, i, state)
-        return finish(consts, state)
-
-    return drive
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -397,44 +371,19 @@ def sweep(logits_fn: LogitsFn, x, labels, targets, eps, key, cfg: AttackConfig, 
     return best
 
 
-def attack_targets(cfg: AttackConfig, clean_logits: jax.Array, labels: jax.Array, key: jax.Array, num_classes: int):
-    """The batch's targets (None for an untargeted attack that needs none) and the key left for the attack."""
-    k_target, k_attack = jax.random.split(key)
-    if cfg.targeted or ATTACKS.get(cfg.name).needs_affine:
-        return choose_targets(cfg.target, clean_logits, labels, k_target, num_classes), k_attack
-    return None, k_attack
-
-
 def run_attack(logits_fn: LogitsFn, x: jax.Array, labels: jax.Array, eps, key: jax.Array, cfg: AttackConfig,
                num_classes: int):
-    """Attack a batch with integer labels inside the caller's trace; returns (x_adv, clean logits, targets or None)."""
+    """Attack a batch with integer labels; returns (x_adv, clean logits, targets or None)."""
     attack = ATTACKS.get(cfg.name)
     clean_logits = logits_fn(x)
-    targets, k_attack = attack_targets(cfg, clean_logits, labels, key, num_classes)
+    k_target, k_attack = jax.random.split(key)
+    targets = None
+    if cfg.targeted or attack.needs_affine:
+        targets = choose_targets(cfg.target, clean_logits, labels, k_target, num_classes)
     if attack.run is None:
         y = jax.nn.one_hot(labels if targets is None else targets, num_classes)
         return attack.fn(logits_fn, x, y, eps, k_attack, cfg), clean_logits, targets
     return sweep(logits_fn, x, labels, targets, eps, k_attack, cfg, num_classes), clean_logits, targets
-
-
-def host_sweep(cfg: AttackConfig, num_classes: int, logits_of: Callable[[object], LogitsFn]) -> Callable:
-    """`sweep` driven from the host: sweep(consts, x, labels, targets, eps, key) -> x_adv, each run host_driven."""
-    attack = ATTACKS.get(cfg.name)
-    runs, run = attack.num_runs(cfg, num_classes), host_driven(attack.run(cfg), logits_of)
-
-    @jax.jit
-    def keep_first(consts, best, done, x_i, labels, targets):
-        keep = done.reshape((-1,) + (1,) * (best.ndim - 1))
-        return jnp.where(keep, best, x_i), done | hits(logits_of(consts)(x_i), labels, targets)
-
-    def swept(consts, x, labels, targets, eps, key):
-        best, done = None, jnp.zeros(x.shape[0], bool)
-        for i in range(runs):
-            x_i = run(consts, x, labels, targets, eps, jax.random.fold_in(key, i), jnp.int32(i))
-            best, done = keep_first(consts, x_i if best is None else best, done, x_i, labels, targets)
-        return best
-
-    return swept
 
 
 def check_config(cfg: AttackConfig, class_names: list[str]) -> None:

@@ -9,9 +9,9 @@ on, and a point counts as robust only if it is classified correctly and survives
     custom    any registered attacks, in the order given
 
 The settings are those of fra31/auto-attack's `set_version` (torchattacks' AutoAttack, by contrast,
-keeps its attacks' default of 10 steps). Each run of each attack (one restart, one target class) attacks
-a batch of the still-robust points, padded to one of a few sizes so that only a few shapes compile, with
-one compiled call per iteration; fooled points leave the pool before the next run, as in the reference.
+keeps its attacks' default of 10 steps). Each run of each attack (one restart, one target class) is
+one jitted program over a batch of the still-robust points, padded to one of a few sizes so that only a
+few shapes compile; fooled points leave the pool before the next run, as in the reference.
 """
 
 import time
@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cnncli.adversarial import sanity
-from cnncli.adversarial.attacks import ATTACKS, AttackConfig, check_config, check_eps, host_driven
+from cnncli.adversarial.attacks import ATTACKS, AttackConfig, check_config, check_eps
 from cnncli.adversarial.robustness import describe, logits_function, model_warnings
 from cnncli.errors import UserError
 from cnncli.train.batched import Batched
@@ -83,30 +83,18 @@ def _bucket(n: int, batch: int, devices: int) -> int:
     return -(-size // devices) * devices
 
 
-def make_run_step(eval_def, cfg: AttackConfig, num_classes: int) -> Callable:
-    """step(params, rest, x, labels, eps, key, index) -> (x_adv, adversarial predictions) for one run; x and labels
-    come sharded along the mesh's `data` axis.
-
-    Iterative runs are driven from the host (attacks.host_driven), one compiled step per iteration; XLA on
-    CPU runs a ResNet's convolutions about 6x slower inside a compiled loop (docs/adversarial.md).
-    """
+def make_run_step(eval_def, cfg: AttackConfig, num_classes: int, mesh) -> Callable:
+    """A jitted step(params, rest, x, labels, eps, key, index) -> (x_adv, adversarial predictions) for one run."""
     attack = ATTACKS.get(cfg.name)
-
-    def logits_of(consts):
-        return logits_function(eval_def, *consts)
-
-    if attack.run is None:
-        one = jax.jit(lambda consts, x, labels, targets, eps, key, index: attack.apply(
-            logits_of(consts), x, labels, targets, eps, key, cfg, index, num_classes))
-    else:
-        one = host_driven(attack.run(cfg), logits_of)
-    predict = jax.jit(lambda consts, v: jnp.argmax(logits_of(consts)(v), -1))
+    batch_sharding = NamedSharding(mesh, P("data"))
 
     def step(params, rest, x, labels, eps, key, index):
-        x_adv = one((params, rest), x, labels, None, eps, key, index)
-        return x_adv, predict((params, rest), x_adv)
+        x = jax.lax.with_sharding_constraint(x, batch_sharding)
+        logits_fn = logits_function(eval_def, params, rest)
+        x_adv = attack.apply(logits_fn, x, labels, None, eps, key, cfg, index, num_classes)
+        return x_adv, jnp.argmax(logits_fn(x_adv), -1)
 
-    return step
+    return jax.jit(step)
 
 
 def _predict(eval_def, params, rest, x: np.ndarray, batch: int, mesh) -> np.ndarray:
@@ -168,7 +156,7 @@ def autoattack(model, x: np.ndarray, y: np.ndarray, class_names: list[str], eps_
     # a second pass batched differently (odd size, another padding) must agree: randomness or batch statistics
     second = _predict(model.eval_def, params, rest, pixels, max(devices, batch // 2 + devices), mesh) == y
     warnings.append(sanity.inconsistent_accuracy(clean, second))
-    steps = [make_run_step(model.eval_def, cfg, num_classes) for cfg in configs]
+    steps = [make_run_step(model.eval_def, cfg, num_classes, mesh) for cfg in configs]
     runs = [ATTACKS.get(cfg.name).num_runs(cfg, num_classes) for cfg in configs]
     total, done = len(eps_values) * sum(runs), 0
     sharding = NamedSharding(mesh, P("data"))

@@ -1,11 +1,9 @@
 """Robustness of a trained model: attack a split at several epsilons and measure what survives.
 
-The attack step takes a batch of device-resident uint8 arrays (like the eval step), attacks it with the
-model in inference mode (batch norm uses its running statistics: the model is attacked as deployed) and
-returns small per-example arrays; the host reduces them into one row per epsilon. Classic attacks run as one
-compiled program per batch; the iterative runs of AutoAttack's and the minimum-norm attacks make one compiled
-call per iteration (attacks.host_driven). The last partial batch is padded and its padding dropped, so every
-example counts once.
+The jitted attack step slices a batch from device-resident uint8 arrays (like the eval step),
+attacks it with the model in inference mode (batch norm uses its running statistics: the model is
+attacked as deployed) and returns small per-example arrays; the host reduces them into one row per
+epsilon. The last partial batch is padded and its padding dropped, so every example counts once.
 """
 
 from collections.abc import Callable
@@ -18,16 +16,7 @@ import numpy as np
 from flax import nnx
 
 from cnncli.adversarial import sanity
-from cnncli.adversarial.attacks import (
-    ATTACKS,
-    AttackConfig,
-    attack_targets,
-    check_config,
-    check_eps,
-    host_sweep,
-    is_affine,
-    run_attack,
-)
+from cnncli.adversarial.attacks import ATTACKS, AttackConfig, check_config, check_eps, is_affine, run_attack
 from cnncli.errors import UserError
 from cnncli.models.layers.classifier import logits_and_aux
 from cnncli.train.batched import Batched
@@ -82,13 +71,17 @@ def make_attack_step(eval_def, cfg: AttackConfig, *, num_classes: int, batch_siz
         use_predictions: attack the model's clean predictions instead of the labels (no label leaking).
     """
 
-    attack = ATTACKS.get(cfg.name)
+    def fn(consts, first, batch, index):
+        params, rest, eps, key = consts
+        images, labels, _ = batch
+        x = to_pixels(images)
 
-    def logits_of(model):
-        return logits_function(eval_def, *model)
-
-    def report(model, first, x, x_adv, labels, clean_logits, targets, index):
-        clean_prob, adv_prob = jax.nn.softmax(clean_logits), jax.nn.softmax(logits_of(model)(x_adv))
+        logits_fn = logits_function(eval_def, params, rest)
+        clean_pred = jnp.argmax(logits_fn(x), -1)
+        source = clean_pred if use_predictions else labels
+        x_adv, clean_logits, targets = run_attack(logits_fn, x, source, eps, jax.random.fold_in(key, index), cfg,
+                                                  num_classes)
+        clean_prob, adv_prob = jax.nn.softmax(clean_logits), jax.nn.softmax(logits_fn(x_adv))
         delta = (x_adv - x).reshape(batch_size, -1)
         out = {"label": labels, "clean_pred": jnp.argmax(clean_prob, -1), "clean_conf": jnp.max(clean_prob, -1),
                "adv_pred": jnp.argmax(adv_prob, -1), "adv_conf": jnp.max(adv_prob, -1),
@@ -101,42 +94,7 @@ def make_attack_step(eval_def, cfg: AttackConfig, *, num_classes: int, batch_siz
             first = jnp.where(index == 0, x_adv, first)
         return first, out
 
-    def begin(model, images, labels):
-        """(pixels, the labels to attack, clean logits)."""
-        x = to_pixels(images)
-        clean_logits = logits_of(model)(x)
-        return x, jnp.argmax(clean_logits, -1) if use_predictions else labels, clean_logits
-
-    if attack.run is None:  # one compiled program per batch
-        def fn(consts, first, batch, index):
-            params, rest, eps, key = consts
-            images, labels, _ = batch
-            x, source, _ = begin((params, rest), images, labels)
-            x_adv, clean_logits, targets = run_attack(logits_of((params, rest)), x, source, eps,
-                                                      jax.random.fold_in(key, index), cfg, num_classes)
-            return report((params, rest), first, x, x_adv, labels, clean_logits, targets, index)
-
-        return Batched(fn, batch_size=batch_size, mesh=mesh)
-
-    # iterative runs: one compiled call per iteration (attacks.host_driven)
-    swept = host_sweep(cfg, num_classes, logits_of)
-
-    @jax.jit
-    def prepare(model, images, labels, key, index):
-        x, source, clean_logits = begin(model, images, labels)
-        targets, k_attack = attack_targets(cfg, clean_logits, source, jax.random.fold_in(key, index), num_classes)
-        return x, source, clean_logits, targets, k_attack
-
-    finish = jax.jit(report)
-
-    def driven(consts, first, batch, index):
-        params, rest, eps, key = consts
-        images, labels, _ = batch
-        x, source, clean_logits, targets, k_attack = prepare((params, rest), images, labels, key, index)
-        x_adv = swept((params, rest), x, source, targets, eps, k_attack)
-        return finish((params, rest), first, x, x_adv, labels, clean_logits, targets, index)
-
-    return Batched(driven, batch_size=batch_size, mesh=mesh, compiled=False)
+    return Batched(fn, batch_size=batch_size, mesh=mesh)
 
 
 @dataclass

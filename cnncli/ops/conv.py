@@ -314,7 +314,28 @@ def input_grad(x, w, g, geom: Geometry) -> jax.Array:
         return banded_input_grad(x, w, g, geom)
     if is_narrow(w.shape, geom):
         return col2im_input_grad(x, w, g, geom)
+    if geom.groups == 1:
+        return transposed_conv(w, g, geom, x.shape[1:3])
     return jax.vjp(lambda x_: xla_conv(x_, w, geom), x)[1](g)[0]
+
+
+def transposed_conv(w, g, geom: Geometry, in_hw) -> jax.Array:
+    """The input gradient as XLA's CPU convolution wants it: g dilated by the stride, correlated with the flipped
+    kernel whose channel axes are swapped in memory (padding as in JAX's transpose rule).
+
+    JAX's own transpose passes the kernel as (KH, KW, O, C) and leaves the swap to XLA, whose CPU compiler makes it
+    only in a program's top level (its convolution canonicalization skips loop bodies): inside an attack's compiled
+    loop that convolution took a generic path, and a ResNet-20 input gradient ran 7x slower (docs/adversarial.md).
+    """
+    pads = []
+    for size, k, stride, dilation, (low, _), out in zip(in_hw, w.shape[:2], geom.stride, geom.dilation,
+                                                         geom.padding, g.shape[1:3], strict=True):
+        reach = dilation * (k - 1) + 1
+        before = reach - 1 - low
+        pads.append((before, size + reach - 1 - (stride * (out - 1) + 1) - before))
+    flipped = w[::-1, ::-1].transpose(0, 1, 3, 2)
+    return lax.conv_general_dilated(g, flipped, (1, 1), pads, lhs_dilation=geom.stride, rhs_dilation=geom.dilation,
+                                    dimension_numbers=DIMENSIONS)
 
 
 def weight_grad(x, w, g, geom: Geometry) -> jax.Array:

@@ -48,12 +48,10 @@ class Batched:
         mesh: shard each batch along the mesh's `data` axis and replicate `consts` (None: one device).
         stacked: several processes: each puts only its own rows of every batch on its devices.
         donate_carry: let the step reuse the carry's buffers (a carry the caller never reads again).
-        compiled: compile `fn` as one program; False: call it as it is, for an fn that compiles its own parts
-            (an attack that drives its iterations from the host).
     """
 
     def __init__(self, fn: BatchFn, *, batch_size: int, mesh: Mesh | None = None, stacked: bool = False,
-                 donate_carry: bool = False, compiled: bool = True):
+                 donate_carry: bool = False):
         self.batch_size, self.mesh, self.stacked = batch_size, mesh, stacked
         self.sharding = None if mesh is None else NamedSharding(mesh, P("data"))
         sharding = self.sharding
@@ -64,7 +62,7 @@ class Batched:
             return fn(consts, carry, batch, index)
 
         # the compiled step on one batch of device arrays, for callers that time, compile or test one batch
-        self.step = jax.jit(step, donate_argnums=(1,) if donate_carry else ()) if compiled else step
+        self.step = jax.jit(step, donate_argnums=(1,) if donate_carry else ())
 
     def put(self, arrays: Sequence[np.ndarray]) -> list[tuple[jax.Array, ...]]:
         """The padded arrays and their mask on the device(s), batch by batch."""
