@@ -17,7 +17,9 @@ constant below, and docs/performance.md ("The rules") gives the measurements beh
 - `winograd_weight_grad_applies`: the weight gradient of 3x3 stride-1 layers on small maps is
   Winograd too (`winograd.weight_grad3x3`), because XLA computes it slower than its forward pass;
 - a 1x1 layer's weight gradient is one matrix product;
-- everything else is XLA's own convolution, already near this machine's matmul rate.
+- everything else is XLA's own convolution, already near this machine's matmul rate; its input gradient is
+  spelled out as the transposed convolution XLA's CPU library takes (`transposed_conv`), because XLA makes
+  that rewrite itself only outside loops, and attacks loop.
 
 A large input is read by its weight gradient as the forward pass stored it (`stored`), so that XLA
 does not recompute the producers of that input inside its transposed copy.
