@@ -15,8 +15,8 @@ autopgd_base.py; torchattacks 3.5 APGD/APGDT) step for step:
   2nd .. (targets + 1)th by the clean logits.
 
 A run returns, per example, its last misclassified iterate, or (never fooled) its highest-loss iterate. Unlike
-the reference, a run stops once every example of its batch is fooled: the robust accuracy cannot change after
-that, and on a model without defences it saves most of the steps.
+the reference, a run on a deterministic model (no EOT) stops once every example of its batch is fooled: the
+robust accuracy cannot change after that, and on a model without defences it saves most of the steps.
 """
 
 import jax
@@ -194,7 +194,9 @@ def apgd(untargeted_loss, targeted_loss, *, steps: int, norm: str, eot: int = 1,
         robust = c["robust"].reshape((-1,) + (1,) * (c["x0"].ndim - 1))
         return jnp.where(robust, c["x_best"], c["x_adv_best"])
 
-    return Run(start=start, step=step, finish=finish, steps=steps, working=lambda c: c["robust"])
+    # a random model (eot > 1) fooled by one sample may not be by the next, so such runs take every step
+    return Run(start=start, step=step, finish=finish, steps=steps,
+               working=(lambda c: c["robust"]) if eot == 1 else None)
 
 
 # ----------------------------------------------------------------------------- registered attacks
