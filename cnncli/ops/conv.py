@@ -310,8 +310,7 @@ def input_grad(x, w, g, geom: Geometry) -> jax.Array:
     Winograd's layers (the same Winograd convolution of g) and narrow inputs (banded products or col2im)."""
     if winograd_conv_applies(geom, w.shape, x.shape[1:3]):
         (top, bottom), (left, right) = geom.padding
-        flipped = w[::-1, ::-1].transpose(0, 1, 3, 2)  # (3, 3, O, C)
-        return winograd.conv3x3(g, flipped, ((2 - top, 2 - bottom), (2 - left, 2 - right)))
+        return winograd.conv3x3(g, flipped_kernel(w), ((2 - top, 2 - bottom), (2 - left, 2 - right)))
     if is_banded(x.shape, w.shape, geom):
         return banded_input_grad(x, w, g, geom)
     if is_narrow(w.shape, geom):
@@ -319,6 +318,11 @@ def input_grad(x, w, g, geom: Geometry) -> jax.Array:
     if geom.groups == 1:
         return transposed_conv(w, g, geom, x.shape[1:3])
     return jax.vjp(lambda x_: xla_conv(x_, w, geom), x)[1](g)[0]
+
+
+def flipped_kernel(w: jax.Array) -> jax.Array:
+    """The kernel of the transposed convolution: taps reversed, input and output channels swapped (KH, KW, O, C)."""
+    return w[::-1, ::-1].transpose(0, 1, 3, 2)
 
 
 def transposed_conv(w, g, geom: Geometry, in_hw) -> jax.Array:
@@ -335,9 +339,8 @@ def transposed_conv(w, g, geom: Geometry, in_hw) -> jax.Array:
         reach = dilation * (k - 1) + 1
         before = reach - 1 - low
         pads.append((before, size + reach - 1 - (stride * (out - 1) + 1) - before))
-    flipped = w[::-1, ::-1].transpose(0, 1, 3, 2)
-    return lax.conv_general_dilated(g, flipped, (1, 1), pads, lhs_dilation=geom.stride, rhs_dilation=geom.dilation,
-                                    dimension_numbers=DIMENSIONS)
+    return lax.conv_general_dilated(g, flipped_kernel(w), (1, 1), pads, lhs_dilation=geom.stride,
+                                    rhs_dilation=geom.dilation, dimension_numbers=DIMENSIONS)
 
 
 def weight_grad(x, w, g, geom: Geometry) -> jax.Array:
